@@ -1,0 +1,38 @@
+"""Atomic file output: results appear whole under their final name or not at all."""
+
+import os
+import tempfile
+
+
+class atomic_output:
+    """Context manager: open a temporary file beside ``path``; on success fsync and rename it to ``path``.
+
+    On any exception the temporary file is removed and ``path`` is left untouched, so a crash never leaves a
+    half-written result under the final name.  Parent folders are created as needed.
+    """
+
+    def __init__(self, path, mode="w", **open_kwargs):
+        self.path = os.fspath(path)
+        self.mode = mode
+        self.open_kwargs = open_kwargs
+
+    def __enter__(self):
+        folder = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(folder, exist_ok=True)
+        fd, self.tmp_path = tempfile.mkstemp(prefix="." + os.path.basename(self.path) + ".", suffix=".tmp",
+                                             dir=folder)
+        self.handle = os.fdopen(fd, self.mode, **self.open_kwargs)
+        return self.handle
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None:
+                self.handle.flush()
+                os.fsync(self.handle.fileno())
+            self.handle.close()
+        finally:
+            if exc_type is None:
+                os.replace(self.tmp_path, self.path)
+            elif os.path.exists(self.tmp_path):
+                os.remove(self.tmp_path)
+        return False

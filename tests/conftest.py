@@ -1,0 +1,50 @@
+"""Shared fixtures: small synthetic packs made on the fly, and the reference folder beside the checkout."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+@pytest.fixture
+def shared_reference():
+    """../shared/reference (real ANNA templates, real FITS); tests using it skip when it is absent."""
+    folder = SHARED / "reference"
+    if not folder.is_dir():
+        pytest.skip("../shared/reference is not present beside this checkout")
+    return folder
+
+
+def line_spectra(labels, wavelengths):
+    """Toy absorption spectra whose line depth follows label 0 and width follows label 1 (both in 0..1)."""
+    centres = np.linspace(wavelengths[0], wavelengths[-1], 7)[1:-1]
+    depth = 0.2 + 0.6 * labels[:, 0:1, None]
+    width = 0.15 + 0.25 * labels[:, 1:2, None]
+    profile = depth * np.exp(-0.5 * ((wavelengths[None, None, :] - centres[None, :, None]) / width) ** 2)
+    return 1.0 - profile.sum(axis=1)
+
+
+@pytest.fixture
+def toy_packs(tmp_path):
+    """Training and cross-validation packs (64 px, labels a in 0..1, b in 10..30) and a flat S/N template."""
+    from anna.packs import write_pack
+
+    rng = np.random.default_rng(11)
+    wave = np.linspace(5000.0, 5012.6, 64)
+    paths = {}
+    for name, n in (("train", 1500), ("xval", 300), ("test", 400)):
+        unit = rng.uniform(0, 1, size=(n, 2))
+        labels = np.c_[unit[:, 0], 10 + 20 * unit[:, 1]]
+        path = tmp_path / f"{name}.pack"
+        write_pack(path, wave, np.arange(n) + 1000, labels, line_spectra(unit, wave))
+        paths[name] = str(path)
+    template = tmp_path / "sn.template"
+    np.savetxt(template, np.c_[np.linspace(4990, 5030, 41), np.linspace(0.8, 1.2, 41)])
+    paths["sn_template"] = str(template)
+    paths["wave"] = wave
+    return paths
