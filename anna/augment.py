@@ -1,0 +1,162 @@
+"""Augmentation: S/N noise from a template plus continuum offsets, and the training-batch producer.
+
+The noise model (guide section 4.2.1, with ANNA's bugs corrected): for every spectrum a signal-to-noise
+SN ~ U(SN_RANGE) is drawn, each pixel gets Gaussian noise of sigma = 1 / (SN * rel_sn(lambda)), rel_sn being
+the S/N template interpolated onto the pack's grid, and then the whole spectrum is scaled by (1 + delta),
+delta ~ U(REL_CONT_E), to mimic continuum-placement error.
+
+Two implementations of the same model share these semantics:
+
+* :func:`noisy_copy` (numpy) noises a fixed set once: the cross-validation set (so its cost is comparable
+  between evaluations) and anna-test's PREPROCESS_TEST.
+* :class:`BatchProducer` builds a ``tf.data`` pipeline: PP_THREADS parallel producer calls each draw NUM_FETCH
+  random stars (with replacement), gather their rows from the pack, and noise them; a prefetch buffer of
+  MAX_PP_DEPTH examples is the bounded queue the training loop consumes.  All randomness is stateless and keyed
+  by (SEED, stage, chunk number), so the stream is identical for a given seed whatever the thread timing, and a
+  resumed run can restart the stream at any chunk.
+"""
+
+import dataclasses
+import os
+
+import numpy as np
+import tensorflow as tf
+
+# Packs whose float32 flux fits in this many bytes are held in RAM; larger ones are read row by row from disk,
+# so resident memory stays bounded whatever the pack size.
+RESIDENT_PACK_BYTES = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseModel:
+    """What PREPROCESS_* does: ``rel_sn`` (npix,), ``sn_range`` (low, high), ``cont_range`` (low, high)."""
+
+    rel_sn: np.ndarray
+    sn_range: tuple
+    cont_range: tuple
+
+
+def noisy_copy(flux, rel_sn, sn_range, cont_range, seed):
+    """Noised copy of ``flux`` (n, npix) and the S/N drawn for each spectrum (n,); deterministic for ``seed``.
+
+    ``seed`` may be an int or a tuple of ints (e.g. (run seed, chunk number)).
+    """
+    flux = np.asarray(flux, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    n = flux.shape[0]
+    sn = rng.uniform(sn_range[0], sn_range[1], size=n)
+    sigma = 1.0 / (sn[:, None] * np.asarray(rel_sn, dtype=np.float64)[None, :])
+    noisy = flux + sigma * rng.standard_normal(flux.shape)
+    delta = rng.uniform(cont_range[0], cont_range[1], size=n)
+    noisy *= (1.0 + delta)[:, None]
+    return noisy, sn
+
+
+class PackRows:
+    """Random-access rows of a pack as float32: in RAM when small, streamed with pread when large.
+
+    ``gather(indices)`` returns (flux (k, npix) float32, labels (k, nout) float64) for int64 ``indices``.
+    Streaming reads each requested row with one positioned read, which keeps the process's resident memory
+    independent of the pack size (memory-mapping would count every touched page against the process).
+    """
+
+    def __init__(self, pack, resident_bytes=RESIDENT_PACK_BYTES):
+        self.pack = pack
+        self.npix = pack.npix
+        self.nout = pack.nout
+        self.labels = np.empty((pack.n_stars, pack.nout), dtype=np.float64)
+        self.resident = pack.n_stars * pack.npix * 4 <= resident_bytes
+        if self.resident:
+            self.flux = np.empty((pack.n_stars, pack.npix), dtype=np.float32)
+        for start, stop, labels, flux in pack.iter_blocks():
+            self.labels[start:stop] = labels
+            if self.resident:
+                self.flux[start:stop] = flux
+        if not self.resident:
+            self._fd = os.open(pack.path, os.O_RDONLY)
+            self._row_bytes = pack.star_length * 8
+            self._first_row = (2 + pack.npix) * 8
+            self._flux_offset = (pack.nout + 2) * 8
+
+    def gather(self, indices):
+        indices = np.asarray(indices, dtype=np.int64)
+        labels = self.labels[indices]
+        if self.resident:
+            return self.flux[indices], labels
+        flux = np.empty((len(indices), self.npix), dtype=np.float32)
+        nbytes = self.npix * 8
+        for row, index in enumerate(indices):
+            offset = self._first_row + int(index) * self._row_bytes + self._flux_offset
+            flux[row] = np.frombuffer(os.pread(self._fd, nbytes, offset), dtype="<f8")
+        return flux, labels
+
+
+class BatchProducer:
+    """Infinite stream of (flux, normalised labels, label mask) training batches as a ``tf.data.Dataset``.
+
+    ``rows``: :class:`PackRows`; ``scaler``: label normaliser; ``noise``: :class:`NoiseModel` or None (no
+    augmentation); ``threads`` producer calls in flight (PP_THREADS); ``fetch`` stars drawn per producer call
+    (NUM_FETCH, rounded to whole batches); ``depth`` examples buffered ahead (MAX_PP_DEPTH).  Missing labels
+    (NaN or ``missing_value``) come out as 0 with mask 0.
+    """
+
+    def __init__(self, rows, scaler, noise, *, batch_size, seed, stage, threads=1, fetch=1000, depth=10000,
+                 missing_value=None):
+        self.rows = rows
+        self.scaler = scaler
+        self.noise = noise
+        self.batch_size = int(batch_size)
+        self.batches_per_chunk = max(1, int(fetch) // self.batch_size)
+        self.chunk_size = self.batches_per_chunk * self.batch_size
+        self.seed = int(seed)
+        self.stage = int(stage)
+        self.threads = max(1, int(threads))
+        self.depth_batches = max(2, int(depth) // self.batch_size)
+        self.missing_value = missing_value
+
+    def _draw_chunk(self, chunk):
+        """numpy side of a producer call: random rows (with replacement) and their normalised labels."""
+        rng = np.random.default_rng((self.seed, self.stage, int(chunk)))
+        indices = rng.integers(0, self.rows.pack.n_stars, size=self.chunk_size)
+        flux, labels = self.rows.gather(indices)
+        mask = np.isfinite(labels)
+        if self.missing_value is not None:
+            mask &= labels != self.missing_value
+        normalised = np.where(mask, self.scaler.normalise(np.where(mask, labels, 0.0)), 0.0)
+        return flux, normalised.astype(np.float32), mask.astype(np.float32)
+
+    def dataset(self, start_batch=0):
+        """Dataset of batches beginning at batch number ``start_batch`` of this stage's stream."""
+        npix, nout = self.rows.npix, self.rows.nout
+        first_chunk, skip = divmod(int(start_batch), self.batches_per_chunk)
+        noise = self.noise
+        rel_sn = None if noise is None else tf.constant(noise.rel_sn, dtype=tf.float32)
+        seed, stage = self.seed, self.stage
+
+        def produce(chunk):
+            flux, labels, mask = tf.numpy_function(self._draw_chunk, [chunk], [tf.float32, tf.float32, tf.float32],
+                                                   stateful=False)
+            flux.set_shape([self.chunk_size, npix])
+            labels.set_shape([self.chunk_size, nout])
+            mask.set_shape([self.chunk_size, nout])
+            if noise is not None:
+                key = tf.stack([tf.cast(seed * 1000 + stage, tf.int64), chunk])
+                keys = tf.random.experimental.stateless_split(key, 3)
+                sn = tf.random.stateless_uniform([self.chunk_size, 1], keys[0], noise.sn_range[0], noise.sn_range[1])
+                gauss = tf.random.stateless_normal([self.chunk_size, npix], keys[1])
+                delta = tf.random.stateless_uniform([self.chunk_size, 1], keys[2], noise.cont_range[0],
+                                                    noise.cont_range[1])
+                flux = (flux + gauss / (sn * rel_sn[None, :])) * (1.0 + delta)
+            shape = [self.batches_per_chunk, self.batch_size]
+            return (tf.reshape(flux, shape + [npix]), tf.reshape(labels, shape + [nout]),
+                    tf.reshape(mask, shape + [nout]))
+
+        chunks = tf.data.Dataset.counter(start=first_chunk, dtype=tf.int64)
+        batches = chunks.map(produce, num_parallel_calls=self.threads, deterministic=True)
+        batches = batches.unbatch() if self.batches_per_chunk > 1 else batches.map(
+            lambda f, l, m: (f[0], l[0], m[0]))
+        if skip:
+            batches = batches.skip(skip)
+        options = tf.data.Options()
+        options.deterministic = True
+        return batches.prefetch(self.depth_batches).with_options(options)
