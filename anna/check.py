@@ -1,0 +1,99 @@
+"""``--check``: validate a parameter file for one stage and open every input it names, without running it.
+
+Opening means reading headers and small files only (pack headers and sizes, templates, FITS headers and the
+wavelength solution); nothing is trained or predicted, so a check of a survey-sized pack takes seconds.
+"""
+
+import glob
+import os
+
+from anna.errors import AnnaInputError
+
+
+def check_stage(cfg, stage):
+    """Return summary lines for ``stage`` ("train", "test", "infer"); raise AnnaInputError on any problem."""
+    from anna.packs import open_pack
+    from anna.templates import read_wavelength_template, relative_sn_on_grid
+
+    lines = [f"parameter file {cfg.source}: valid for anna-{stage}"]
+    if stage == "train":
+        pack = open_pack(cfg.training_data, expected_npix=cfg.num_px, expected_nout=cfg.num_outs)
+        lines.append(f"training pack: {pack!r}")
+        if cfg.preprocess_train or (cfg.training_xval and cfg.preprocess_xval):
+            rel = relative_sn_on_grid(cfg.sn_template, pack.wavelengths)
+            lines.append(f"S/N template {cfg.sn_template}: relative S/N {rel.min():.3f}-{rel.max():.3f} on the grid")
+        if cfg.training_xval:
+            xval = open_pack(cfg.xval_data, expected_npix=cfg.num_px, expected_nout=cfg.num_outs,
+                             max_stars=cfg.xval_size)
+            lines.append(f"cross-validation pack: {xval!r}")
+        lines.append(f"frozen model will be written to {os.path.join(cfg.save_loc, 'frozen.model')}")
+    elif stage == "test":
+        from anna.model import load_frozen
+
+        model = load_frozen(cfg.test_model_loc)
+        lines.append(_model_line(model))
+        pack = open_pack(cfg.testing_data, expected_npix=len(model.wavelengths), expected_nout=model.nout)
+        lines.append(f"test pack: {pack!r}")
+        if cfg.preprocess_test:
+            relative_sn_on_grid(cfg.sn_template_test, pack.wavelengths)
+            lines.append(f"S/N template {cfg.sn_template_test}: covers the grid")
+    elif stage == "infer":
+        from anna.model import load_frozen
+
+        model = load_frozen(cfg.infer_model_loc)
+        lines.append(_model_line(model))
+        if cfg.wave_template:
+            grid = read_wavelength_template(cfg.wave_template)
+            lines.append(f"wavelength template {cfg.wave_template}: {len(grid)} px")
+        for path in infer_inputs(cfg):
+            lines.append(f"input {path}: {_describe_input(cfg, path)}")
+    return lines
+
+
+def _model_line(model):
+    return (f"frozen model: {len(model.wavelengths)} px {model.wavelengths[0]:.3f}-{model.wavelengths[-1]:.3f} A, "
+            f"labels {', '.join(model.output_names)} (ANNA-TF {model.metadata.get('anna_version')})")
+
+
+def infer_inputs(cfg):
+    """The input files anna-infer will read, in order (a glob or a list file in INFER_FILES)."""
+    mode = cfg.infer_mode
+    if mode == "DEBUG":
+        return [cfg.debug_data]
+    if mode == "MS_FITS" and cfg.ms_fits_image:
+        return [cfg.ms_fits_image]
+    if mode == "TEXT" and cfg.text_image:
+        return [cfg.text_image]
+    spec = cfg.infer_files
+    if spec is None:
+        raise AnnaInputError(f"no input named for INFER_MODE {mode}", path=cfg.source, key="INFER_FILES")
+    if os.path.isfile(spec) and not _looks_like_spectrum(spec):
+        base = os.path.dirname(spec)
+        with open(spec, encoding="utf-8") as handle:
+            entries = [line.split("#", 1)[0].strip() for line in handle]
+        paths = [entry if os.path.isabs(entry) else os.path.join(base, entry) for entry in entries if entry]
+    else:
+        paths = sorted(glob.glob(spec))
+    if not paths:
+        raise AnnaInputError("matches no file", path=cfg.source, key="INFER_FILES", value=spec)
+    return paths
+
+
+def _looks_like_spectrum(path):
+    return path.lower().endswith((".fits", ".fit", ".fts", ".fits.gz"))
+
+
+def _describe_input(cfg, path):
+    if cfg.infer_mode == "DEBUG":
+        from anna.packs import open_pack
+
+        return repr(open_pack(path))
+    if path.lower().endswith((".txt", ".dat", ".text", ".csv")) or cfg.infer_mode == "TEXT":
+        from anna.templates import read_two_columns
+
+        wave, _ = read_two_columns(path, "text spectrum")
+        return f"text spectrum, {len(wave)} px, {wave[0]:.3f}-{wave[-1]:.3f} A"
+    from anna.fits_io import read_spectra
+
+    spectra = read_spectra(path)
+    return f"FITS, {len(spectra)} spectra"

@@ -1,0 +1,191 @@
+"""Console entry points.  This layer only parses arguments and calls the stage functions.
+
+Known input problems (:class:`anna.errors.AnnaInputError`) become their one-line messages on stderr and exit
+status 2, with no traceback (``--debug`` shows it).  Stage modules are imported inside the functions so that
+``--help`` answers at once, without starting TensorFlow.
+"""
+
+import argparse
+import os
+import sys
+
+from anna.errors import AnnaInputError
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+def _stage_parser(prog, stage, description):
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("param_file", nargs="?", default="ANNA.param",
+                        help="parameter file (default: ANNA.param in the current folder)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a parameter-file key (repeatable)")
+    parser.add_argument("--check", action="store_true",
+                        help=f"validate the parameter file for anna-{stage} and open the inputs it names, "
+                             "print a summary, and exit 0 (all good) or 2")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
+    return parser
+
+
+def _run(prog, debug, action):
+    """Call ``action``; map input errors to one line + exit 2, Ctrl-C to exit 130."""
+    try:
+        action()
+    except AnnaInputError as exc:
+        if debug:
+            raise
+        for line in str(exc).splitlines():
+            print(f"{prog}: error: {line}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def _stage_main(prog, stage, description, run_stage, argv):
+    args = _stage_parser(prog, stage, description).parse_args(argv)
+
+    def action():
+        from anna.params import load_config, validate_for_stage
+
+        cfg = load_config(args.param_file, overrides=args.overrides)
+        validate_for_stage(cfg, stage)
+        if args.check:
+            from anna.check import check_stage
+
+            for line in check_stage(cfg, stage):
+                print(line)
+            return
+        run_stage(cfg)
+
+    return _run(prog, args.debug, action)
+
+
+def _train(cfg):
+    from anna.train import run_training
+
+    result = run_training(cfg)
+    if result["interrupted"]:
+        raise KeyboardInterrupt
+
+
+def _test(cfg):
+    from anna.evaluate import run_test
+
+    run_test(cfg)
+
+
+def _infer(cfg):
+    from anna.infer import run_infer
+
+    run_infer(cfg)
+
+
+def train_main(argv=None):
+    return _stage_main("anna-train", "train", "Train an ANNA-TF network as the parameter file says.", _train, argv)
+
+
+def test_main(argv=None):
+    return _stage_main("anna-test", "test", "Test a frozen model on a pack with known labels; write residual CSV "
+                       "and summary statistics.", _test, argv)
+
+
+def infer_main(argv=None):
+    return _stage_main("anna-infer", "infer", "Infer labels for packs, text spectra or (multispec) FITS files.",
+                       _infer, argv)
+
+
+def spectra_main(argv=None):
+    parser = argparse.ArgumentParser(prog="anna-spectra",
+                                     description="Show what ANNA-TF's readers see in spectrum files (the same code "
+                                                 "anna-infer uses).")
+    parser.add_argument("files", nargs="+", help="FITS files (multispec or 1-D)")
+    parser.add_argument("--text", metavar="DIR", help="also write each aperture as two-column text into DIR")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
+    args = parser.parse_args(argv)
+
+    def action():
+        from anna.fits_io import describe_file, write_text_spectra
+
+        for path in args.files:
+            print(describe_file(path))
+            if args.text:
+                written = write_text_spectra(path, args.text)
+                print(f"wrote {len(written)} text spectra to {args.text}")
+
+    return _run("anna-spectra", args.debug, action)
+
+
+def synth_main(argv=None):
+    parser = argparse.ArgumentParser(prog="anna-synth",
+                                     description="Generate ANNA-TF's example data (a teaching model of line "
+                                                 "spectra): training, cross-validation and test packs, templates "
+                                                 "and a multispec FITS file of one star.")
+    parser.add_argument("outdir", nargs="?", default="example_data", help="output folder (default example_data)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--n-train", type=int, default=5000)
+    parser.add_argument("--n-xval", type=int, default=500)
+    parser.add_argument("--n-test", type=int, default=1000)
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args(argv)
+
+    def action():
+        from anna.synth import make_example_data
+
+        written = make_example_data(args.outdir, seed=args.seed, n_train=args.n_train, n_xval=args.n_xval,
+                                    n_test=args.n_test)
+        for kind, path in written.items():
+            print(f"{kind:>10}: {path}")
+
+    return _run("anna-synth", args.debug, action)
+
+
+def pack_main(argv=None):
+    parser = argparse.ArgumentParser(prog="anna-pack",
+                                     description="Build a training pack from spectra files (two-column text or "
+                                                 "FITS) and a CSV of labels, interpolated onto a wavelength grid.")
+    parser.add_argument("spectra", nargs="+", help="spectrum files")
+    parser.add_argument("--labels", required=True, help="CSV with one row per spectrum")
+    parser.add_argument("--grid", required=True, help="wavelength template (two columns) defining the grid")
+    parser.add_argument("--out", required=True, help="pack to write")
+    parser.add_argument("--id-column", default="star_id")
+    parser.add_argument("--label-columns", help="comma-separated label columns (default: all other columns)")
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args(argv)
+
+    def action():
+        from anna.synth import build_pack_from_spectra
+        from anna.templates import read_wavelength_template
+
+        grid = read_wavelength_template(args.grid)
+        columns = args.label_columns.split(",") if args.label_columns else None
+        build_pack_from_spectra(args.spectra, args.labels, grid, args.out, id_column=args.id_column,
+                                label_columns=columns)
+        print(f"wrote {args.out}")
+
+    return _run("anna-pack", args.debug, action)
+
+
+def quickstart_main(argv=None):
+    parser = argparse.ArgumentParser(prog="anna-quickstart",
+                                     description="Run the whole ANNA-TF pipeline on built-in example data: "
+                                                 "generate, train, test, infer.")
+    parser.add_argument("workdir", nargs="?", default="anna-quickstart",
+                        help="folder for data, models and results (default ./anna-quickstart)")
+    parser.add_argument("--config", default=None,
+                        help="parameter file to use (default: the packaged configs/quickstart.param)")
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args(argv)
+
+    def action():
+        from anna.quickstart import run_quickstart
+
+        run_quickstart(os.path.abspath(args.workdir), config=args.config)
+
+    return _run("anna-quickstart", args.debug, action)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(train_main())

@@ -1,0 +1,612 @@
+"""anna-train: two-stage training with early stopping, TensorBoard logging, checkpoints and a frozen model.
+
+Guide sections 2.2, 4.2 and 4.5.  One call, :func:`run_training`, does the whole stage:
+
+1. open the training pack (memory-mapped) and, with TRAINING_XVAL, the first XVAL_SIZE stars of XVAL_DATA;
+   the cross-validation set is noised ONCE with a fixed seed so its cost is comparable across evaluations;
+2. build the network with the shared builder (:mod:`anna.model`);
+3. for stage 1 and (DO_TRAIN2) stage 2: Adam at LEARN_RATEn on batches of BATCH_SIZEn streamed by the
+   threaded producer (:mod:`anna.augment`), dropout 1 − KEEP_PROBn; every SAMPLE_INTERVAL batches evaluate
+   and log the costs and the RMS per label in physical units, checkpoint, and apply early stopping (ES_SAMPLE
+   intervals without improvement of the xval cost, or of the batch cost without xval) -- the stage ends on
+   its best weights, and stage 2 starts from stage 1's best;
+4. write ``SAVE_LOC/frozen.model`` atomically with the final best weights and the provenance.
+
+The cost is the mean squared error of the normalised labels (0..1 scale), the quantity minimised; the RMS per
+label is the same error in physical units.  Ctrl-C or SIGTERM stops at the next batch, keeps the best weights
+so far as a usable frozen model and says so.  After a crash or ``kill -9`` the same command resumes from the
+last checkpoint (at most one SAMPLE_INTERVAL of work is lost).
+"""
+
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+import zipfile
+
+import numpy as np
+
+from anna.atomic import atomic_output
+from anna.errors import AnnaInputError
+
+CHECKPOINT_NAME = "checkpoint.anna"
+PARTIAL_MODEL_NAME = "frozen.partial.model"
+XVAL_EVAL_BATCH = 2048
+ACTIVATION_SAMPLE = 256
+# Keys whose change does not alter what a resumed run computes: they may differ between run and resume.
+RESUME_NEUTRAL_KEYS = {"TBOARD_OUTPUT", "TIMELINE_OUTPUT", "LOG_LOC", "PP_THREADS", "XV_THREADS", "MAX_PP_DEPTH",
+                       "RESUME", "TEST_MODEL_LOC", "TEST_SAVE_LOC", "TESTING_DATA", "PREPROCESS_TEST",
+                       "REL_CONT_E_TEST", "SN_RANGE_TEST", "SN_TEMPLATE_TEST", "FIT_CORRECTION",
+                       "CORRECTION_DEGREE", "TEST_BATCH_SIZE", "DEBUG_MODE", "DEBUG_DATA", "SINGLE_MS_MODE",
+                       "MS_FITS_IMAGE", "INFER_MODE", "TEXT_IMAGE", "INFER_FILES", "WAVE_TEMPLATE",
+                       "INFER_MODEL_LOC", "INFER_SAVE_LOC", "APPLY_CORRECTION", "INFER_BATCH_SIZE",
+                       "RANGE_MARGIN", "MC_SAMPLES"}
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+    """One training stage's hyperparameters (LEARN_RATEn, NUM_TRAIN_ITERSn, BATCH_SIZEn, KEEP_PROBn)."""
+
+    number: int
+    learn_rate: float
+    iterations: int
+    batch_size: int
+    keep_prob: float
+
+
+def stage_plans(cfg):
+    plans = [StagePlan(1, cfg.learn_rate1, cfg.num_train_iters1, cfg.batch_size1, cfg.keep_prob1)]
+    if cfg.do_train2:
+        plans.append(StagePlan(2, cfg.learn_rate2, cfg.num_train_iters2, cfg.batch_size2, cfg.keep_prob2))
+    return plans
+
+
+class EarlyStopping:
+    """Tracks the best cost of a stage and its weights; says when ``patience`` intervals passed without gain."""
+
+    def __init__(self, patience, enabled=True):
+        self.patience = int(patience)
+        self.enabled = enabled
+        self.best_cost = math.inf
+        self.best_iteration = 0
+        self.best_weights = None
+        self.bad_intervals = 0
+
+    def update(self, cost, iteration, weights):
+        """Record ``cost`` measured at ``iteration``; returns True when it is a new best."""
+        if cost < self.best_cost:
+            self.best_cost = float(cost)
+            self.best_iteration = int(iteration)
+            self.best_weights = [np.array(w, copy=True) for w in weights]
+            self.bad_intervals = 0
+            return True
+        self.bad_intervals += 1
+        return False
+
+    @property
+    def should_stop(self):
+        return self.enabled and self.bad_intervals >= self.patience
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the loop polls, so a stop happens between batches, never mid-write."""
+
+    def __init__(self):
+        self.signal_name = None
+        self._previous = {}
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal_name is not None:  # second Ctrl-C: give up at once
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    @property
+    def requested(self):
+        return self.signal_name is not None
+
+
+def configure_threads():
+    """Use every core for the maths ops and two inter-op threads (the producer and the training step).
+
+    Must run before TensorFlow starts its runtime; later calls (tests in one process) are harmless no-ops.
+    """
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(os.cpu_count() or 1)
+        tf.config.threading.set_inter_op_parallelism_threads(2)
+    except RuntimeError:
+        pass
+
+
+def file_sha256(path, block=1 << 22):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def training_fingerprint(cfg):
+    """Parameters that decide what training computes; a checkpoint is resumed only when they are unchanged."""
+    return {key: value for key, value in cfg.as_dict().items() if key not in RESUME_NEUTRAL_KEYS}
+
+
+class _XvalSet:
+    """The cross-validation set, built once: float32 flux (noised once, fixed seed) and normalised labels."""
+
+    def __init__(self, flux, labels, mask):
+        self.flux, self.labels, self.mask = flux, labels, mask
+
+
+def _load_xval(cfg, pack, scaler, noise, seed, missing_value):
+    from anna.augment import noisy_copy
+    from anna.packs import open_pack
+
+    xval = open_pack(cfg.xval_data, expected_npix=pack.npix, expected_nout=pack.nout, max_stars=cfg.xval_size,
+                     check_flux=True, missing_label_value=missing_value)
+    if not np.allclose(xval.wavelengths, pack.wavelengths, rtol=1e-9, atol=0):
+        raise AnnaInputError("cross-validation wavelengths differ from the training pack's (max difference "
+                             f"{np.max(np.abs(xval.wavelengths - pack.wavelengths)):.3g} A)", path=xval.path,
+                             key="XVAL_DATA")
+    flux = np.array(xval.flux, dtype=np.float64)
+    if noise is not None and cfg.preprocess_xval:
+        flux, _ = noisy_copy(flux, noise.rel_sn, noise.sn_range, noise.cont_range, seed=(seed, 7919))
+    labels = np.array(xval.labels, dtype=np.float64)
+    mask = _label_mask(labels, missing_value)
+    normalised = np.where(mask, scaler.normalise(np.where(mask, labels, 0.0)), 0.0)
+    return _XvalSet(flux.astype(np.float32), normalised.astype(np.float32), mask.astype(np.float32))
+
+
+def _label_mask(labels, missing_value):
+    mask = np.isfinite(labels)
+    if missing_value is not None:
+        mask &= labels != missing_value
+    return mask
+
+
+def _mean_spectrum(pack):
+    total = np.zeros(pack.npix, dtype=np.float64)
+    for _, _, _, flux in pack.iter_blocks():
+        total += flux.sum(axis=0)
+    return total / pack.n_stars
+
+
+class _Progress:
+    """Progress bar with iterations/s and ETA on a terminal; plain lines (one per interval) otherwise."""
+
+    def __init__(self, report, total, stage, stream=None):
+        self.report = report
+        self.total = total
+        self.stage = stage
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.start = time.perf_counter()
+
+    def tick(self, iteration):
+        if not self.tty:
+            return
+        elapsed = time.perf_counter() - self.start
+        rate = iteration / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - iteration) / rate if rate > 0 else 0.0
+        width = 30
+        filled = int(width * iteration / max(self.total, 1))
+        self.stream.write(f"\rstage {self.stage} [{'#' * filled}{'.' * (width - filled)}] "
+                          f"{iteration}/{self.total} {rate:6.1f} it/s ETA {eta:5.0f}s ")
+        self.stream.flush()
+
+    def line(self, text):
+        if self.tty:
+            self.stream.write("\r" + " " * 79 + "\r")
+        self.report(text)
+
+
+class Trainer:
+    """Holds one training run's state; :func:`run_training` is the entry point."""
+
+    def __init__(self, cfg, report=print):
+        import tensorflow as tf
+
+        from anna.augment import NoiseModel, PackRows
+        from anna.model import LabelScaler, NetworkSpec
+        from anna.packs import open_pack
+        from anna.templates import relative_sn_on_grid
+
+        self.cfg = cfg
+        self.report = report
+        self.tf = tf
+        self.missing_value = cfg.magic_number
+        self.pack = open_pack(cfg.training_data, expected_npix=cfg.num_px, expected_nout=cfg.num_outs,
+                              check_flux=True, missing_label_value=self.missing_value)
+        self.scaler = LabelScaler(cfg.min_params, cfg.max_params)
+        self.noise = None
+        needs_template = cfg.preprocess_train or (cfg.training_xval and cfg.preprocess_xval)
+        self.rel_sn = relative_sn_on_grid(cfg.sn_template, self.pack.wavelengths) if needs_template else None
+        if cfg.preprocess_train:
+            self.noise = NoiseModel(self.rel_sn, tuple(cfg.sn_range_train), tuple(cfg.rel_cont_e_train))
+        self.save_loc = cfg.save_loc
+        os.makedirs(self.save_loc, exist_ok=True)
+        self.checkpoint_path = os.path.join(self.save_loc, CHECKPOINT_NAME)
+        self.state = self._initial_or_resumed_state()
+        self.seed = self.state["seed"]
+        self._seed_everything()
+        xval_noise = NoiseModel(self.rel_sn, tuple(cfg.sn_range_train), tuple(cfg.rel_cont_e_train)) \
+            if (cfg.training_xval and cfg.preprocess_xval) else None
+        self.xval = _load_xval(cfg, self.pack, self.scaler, xval_noise, self.seed, self.missing_value) \
+            if cfg.training_xval else None
+        self.rows = PackRows(self.pack)
+        self.spec = NetworkSpec.from_config(cfg, self.pack.npix, self.pack.nout)
+        self.centre = _mean_spectrum(self.pack) if cfg.input_centering == "MEAN" else None
+        self.writer = None
+        self.run_dir = None
+        if cfg.tboard_output or cfg.timeline_output:
+            self.run_dir = self.state.setdefault("run_dir", os.path.join(
+                cfg.log_loc, time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())))
+            os.makedirs(self.run_dir, exist_ok=True)
+            if cfg.tboard_output:
+                self.writer = tf.summary.create_file_writer(self.run_dir)
+        self.global_step = self.state.get("global_step", 0)
+        self.history = self.state.setdefault("history", [])
+
+    # ----- set-up -----------------------------------------------------------------------------------------
+    def _initial_or_resumed_state(self):
+        fingerprint = training_fingerprint(self.cfg)
+        if self.cfg.resume and os.path.exists(self.checkpoint_path):
+            state, arrays = read_checkpoint(self.checkpoint_path)
+            if state["fingerprint"] != fingerprint:
+                changed = sorted(k for k in set(fingerprint) | set(state["fingerprint"])
+                                 if fingerprint.get(k) != state["fingerprint"].get(k))
+                raise AnnaInputError(
+                    f"a checkpoint of an unfinished run made with different parameters ({', '.join(changed)}) "
+                    "is in SAVE_LOC; restore those values to resume, or delete it / set RESUME: NO to start over",
+                    path=self.checkpoint_path)
+            state["arrays"] = arrays
+            state["resumed"] = True
+            self.report(f"resuming from {self.checkpoint_path}: stage {state['stage_index'] + 1}, "
+                        f"iteration {state['iteration']}")
+            return state
+        seed = self.cfg.seed if self.cfg.seed is not None else int(np.random.SeedSequence().entropy % (2**31))
+        return {"fingerprint": fingerprint, "seed": int(seed), "stage_index": 0, "iteration": 0,
+                "global_step": 0, "history": [], "resumed": False, "arrays": None}
+
+    def _seed_everything(self):
+        import keras
+
+        keras.utils.set_random_seed(self.seed)
+        if self.cfg.seed is not None:
+            self.tf.config.experimental.enable_op_determinism()
+
+    # ----- evaluation -------------------------------------------------------------------------------------
+    def _make_eval(self, network):
+        tf = self.tf
+        nout = self.spec.nout
+
+        @tf.function(input_signature=[tf.TensorSpec([None, self.spec.npix], tf.float32)], reduce_retracing=True)
+        def forward(flux):
+            return network(flux, training=False)[:, :nout]
+
+        def evaluate(flux, labels, mask):
+            """(cost, per-label RMS in physical units) over a whole set, in batches."""
+            sq_sum = np.zeros(nout)
+            counts = np.zeros(nout)
+            per_star_cost = []
+            for start in range(0, len(flux), XVAL_EVAL_BATCH):
+                pred = forward(flux[start:start + XVAL_EVAL_BATCH]).numpy().astype(np.float64)
+                m = mask[start:start + XVAL_EVAL_BATCH]
+                d2 = np.square(pred - labels[start:start + XVAL_EVAL_BATCH]) * m
+                sq_sum += d2.sum(axis=0)
+                counts += m.sum(axis=0)
+                present = m.sum(axis=1)
+                per_star_cost.append((d2.sum(axis=1) / np.maximum(present, 1))[present > 0])
+            cost = float(np.mean(np.concatenate(per_star_cost))) if per_star_cost else math.nan
+            rms = np.sqrt(sq_sum / np.maximum(counts, 1)) * self.scaler.span
+            return cost, rms
+
+        return evaluate
+
+    # ----- the loop ---------------------------------------------------------------------------------------
+    def run(self):
+        from anna.augment import BatchProducer
+        from anna.model import build_network
+
+        tf = self.tf
+        cfg = self.cfg
+        plans = stage_plans(cfg)
+        arrays = self.state.pop("arrays")
+        previous_weights = None
+        if arrays is not None:
+            previous_weights = arrays.get("stage_start_weights")
+        stage_results = self.state.setdefault("stage_results", [])
+        interrupted = None
+        with StopRequest() as stop:
+            for stage_index in range(self.state["stage_index"], len(plans)):
+                plan = plans[stage_index]
+                network = build_network(self.spec, dropout_rate=1.0 - plan.keep_prob, centre=self.centre)
+                resuming_here = arrays is not None and stage_index == self.state["stage_index"]
+                if resuming_here:
+                    network.set_weights(arrays["weights"])
+                elif previous_weights is not None:
+                    network.set_weights(previous_weights)
+                stage_start_weights = [np.array(w) for w in network.get_weights()]
+                optimizer = __import__("keras").optimizers.Adam(learning_rate=plan.learn_rate)
+                optimizer.build(network.trainable_variables)
+                stopper = EarlyStopping(cfg.es_sample, enabled=cfg.early_stop)
+                start_iteration = 0
+                if resuming_here:
+                    for variable, value in zip(optimizer.variables, arrays["optimizer"]):
+                        variable.assign(value)
+                    stage_start_weights = arrays["stage_start_weights"]
+                    es = self.state["early_stopping"]
+                    stopper.best_cost = es["best_cost"]
+                    stopper.best_iteration = es["best_iteration"]
+                    stopper.bad_intervals = es["bad_intervals"]
+                    stopper.best_weights = arrays.get("best_weights")
+                    start_iteration = self.state["iteration"]
+                    arrays = None
+                result = self._run_stage(plan, network, optimizer, stopper, start_iteration, stage_start_weights,
+                                         stage_index, stop, BatchProducer, final_stage=stage_index == len(plans) - 1)
+                stage_results.append(result)
+                if stopper.best_weights is not None:
+                    network.set_weights(stopper.best_weights)
+                previous_weights = [np.array(w) for w in network.get_weights()]
+                self.network = network
+                if stop.requested:
+                    interrupted = stop.signal_name
+                    break
+        return self._finish(stage_results, interrupted)
+
+    def _run_stage(self, plan, network, optimizer, stopper, start_iteration, stage_start_weights, stage_index,
+                   stop, producer_class, final_stage):
+        from anna.losses import masked_squared_error
+
+        tf = self.tf
+        cfg = self.cfg
+        nout = self.spec.nout
+        evaluate = self._make_eval(network)
+
+        @tf.function(jit_compile=bool(cfg.jit_compile))
+        def train_step(flux, labels, mask):
+            with tf.GradientTape() as tape:
+                pred = network(flux, training=True)[:, :nout]
+                loss = masked_squared_error(labels, pred, mask)
+            grads = tape.gradient(loss, network.trainable_variables)
+            optimizer.apply_gradients(zip(grads, network.trainable_variables))
+            return loss
+
+        producer = producer_class(self.rows, self.scaler, self.noise, batch_size=plan.batch_size,
+                                  seed=self.seed, stage=plan.number, threads=cfg.pp_threads, fetch=cfg.num_fetch,
+                                  depth=cfg.max_pp_depth, missing_value=self.missing_value)
+        iterator = iter(producer.dataset(start_batch=start_iteration))
+        progress = _Progress(self.report, plan.iterations, plan.number)
+        progress.line(f"stage {plan.number}: learning rate {plan.learn_rate:g}, batch {plan.batch_size}, "
+                      f"keep probability {plan.keep_prob:g}, up to {plan.iterations} iterations"
+                      + (f" (resuming at {start_iteration})" if start_iteration else ""))
+        if stopper.best_weights is None and self.xval is not None and start_iteration == 0:
+            cost, _ = evaluate(self.xval.flux, self.xval.labels, self.xval.mask)
+            stopper.update(cost, 0, network.get_weights())
+            stopper.bad_intervals = 0
+        interval_costs = []
+        interval_start = time.perf_counter()
+        wait_time = 0.0
+        iteration = start_iteration
+        profiling = False
+        stopped_early = False
+        trace_graph = self.writer is not None and self.global_step == 0
+        while iteration < plan.iterations:
+            if stop.requested:
+                break
+            if cfg.timeline_output and not profiling and final_stage and iteration % cfg.sample_interval == 0:
+                last_planned = iteration + cfg.sample_interval >= plan.iterations
+                maybe_last = cfg.early_stop and stopper.bad_intervals >= cfg.es_sample - 1
+                if last_planned or maybe_last:
+                    self._start_profile()
+                    profiling = True
+            fetched = time.perf_counter()
+            flux, labels, mask = next(iterator)
+            wait_time += time.perf_counter() - fetched
+            if trace_graph:
+                tf.summary.trace_on(graph=True)
+            loss = train_step(flux, labels, mask)
+            if trace_graph:
+                with self.writer.as_default():
+                    tf.summary.trace_export(name="train_step", step=0)
+                trace_graph = False
+            interval_costs.append(loss)
+            iteration += 1
+            self.global_step += 1
+            if iteration % 10 == 0:
+                progress.tick(iteration)
+            if iteration % cfg.sample_interval == 0 or iteration == plan.iterations:
+                batch_cost = float(np.mean([c.numpy() for c in interval_costs]))
+                elapsed = time.perf_counter() - interval_start
+                examples_per_s = len(interval_costs) * plan.batch_size / max(elapsed, 1e-9)
+                wait_fraction = wait_time / max(elapsed, 1e-9)
+                if profiling:
+                    tf.profiler.experimental.stop()
+                    profiling = False
+                if self.xval is not None:
+                    xval_cost, rms = evaluate(self.xval.flux, self.xval.labels, self.xval.mask)
+                    monitored = xval_cost
+                else:
+                    xval_cost, rms = None, self._batch_rms(evaluate, flux, labels, mask)
+                    monitored = batch_cost
+                improved = stopper.update(monitored, iteration, network.get_weights())
+                record = {"stage": plan.number, "iteration": iteration, "global_step": self.global_step,
+                          "batch_cost": batch_cost, "xval_cost": xval_cost,
+                          "rms": {n: float(r) for n, r in zip(self.cfg.output_names, rms)},
+                          "examples_per_s": examples_per_s, "input_wait_fraction": wait_fraction}
+                self.history.append(record)
+                self._log_interval(record, network, plan)
+                progress.line(self._format_record(record, improved))
+                interval_costs = []
+                wait_time = 0.0
+                self._write_checkpoint(stage_index, iteration, network, optimizer, stopper, stage_start_weights)
+                interval_start = time.perf_counter()
+                if stopper.should_stop:
+                    stopped_early = True
+                    progress.line(f"stage {plan.number}: early stop at iteration {iteration}: no improvement in "
+                                  f"{cfg.es_sample} intervals; restoring the best weights (iteration "
+                                  f"{stopper.best_iteration}, cost {stopper.best_cost:.6g})")
+                    break
+        if profiling:
+            tf.profiler.experimental.stop()
+        return {"stage": plan.number, "iterations": iteration, "stopped_early": stopped_early,
+                "best_cost": stopper.best_cost, "best_iteration": stopper.best_iteration,
+                "monitored": "xval" if self.xval is not None else "batch"}
+
+    def _batch_rms(self, evaluate, flux, labels, mask):
+        _, rms = evaluate(flux.numpy(), labels.numpy(), mask.numpy())
+        return rms
+
+    def _format_record(self, record, improved):
+        rms = " ".join(f"{name}={value:.4g}" for name, value in record["rms"].items())
+        xval = f" xval cost {record['xval_cost']:.6g}" if record["xval_cost"] is not None else ""
+        return (f"stage {record['stage']} iter {record['iteration']:>6}: batch cost {record['batch_cost']:.6g}"
+                f"{xval}{' *' if improved else '  '} | RMS {rms} | {record['examples_per_s']:.0f} ex/s")
+
+    def _log_interval(self, record, network, plan):
+        if self.writer is None:
+            return
+        tf = self.tf
+        step = record["global_step"]
+        with self.writer.as_default(step=step):
+            tf.summary.scalar("cost/batch", record["batch_cost"])
+            if record["xval_cost"] is not None:
+                tf.summary.scalar("cost/xval", record["xval_cost"])
+            for name, value in record["rms"].items():
+                tf.summary.scalar(f"rms/{name}", value)
+            tf.summary.scalar("learning_rate", plan.learn_rate)
+            tf.summary.scalar("examples_per_second", record["examples_per_s"])
+            tf.summary.scalar("input_wait_fraction", record["input_wait_fraction"])
+            for variable in network.weights:
+                tf.summary.histogram(f"weights/{variable.path}", variable)
+            if self.xval is not None:
+                sample = self.xval.flux[:ACTIVATION_SAMPLE]
+                for layer_name, activation in self._activations(network, sample):
+                    tf.summary.histogram(f"activations/{layer_name}", activation)
+        self.writer.flush()
+
+    def _activations(self, network, flux):
+        import keras
+
+        names = [layer.name for layer in network.layers if layer.name.startswith(("conv", "fc"))]
+        probe = keras.Model(network.input, [network.get_layer(n).output for n in names])
+        return zip(names, probe(flux, training=False))
+
+    def _start_profile(self):
+        tf = self.tf
+        profile_root = os.path.join(self.run_dir, "plugins", "profile")
+        if os.path.isdir(profile_root):
+            shutil.rmtree(profile_root)  # keep only the latest interval's trace
+        tf.profiler.experimental.start(self.run_dir)
+
+    def _write_checkpoint(self, stage_index, iteration, network, optimizer, stopper, stage_start_weights):
+        state = {key: value for key, value in self.state.items() if key != "arrays"}
+        state.update({"stage_index": stage_index, "iteration": iteration, "global_step": self.global_step,
+                      "early_stopping": {"best_cost": stopper.best_cost, "best_iteration": stopper.best_iteration,
+                                         "bad_intervals": stopper.bad_intervals}})
+        arrays = {"weights": network.get_weights(), "optimizer": [v.numpy() for v in optimizer.variables],
+                  "stage_start_weights": stage_start_weights}
+        if stopper.best_weights is not None:
+            arrays["best_weights"] = stopper.best_weights
+        write_checkpoint(self.checkpoint_path, state, arrays)
+
+    # ----- the end ----------------------------------------------------------------------------------------
+    def _finish(self, stage_results, interrupted):
+        from anna import model as model_module
+
+        metadata = {
+            "output_names": list(self.cfg.output_names),
+            "min_params": list(self.cfg.min_params),
+            "max_params": list(self.cfg.max_params),
+            "wavelengths": self.pack.wavelengths.tolist(),
+            "parameters": self.cfg.as_dict(),
+            "parameter_file": self.cfg.source,
+            "training_pack": {"path": self.pack.path, "sha256": file_sha256(self.pack.path),
+                              "n_stars": self.pack.n_stars},
+            "seed": self.seed,
+            "stages": stage_results,
+            "complete": interrupted is None,
+            "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "keep_prob_train": self.cfg.keep_prob1,
+        }
+        final_path = os.path.join(self.save_loc, model_module.FROZEN_MODEL_NAME)
+        target = final_path
+        if interrupted is not None and _is_complete_model(final_path):
+            target = os.path.join(self.save_loc, PARTIAL_MODEL_NAME)
+        path = model_module.save_frozen(target, self.network, self.spec, metadata)
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+        if interrupted is None and os.path.exists(self.checkpoint_path):
+            os.remove(self.checkpoint_path)
+        if interrupted is not None:
+            self.report(f"stopped by {interrupted}: the best weights so far are saved as a usable frozen model "
+                        f"{path}; rerun the same command to resume from the checkpoint")
+        else:
+            self.report(f"frozen model written to {path}")
+        if self.run_dir:
+            self.report(f"TensorBoard logs in {self.run_dir}  (watch with: tensorboard --logdir {self.cfg.log_loc})")
+        return {"frozen_model": path, "stages": stage_results, "interrupted": interrupted,
+                "history": self.history, "run_dir": self.run_dir, "seed": self.seed}
+
+
+def _is_complete_model(path):
+    if not os.path.exists(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return bool(json.loads(archive.read("metadata.json")).get("complete", False))
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError):
+        return False
+
+
+def write_checkpoint(path, state, arrays):
+    """Checkpoint = zip of ``state.json`` and one npz per list of arrays; written atomically."""
+    with atomic_output(path, "wb") as handle:
+        with zipfile.ZipFile(handle, "w") as archive:
+            archive.writestr("state.json", json.dumps(state, default=float))
+            for name, values in arrays.items():
+                buffer = io.BytesIO()
+                np.savez(buffer, *[np.asarray(v) for v in values])
+                archive.writestr(f"{name}.npz", buffer.getvalue())
+
+
+def read_checkpoint(path):
+    try:
+        with zipfile.ZipFile(path) as archive:
+            state = json.loads(archive.read("state.json"))
+            arrays = {}
+            for name in archive.namelist():
+                if name.endswith(".npz"):
+                    with np.load(io.BytesIO(archive.read(name))) as stored:
+                        arrays[name[:-4]] = [stored[f"arr_{i}"] for i in range(len(stored.files))]
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError) as exc:
+        raise AnnaInputError(f"checkpoint is unreadable ({exc}); delete it or set RESUME: NO", path=path) from None
+    return state, arrays
+
+
+def run_training(cfg, report=print):
+    """Train as the parameter file says; returns a summary dict (frozen model path, stages, history)."""
+    configure_threads()
+    trainer = Trainer(cfg, report)
+    return trainer.run()
