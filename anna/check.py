@@ -4,10 +4,7 @@ Opening means reading headers and small files only (pack headers and sizes, temp
 wavelength solution); nothing is trained or predicted, so a check of a survey-sized pack takes seconds.
 """
 
-import glob
 import os
-
-from anna.errors import AnnaInputError
 
 
 def check_stage(cfg, stage):
@@ -56,31 +53,11 @@ def _model_line(model):
 
 
 def infer_inputs(cfg):
-    """The input files anna-infer will read, in order (a glob or a list file in INFER_FILES)."""
-    mode = cfg.infer_mode
-    if mode == "DEBUG":
-        return [cfg.debug_data]
-    if mode == "MS_FITS" and cfg.ms_fits_image:
-        return [cfg.ms_fits_image]
-    if mode == "TEXT" and cfg.text_image:
-        return [cfg.text_image]
-    spec = cfg.infer_files
-    if spec is None:
-        raise AnnaInputError(f"no input named for INFER_MODE {mode}", path=cfg.source, key="INFER_FILES")
-    if os.path.isfile(spec) and not _looks_like_spectrum(spec):
-        base = os.path.dirname(spec)
-        with open(spec, encoding="utf-8") as handle:
-            entries = [line.split("#", 1)[0].strip() for line in handle]
-        paths = [entry if os.path.isabs(entry) else os.path.join(base, entry) for entry in entries if entry]
-    else:
-        paths = sorted(glob.glob(spec))
-    if not paths:
-        raise AnnaInputError("matches no file", path=cfg.source, key="INFER_FILES", value=spec)
-    return paths
+    """The input files anna-infer will read, in order: the mode's single input, or what INFER_FILES names."""
+    from anna.params import expand_infer_files
 
-
-def _looks_like_spectrum(path):
-    return path.lower().endswith((".fits", ".fit", ".fts", ".fits.gz"))
+    single = {"DEBUG": cfg.debug_data, "MS_FITS": cfg.ms_fits_image, "TEXT": cfg.text_image}.get(cfg.infer_mode)
+    return [single] if single else expand_infer_files(cfg)
 
 
 def _describe_input(cfg, path):
