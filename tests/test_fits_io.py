@@ -384,7 +384,7 @@ def test_plain_one_dimensional_dc_flag_log(tmp_path):
 
 
 def test_gzip_compressed_file(tmp_path):
-    write_linear(tmp_path / "packed.fits.gz", np.arange(40.0), [("CRVAL1", 5000.0), ("CDELT1", 0.5)])
+    write_linear(tmp_path / "packed.fits.gz", np.arange(40.0), [("CRVAL1", 5000.0), ("CDELT1", 0.5), ("CRPIX1", 1.0)])
     (spectrum,) = read_spectra(tmp_path / "packed.fits.gz")
     np.testing.assert_allclose(spectrum.wavelength, 5000.0 + 0.5 * np.arange(40), rtol=1e-14)
     np.testing.assert_array_equal(spectrum.flux, np.arange(40.0))
@@ -403,7 +403,7 @@ def test_equispec_two_dimensional(tmp_path):
 def test_odd_headers_are_read(tmp_path):
     """P.I. keyword, a non-ASCII byte, BLANK on float data, no final padding: all read."""
     path = write_linear(tmp_path / "odd.fits", np.linspace(1, 2, 1000).astype(np.float32),
-                        [("CRVAL1", 5000.0), ("CDELT1", 0.1)] + [("COMMENT", "placeholder")] * 3)
+                        [("CRVAL1", 5000.0), ("CDELT1", 0.1), ("CRPIX1", 1.0)] + [("COMMENT", "placeholder")] * 3)
     raw = bytearray(path.read_bytes())
     replacements = [b"P.I.    = 'Latham  '", b"BLANK   =               -32768",
                     b"PARAM0  =               -106.2 / CCD Temperature,\xb0C"]
