@@ -1,0 +1,480 @@
+"""anna-test: run a frozen model over a pack with known labels and measure how well it does (guide 4.3, 4.3.1).
+
+Outputs, all in TEST_SAVE_LOC and each written atomically (a crash never leaves half a file):
+
+``test_stats.out``
+    comma-separated, one star per line.  Header ``star_id,true_<name>...,inferred_<name>...,d<name>...``
+    with ``d = true - inferred``, plus a final ``sn`` column when PREPROCESS_TEST noised the spectra.  Ids
+    are written exactly (integer form when integral, otherwise the float64 repr); every value is the
+    shortest text that reads back as the same float64.
+``test_summary.json``
+    per label: bias (mean and median of d), scatter (standard deviation with ddof=0, and 1.4826 x the median
+    absolute deviation from the median), MAE, RMS and N; the same in S/N quantile bins when noised; the
+    residual-trend correction when FIT_CORRECTION is YES.
+``<name>_test.png``
+    per label, inferred against true beside d against true (also sent to TensorBoard under LOG_LOC/test).
+
+FIT_CORRECTION fits TrueValue = poly(InferredValue) per label (guide 4.3.1) and saves it as
+``correction.json`` beside the frozen model, where anna-infer's APPLY_CORRECTION finds it.  The correction
+remembers a fingerprint of the model file, so a correction left over from an earlier training run is refused
+rather than applied to a different network.
+
+The pack is read in chunks (memory-mapped), so a pack larger than RAM works; with PREPROCESS_TEST each chunk
+is noised with a generator keyed by (SEED or 0, chunk number), so a rerun with the same parameter file
+reproduces the same noise.  Only the true/inferred label table (n_stars x nout) is held in memory.
+"""
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import time
+
+import numpy as np
+
+from anna.atomic import atomic_output
+from anna.errors import AnnaInputError
+from anna.model import load_frozen, resolve_model_path
+from anna.packs import open_pack
+
+STATS_FILE = "test_stats.out"
+SUMMARY_FILE = "test_summary.json"
+CORRECTION_FILE = "correction.json"
+CORRECTION_FORMAT = "anna-tf correction"
+CORRECTION_FORMAT_VERSION = 1
+# Relative tolerance when comparing a pack's or template's wavelengths with the model's training grid.
+GRID_RELATIVE_TOLERANCE = 1e-6
+# 1.4826 x MAD estimates the standard deviation of a Gaussian, while ignoring outliers.
+MAD_TO_SIGMA = 1.4826
+SN_BINS = 5
+# Stars read from the pack per chunk (rounded up to whole batches); also the unit of PREPROCESS_TEST seeding.
+TEST_CHUNK_STARS = 8192
+# Plots draw at most this many points (a fixed random subset) so huge test sets still plot quickly.
+MAX_PLOT_POINTS = 20000
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Small shared helpers (anna-infer uses these too)
+
+
+def format_star_id(value):
+    """Star id as text that reads back exactly: integer form when integral (below 2**53), else float repr."""
+    value = float(value)
+    if math.isfinite(value) and value.is_integer() and abs(value) < 2**53:
+        return str(int(value))
+    return repr(value)
+
+
+def format_value(value):
+    """Full-precision text of a float64 (shortest round-trip repr; 'nan' for NaN)."""
+    return repr(float(value))
+
+
+def check_same_grid(grid, model_grid, *, what, path=None, key=None):
+    """Refuse ``grid`` (npix,) unless it equals ``model_grid`` (the frozen model's wavelengths, Angstrom).
+
+    Equal means same length and every wavelength within GRID_RELATIVE_TOLERANCE (relative).  The error gives
+    both lengths, both first/last wavelengths and the largest difference, which is usually enough to see
+    whether the wrong template, a shifted grid or a different resolution was used.
+    """
+    grid = np.asarray(grid, dtype=np.float64)
+    model_grid = np.asarray(model_grid, dtype=np.float64)
+    ranges = (f"{what} has {len(grid)} wavelengths {grid[0]:.6f}-{grid[-1]:.6f} A, the model grid has "
+              f"{len(model_grid)} wavelengths {model_grid[0]:.6f}-{model_grid[-1]:.6f} A")
+    if grid.shape != model_grid.shape:
+        raise AnnaInputError(f"wavelengths differ from the model's training grid: {ranges}", path=path, key=key)
+    difference = np.abs(grid - model_grid)
+    worst = int(np.argmax(difference / np.abs(model_grid)))
+    if difference[worst] > GRID_RELATIVE_TOLERANCE * abs(model_grid[worst]):
+        raise AnnaInputError(
+            f"wavelengths differ from the model's training grid: {ranges}; largest difference "
+            f"{float(np.max(difference)):.6g} A (pixel {worst}: {grid[worst]!r} vs {model_grid[worst]!r})",
+            path=path, key=key)
+
+
+def correction_location(model_loc):
+    """``correction.json`` path for a model location given as its folder or as the frozen-model file."""
+    model_loc = os.fspath(model_loc)
+    folder = model_loc if os.path.isdir(model_loc) else os.path.dirname(os.path.abspath(model_loc))
+    return os.path.join(folder, CORRECTION_FILE)
+
+
+def model_fingerprint(model_loc):
+    """sha256 of the frozen-model file: ties a correction to the exact network it was fitted for."""
+    digest = hashlib.sha256()
+    with open(resolve_model_path(model_loc), "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def safe_file_name(name):
+    """Label name usable in a file name ('[Fe/H]' -> 'Fe_H')."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "label"
+
+
+def jsonable(value):
+    """Nested structure with numpy scalars/arrays turned into Python values and NaN/inf into None."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+def write_json(path, data):
+    with atomic_output(path, "w", encoding="utf-8") as handle:
+        json.dump(jsonable(data), handle, indent=1)
+        handle.write("\n")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Statistics
+
+
+def residual_statistics(residuals):
+    """Summary of residuals d = true - inferred (n,), NaN entries ignored.
+
+    Returns a dict: ``n``, ``bias_mean``, ``bias_median``, ``std`` (ddof=0), ``mad_std`` (1.4826 x median
+    |d - median d|), ``mae`` (mean |d|) and ``rms`` (sqrt of mean d^2); statistics are NaN when n is 0.
+    """
+    d = np.asarray(residuals, dtype=np.float64)
+    d = d[np.isfinite(d)]
+    if d.size == 0:
+        nan = float("nan")
+        return {"n": 0, "bias_mean": nan, "bias_median": nan, "std": nan, "mad_std": nan, "mae": nan, "rms": nan}
+    median = float(np.median(d))
+    return {"n": int(d.size), "bias_mean": float(np.mean(d)), "bias_median": median, "std": float(np.std(d)),
+            "mad_std": MAD_TO_SIGMA * float(np.median(np.abs(d - median))), "mae": float(np.mean(np.abs(d))),
+            "rms": float(np.sqrt(np.mean(d * d)))}
+
+
+def label_statistics(true, inferred, names):
+    """``{name: residual_statistics(true[:, k] - inferred[:, k])}`` for (n, nout) arrays."""
+    d = np.asarray(true, dtype=np.float64) - np.asarray(inferred, dtype=np.float64)
+    return {name: residual_statistics(d[:, k]) for k, name in enumerate(names)}
+
+
+def sn_binned_statistics(true, inferred, sn, names, n_bins=SN_BINS):
+    """Label statistics in S/N quantile bins: a list of ``{sn_low, sn_high, n, labels}``.
+
+    Bin edges are quantiles of ``sn`` (n,); equal edges (a fixed S/N) merge, so there may be fewer bins.
+    The last bin includes its upper edge.
+    """
+    sn = np.asarray(sn, dtype=np.float64)
+    edges = np.unique(np.quantile(sn, np.linspace(0.0, 1.0, n_bins + 1)))
+    if edges.size == 1:
+        edges = np.array([edges[0], edges[0]])
+    which = np.clip(np.searchsorted(edges[1:-1], sn, side="right"), 0, edges.size - 2)
+    bins = []
+    for number in range(edges.size - 1):
+        members = which == number
+        bins.append({"sn_low": float(edges[number]), "sn_high": float(edges[number + 1]),
+                     "n": int(np.count_nonzero(members)),
+                     "labels": label_statistics(true[members], inferred[members], names)})
+    return bins
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Residual-trend correction (guide 4.3.1)
+
+
+def fit_correction(true, inferred, names, degree):
+    """Fit TrueValue = poly(InferredValue) of ``degree`` per label; returns ``{name: numpy Polynomial}``.
+
+    ``true`` and ``inferred`` are (n, nout) in physical units; non-finite pairs are left out.  The fit uses
+    numpy's scaled domain (the range of the inferred values), which keeps high degrees well conditioned;
+    that domain is also the range inside which anna-infer trusts the correction.
+    """
+    polynomials = {}
+    for k, name in enumerate(names):
+        x = np.asarray(inferred[:, k], dtype=np.float64)
+        y = np.asarray(true[:, k], dtype=np.float64)
+        keep = np.isfinite(x) & np.isfinite(y)
+        if np.count_nonzero(keep) <= degree or np.ptp(x[keep]) == 0:
+            raise AnnaInputError(f"cannot fit a degree-{degree} correction for {name}: "
+                                 f"{int(np.count_nonzero(keep))} usable stars with "
+                                 f"{len(np.unique(x[keep]))} distinct inferred values", key="CORRECTION_DEGREE",
+                                 value=degree)
+        polynomials[name] = np.polynomial.Polynomial.fit(x[keep], y[keep], int(degree))
+    return polynomials
+
+
+def apply_correction(polynomials, inferred, names):
+    """Corrected labels (n, nout) and a per-row bool (n,) marking values outside a fit's inferred range."""
+    inferred = np.asarray(inferred, dtype=np.float64)
+    corrected = inferred.copy()
+    outside = np.zeros(inferred.shape[0], dtype=bool)
+    for k, name in enumerate(names):
+        polynomial = polynomials[name]
+        column = inferred[:, k]
+        finite = np.isfinite(column)
+        corrected[finite, k] = polynomial(column[finite])
+        low, high = polynomial.domain
+        outside |= finite & ((column < low) | (column > high))
+    return corrected, outside
+
+
+def save_correction(path, polynomials, *, degree, fingerprint, testing_data, n_stars, scatter):
+    """Write the correction file atomically.  ``scatter`` is ``{name: {before: stats, after: stats}}``."""
+    labels = {}
+    for name, polynomial in polynomials.items():
+        labels[name] = {"coef": polynomial.coef.tolist(), "domain": polynomial.domain.tolist(),
+                        "window": polynomial.window.tolist(), "before": scatter[name]["before"],
+                        "after": scatter[name]["after"]}
+    write_json(path, {"format": CORRECTION_FORMAT, "format_version": CORRECTION_FORMAT_VERSION,
+                      "relation": "true = numpy.polynomial.Polynomial(coef, domain, window)(inferred)",
+                      "degree": int(degree), "model_sha256": fingerprint, "testing_data": testing_data,
+                      "n_stars": int(n_stars),
+                      "note": "before/after statistics are measured on the stars the correction was fitted to",
+                      "labels": labels})
+
+
+def load_correction(model_loc, names, *, key="APPLY_CORRECTION", source=None):
+    """Read ``correction.json`` beside the model; returns ``{name: Polynomial}`` for every name in ``names``.
+
+    Refuses a missing file, a file for other labels, or one fitted for a different frozen model.
+    """
+    path = correction_location(model_loc)
+    if not os.path.exists(path):
+        raise AnnaInputError(f"is YES but there is no {path} (fit one with anna-test and FIT_CORRECTION YES)",
+                             path=source, key=key)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+        if data.get("format") != CORRECTION_FORMAT or data.get("format_version") != CORRECTION_FORMAT_VERSION:
+            raise AnnaInputError("not an ANNA-TF correction file (format tag missing or of another version)",
+                                 path=path)
+        labels = data["labels"]
+        missing = [name for name in names if name not in labels]
+        if missing:
+            raise AnnaInputError(f"correction has no entry for {missing}; it covers {sorted(labels)}", path=path)
+        polynomials = {name: np.polynomial.Polynomial(labels[name]["coef"], domain=labels[name]["domain"],
+                                                      window=labels[name]["window"]) for name in names}
+    except AnnaInputError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise AnnaInputError(f"correction file is malformed ({type(exc).__name__}: {exc})", path=path) from None
+    if data.get("model_sha256") != model_fingerprint(model_loc):
+        raise AnnaInputError("correction was fitted for a different frozen model (the model changed since "
+                             "anna-test wrote it); rerun anna-test with FIT_CORRECTION YES", path=path)
+    return polynomials
+
+
+# ----------------------------------------------------------------------------------------------------------
+# anna-test
+
+
+def run_test(cfg, report=print):
+    """anna-test: predict the labels of TESTING_DATA, write residuals, statistics, plots; return the summary.
+
+    ``cfg`` is the resolved parameter file (see anna.params); ``report`` receives human-readable lines.
+    The returned dict is what ``test_summary.json`` holds.
+    """
+    started = time.monotonic()
+    model = load_frozen(cfg.test_model_loc)
+    pack = _open_test_pack(cfg, model)
+    names = model.output_names
+    rel_sn = _relative_sn(cfg, model) if cfg.preprocess_test else None
+    os.makedirs(cfg.test_save_loc, exist_ok=True)
+    stats_path = os.path.join(cfg.test_save_loc, STATS_FILE)
+    report(f"anna-test: {pack.n_stars} stars from {pack.path}, model {resolve_model_path(cfg.test_model_loc)}"
+           + (", noised with PREPROCESS_TEST" if rel_sn is not None else ""))
+    true, inferred, sn = _predict_and_write(cfg, model, pack, rel_sn, stats_path)
+
+    summary = {"model": resolve_model_path(cfg.test_model_loc), "testing_data": pack.path,
+               "n_stars": pack.n_stars, "preprocess_test": bool(cfg.preprocess_test),
+               "seed": cfg.seed, "labels": label_statistics(true, inferred, names),
+               "files": {"test_stats": stats_path}}
+    report(format_statistics_table(summary["labels"]))
+    if sn is not None:
+        summary["sn_range_test"] = list(cfg.sn_range_test)
+        summary["rel_cont_e_test"] = list(cfg.rel_cont_e_test)
+        summary["sn_bins"] = sn_binned_statistics(true, inferred, sn, names)
+        for entry in summary["sn_bins"]:
+            report(f"S/N {entry['sn_low']:.1f}-{entry['sn_high']:.1f} ({entry['n']} stars):")
+            report(format_statistics_table(entry["labels"]))
+    if cfg.fit_correction:
+        summary["correction"] = _fit_and_save_correction(cfg, true, inferred, names, pack, report)
+        summary["files"]["correction"] = summary["correction"]["path"]
+    summary["files"]["plots"] = write_plots(true, inferred, names, cfg.test_save_loc, getattr(cfg, "log_loc", None))
+    summary_path = os.path.join(cfg.test_save_loc, SUMMARY_FILE)
+    summary["files"]["summary"] = summary_path
+    summary["seconds"] = time.monotonic() - started
+    summary = jsonable(summary)
+    write_json(summary_path, summary)
+    report(f"wrote {stats_path}, {summary_path} and {len(summary['files']['plots'])} plots")
+    return summary
+
+
+def _open_test_pack(cfg, model):
+    pack = open_pack(cfg.testing_data, missing_label_value=getattr(cfg, "magic_number", None))
+    if pack.nout != model.nout:
+        raise AnnaInputError(f"pack has {pack.nout} labels per star but the model predicts {model.nout} "
+                             f"({', '.join(model.output_names)})", path=pack.path, key="TESTING_DATA")
+    check_same_grid(pack.wavelengths, model.wavelengths, what="the testing pack", path=pack.path,
+                    key="TESTING_DATA")
+    return pack
+
+
+def _relative_sn(cfg, model):
+    from anna.templates import relative_sn_on_grid
+
+    if not cfg.sn_template_test:
+        raise cfg.error("SN_TEMPLATE_TEST", "required when PREPROCESS_TEST is YES, but not given")
+    return relative_sn_on_grid(cfg.sn_template_test, model.wavelengths)
+
+
+def _chunk_stars(batch_size):
+    """Stars per pack chunk: about TEST_CHUNK_STARS, a whole number of batches."""
+    batch_size = max(1, int(batch_size))
+    return batch_size * max(1, -(-TEST_CHUNK_STARS // batch_size))
+
+
+def _predict_and_write(cfg, model, pack, rel_sn, stats_path):
+    """Stream the pack through the model, writing test_stats.out; return (true, inferred, sn or None)."""
+    from anna.augment import noisy_copy
+
+    names = model.output_names
+    n = pack.n_stars
+    true = np.empty((n, model.nout))
+    inferred = np.empty((n, model.nout))
+    sn = np.empty(n) if rel_sn is not None else None
+    missing_value = getattr(cfg, "magic_number", None)
+    bad_flux_stars = 0
+    header = (["star_id"] + [f"true_{name}" for name in names] + [f"inferred_{name}" for name in names]
+              + [f"d{name}" for name in names] + (["sn"] if sn is not None else []))
+    with atomic_output(stats_path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(header)
+        for chunk, (start, stop) in enumerate(pack.iter_chunks(_chunk_stars(cfg.test_batch_size))):
+            flux = np.asarray(pack.flux[start:stop], dtype=np.float64)
+            if sn is not None:
+                flux, sn[start:stop] = noisy_copy(flux, rel_sn, cfg.sn_range_test, cfg.rel_cont_e_test,
+                                                  seed=(int(cfg.seed or 0), chunk))
+            bad_flux_stars += int(np.count_nonzero(~np.isfinite(flux).all(axis=1)))
+            labels = np.array(pack.labels[start:stop], dtype=np.float64)
+            if missing_value is not None:
+                labels[labels == missing_value] = np.nan
+            true[start:stop] = labels
+            inferred[start:stop] = model.predict(flux, batch_size=int(cfg.test_batch_size))
+            _write_rows(writer, pack.ids[start:stop], true[start:stop], inferred[start:stop],
+                        None if sn is None else sn[start:stop])
+        if bad_flux_stars:
+            raise AnnaInputError(f"{bad_flux_stars} of {n} stars have NaN or infinite fluxes; anna-test needs "
+                                 "clean spectra (anna-infer flags such spectra instead)", path=pack.path,
+                                 key="TESTING_DATA")
+    return true, inferred, sn
+
+
+def _write_rows(writer, ids, true, inferred, sn):
+    residual = true - inferred
+    for row in range(len(ids)):
+        fields = [format_star_id(ids[row])]
+        fields += [format_value(v) for v in true[row]]
+        fields += [format_value(v) for v in inferred[row]]
+        fields += [format_value(v) for v in residual[row]]
+        if sn is not None:
+            fields.append(format_value(sn[row]))
+        writer.writerow(fields)
+
+
+def _fit_and_save_correction(cfg, true, inferred, names, pack, report):
+    degree = int(cfg.correction_degree)
+    polynomials = fit_correction(true, inferred, names, degree)
+    corrected, _ = apply_correction(polynomials, inferred, names)
+    before = label_statistics(true, inferred, names)
+    after = label_statistics(true, corrected, names)
+    scatter = {name: {"before": before[name], "after": after[name]} for name in names}
+    path = correction_location(cfg.test_model_loc)
+    save_correction(path, polynomials, degree=degree, fingerprint=model_fingerprint(cfg.test_model_loc),
+                    testing_data=pack.path, n_stars=pack.n_stars, scatter=scatter)
+    report(f"residual-trend correction (degree {degree}) saved to {path}; scatter before -> after, measured on "
+           "the same test stars it was fitted to (in-sample, so optimistic):")
+    for name in names:
+        report(f"  {name}: std {before[name]['std']:.4g} -> {after[name]['std']:.4g}, "
+               f"bias {before[name]['bias_mean']:.4g} -> {after[name]['bias_mean']:.4g}")
+    return {"path": path, "degree": degree, "in_sample": True,
+            "labels": {name: {"coef": polynomials[name].coef.tolist(), "domain": polynomials[name].domain.tolist(),
+                              **scatter[name]} for name in names}}
+
+
+def format_statistics_table(stats):
+    """Fixed-width text table of ``{name: residual_statistics}`` (one line per label)."""
+    columns = ("n", "bias_mean", "bias_median", "std", "mad_std", "mae", "rms")
+    width = max([len(name) for name in stats] + [5])
+    lines = [f"{'label':<{width}} " + " ".join(f"{c:>11}" for c in columns)]
+    for name, entry in stats.items():
+        cells = [f"{entry['n']:>11d}"] + [f"{entry[c]:>11.4g}" for c in columns[1:]]
+        lines.append(f"{name:<{width}} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Plots
+
+
+def write_plots(true, inferred, names, folder, log_loc=None):
+    """Per label one PNG ``<name>_test.png`` in ``folder``: inferred vs true (with the one-to-one line) and
+    residual true - inferred vs true.  Also TensorBoard images under ``log_loc/test`` when ``log_loc`` is set.
+
+    Returns the PNG paths.  matplotlib is imported here (Agg backend) so the rest of ANNA-TF never needs it.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    subset = _plot_subset(true.shape[0])
+    shown = "" if len(subset) == true.shape[0] else f", {len(subset)} of {true.shape[0]} stars shown"
+    images, paths = [], []
+    for k, name in enumerate(names):
+        x, y = true[subset, k], inferred[subset, k]
+        figure = Figure(figsize=(9, 4), dpi=90)
+        figure.subplots_adjust(left=0.09, right=0.98, bottom=0.13, top=0.9, wspace=0.3)
+        one_to_one, residuals = figure.subplots(1, 2)
+        finite = np.isfinite(x)
+        edges = [float(np.min(x[finite])), float(np.max(x[finite]))] if finite.any() else [0.0, 0.0]
+        for axes, values, ylabel, line in ((one_to_one, y, f"inferred {name}", edges),
+                                           (residuals, x - y, f"true - inferred {name}", [0.0, 0.0])):
+            axes.scatter(x, values, s=3, alpha=0.5, rasterized=True)
+            axes.plot(edges, line, color="k", lw=1)
+            axes.set_xlabel(f"true {name}")
+            axes.set_ylabel(ylabel)
+        figure.suptitle(f"anna-test {name}{shown}")
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png")
+        path = os.path.join(folder, f"{safe_file_name(name)}_test.png")
+        with atomic_output(path, "wb") as handle:
+            handle.write(buffer.getvalue())
+        paths.append(path)
+        images.append((safe_file_name(name), buffer.getvalue()))
+    if log_loc:
+        _write_tensorboard_images(images, os.path.join(log_loc, "test"))
+    return paths
+
+
+def _plot_subset(n):
+    if n <= MAX_PLOT_POINTS:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(0).choice(n, MAX_PLOT_POINTS, replace=False))
+
+
+def _write_tensorboard_images(images, folder):
+    import tensorflow as tf
+
+    writer = tf.summary.create_file_writer(folder)
+    with writer.as_default():
+        for tag, png in images:
+            tf.summary.image(tag, tf.image.decode_png(png, channels=4)[None], step=0)
+    writer.flush()
+    writer.close()

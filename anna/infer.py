@@ -1,0 +1,427 @@
+"""anna-infer: labels for spectra whose labels are unknown (guide 4.4).
+
+Input modes (INFER_MODE, or the legacy DEBUG_MODE / SINGLE_MS_MODE flags):
+
+``DEBUG``   a pack (DEBUG_DATA); its known labels are ignored and its ids kept exactly.  The pack's
+            wavelengths must already be the model's grid: nothing is interpolated, so the results equal
+            anna-test's inferred values for the same pack.
+``MS_FITS`` IRAF multispec FITS (MS_FITS_IMAGE, or every file INFER_FILES names); one row per aperture.
+``TEXT``    two-column text spectra, wavelength (Angstrom) and flux (TEXT_IMAGE, or INFER_FILES).
+``FITS``    every file INFER_FILES names (a glob, or a list file); each may be multispec FITS, 1-D FITS or a
+            text spectrum, told apart by content (FITS files start with ``SIMPLE``; gzip is taken as
+            compressed FITS) and, failing that, by extension.  Files ending ``_infer.out`` (our own
+            outputs) are never taken as inputs.
+
+Every spectrum is linearly interpolated onto the frozen model's own wavelength grid; WAVE_TEMPLATE, when
+given, is only checked against that grid.  Nothing is extrapolated.  One output per input file,
+``INFER_SAVE_LOC/<input stem>_infer.out``, written atomically, comma-separated, header
+``star_id,<name>...,flags`` (multispec outputs add ``file,aperture,beam`` before the names).  ``star_id`` is
+the pack id (DEBUG), the aperture number where the file gives one, or else the 1-based row number.
+
+Flags (``|``-joined in this order, empty when the spectrum is fine).  Those marked *fatal* leave the
+outputs NaN; the others are warnings next to a real prediction:
+
+``no_coverage``  (fatal) the spectrum, after leading/trailing zero padding is dropped, does not span the whole
+                 model grid.
+``bad_wavelength`` (fatal) fewer than two samples, non-finite wavelengths, or wavelengths not monotonic.
+``nonfinite``    (fatal) NaN or infinite flux on the grid, or in a sample that the grid interpolates from.
+``all_zero``     (fatal) the flux on the grid is exactly zero everywhere.
+``zero_pixels``  some flux on the grid, or a sample it is interpolated from, is exactly zero (gaps, masked
+                 pixels): the prediction may be poor.
+``out_of_range`` a reported value lies outside [MIN - m*(MAX-MIN), MAX + m*(MAX-MIN)] of the training label
+                 ranges, m = RANGE_MARGIN: the network is extrapolating.
+``correction_extrapolated`` APPLY_CORRECTION used its polynomial outside the inferred-value range it was
+                 fitted on.
+
+Reruns: an input is skipped when its output exists and is newer than the input, the frozen model and (when
+applied) the correction, so a run killed part-way resumes where it stopped; the report says how many were
+skipped.  Spectra go through the model INFER_BATCH_SIZE at a time and packs are read in such blocks, so memory
+stays bounded.  In multi-file modes an unreadable file does not stop the others: its error is reported, and
+after the last file an AnnaInputError lists how many failed.
+"""
+
+import csv
+import dataclasses
+import os
+import time
+
+import numpy as np
+
+from anna.atomic import atomic_output
+from anna.errors import AnnaInputError
+from anna.evaluate import (GRID_RELATIVE_TOLERANCE, apply_correction, check_same_grid, correction_location,
+                           format_star_id, format_value, load_correction)
+from anna.model import load_frozen, resolve_model_path
+
+OUTPUT_SUFFIX = "_infer.out"
+FLAG_ORDER = ("no_coverage", "bad_wavelength", "nonfinite", "all_zero", "zero_pixels", "out_of_range",
+              "correction_extrapolated")
+FATAL_FLAGS = frozenset({"no_coverage", "bad_wavelength", "nonfinite", "all_zero"})
+MULTISPEC_COLUMNS = ("file", "aperture", "beam")
+FITS_EXTENSIONS = (".fits", ".fit", ".fts")
+COMPRESSION_EXTENSIONS = (".gz", ".bz2", ".fz", ".z")
+# Within one long input (a big DEBUG pack) a progress line is printed at most this often.
+PROGRESS_SECONDS = 30.0
+
+
+@dataclasses.dataclass
+class GridBlock:
+    """Spectra of one input already on the model grid, ready for the network.
+
+    ``star_ids`` (n,) text; ``meta`` (n,) tuples matching ``meta_columns``; ``flux`` (n, npix) float64 on the
+    model grid (rows with a fatal flag may hold anything); ``flags`` (n,) sets of flag words.
+    """
+
+    star_ids: list
+    meta: list
+    flux: np.ndarray
+    flags: list
+    meta_columns: tuple = ()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Spectra onto the grid
+
+
+def grid_flux_flags(flux):
+    """Flag sets for (n, npix) fluxes already on the grid: nonfinite, all_zero, zero_pixels."""
+    flux = np.asarray(flux, dtype=np.float64)
+    finite = np.isfinite(flux).all(axis=1)
+    zeros = np.count_nonzero(flux == 0, axis=1)
+    flags = []
+    for row in range(flux.shape[0]):
+        words = set()
+        if not finite[row]:
+            words.add("nonfinite")
+        elif zeros[row] == flux.shape[1]:
+            words.add("all_zero")
+        elif zeros[row]:
+            words.add("zero_pixels")
+        flags.append(words)
+    return flags
+
+
+def spectrum_onto_grid(wavelength, flux, grid):
+    """Linear interpolation of one spectrum onto ``grid`` (npix,), Angstrom; returns (flux (npix,), flags).
+
+    Leading and trailing runs of exactly zero flux are padding, not data, and are dropped first.  A spectrum
+    that then does not span the grid (to GRID_RELATIVE_TOLERANCE) is flagged ``no_coverage`` rather than
+    extrapolated; descending wavelengths are accepted and reversed.
+    """
+    grid = np.asarray(grid, dtype=np.float64)
+    wavelength = np.asarray(wavelength, dtype=np.float64).reshape(-1)
+    flux = np.asarray(flux, dtype=np.float64).reshape(-1)
+    unusable = np.full(grid.size, np.nan)
+    if wavelength.size != flux.size or wavelength.size < 2:
+        return unusable, {"bad_wavelength"}
+    data = np.flatnonzero(flux != 0)  # NaN counts as data here, so it is flagged below, not trimmed
+    if data.size == 0:
+        return unusable, {"all_zero"}
+    wavelength, flux = wavelength[data[0]:data[-1] + 1], flux[data[0]:data[-1] + 1]
+    if wavelength.size < 2:
+        return unusable, {"no_coverage"}
+    if not np.isfinite(wavelength).all():
+        return unusable, {"bad_wavelength"}
+    steps = np.diff(wavelength)
+    if (steps < 0).all():
+        wavelength, flux = wavelength[::-1], flux[::-1]
+    elif not (steps > 0).all():
+        return unusable, {"bad_wavelength"}
+    tolerance = GRID_RELATIVE_TOLERANCE * np.abs(grid[[0, -1]])
+    if wavelength[0] > grid[0] + tolerance[0] or wavelength[-1] < grid[-1] - tolerance[1]:
+        return unusable, {"no_coverage"}
+    first = max(int(np.searchsorted(wavelength, grid[0], side="right")) - 1, 0)
+    last = min(int(np.searchsorted(wavelength, grid[-1], side="left")) + 1, wavelength.size)
+    if not np.isfinite(flux[first:last]).all():
+        return unusable, {"nonfinite"}
+    on_grid = np.interp(grid, wavelength, flux)
+    flags = grid_flux_flags(on_grid[None, :])[0]
+    if "all_zero" not in flags and (flux[first:last] == 0).any():
+        flags.add("zero_pixels")
+    return on_grid, flags
+
+
+def read_text_spectrum(path):
+    """Wavelength and flux (float64 arrays) from a text spectrum: whitespace or comma separated columns,
+    wavelength (Angstrom) first, flux second, further columns ignored, ``#`` comments.
+
+    Non-finite values are kept (they become a ``nonfinite`` flag, not an error); non-numeric text is an
+    error naming the line.
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.readlines()
+    except UnicodeDecodeError as exc:
+        raise AnnaInputError(f"text spectrum is not text (undecodable byte at offset {exc.start})",
+                             path=path) from None
+    except OSError as exc:
+        raise AnnaInputError(f"cannot read text spectrum: {exc.strerror or exc}", path=path) from None
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        text = line.split("#", 1)[0].replace(",", " ").strip()
+        if not text:
+            continue
+        fields = text.split()
+        if len(fields) < 2:
+            raise AnnaInputError("text spectrum row needs two columns (wavelength flux)", path=path, line=number,
+                                 value=text)
+        try:
+            rows.append((float(fields[0]), float(fields[1])))
+        except ValueError:
+            raise AnnaInputError("text spectrum row is not numeric (headers must start with '#')", path=path,
+                                 line=number, value=text) from None
+    if len(rows) < 2:
+        raise AnnaInputError(f"text spectrum has {len(rows)} data rows; at least 2 are needed", path=path)
+    table = np.asarray(rows, dtype=np.float64)
+    return table[:, 0], table[:, 1]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One reader per input kind: each yields GridBlocks
+
+
+def read_debug_pack(path, model, batch_size):
+    """DEBUG mode: blocks of ``batch_size`` pack rows; the pack grid must be the model grid (no interpolation)."""
+    from anna.packs import open_pack
+
+    pack = open_pack(path, check_labels=False)
+    check_same_grid(pack.wavelengths, model.wavelengths, what="the DEBUG_DATA pack", path=pack.path,
+                    key="DEBUG_DATA")
+    for start, stop in pack.iter_chunks(int(batch_size)):
+        flux = np.asarray(pack.flux[start:stop], dtype=np.float64)
+        yield GridBlock(star_ids=[format_star_id(value) for value in pack.ids[start:stop]],
+                        meta=[()] * (stop - start), flux=flux, flags=grid_flux_flags(flux))
+
+
+def read_multispec(path, model):
+    """MS_FITS mode: every aperture of a multispec file; adds the file, aperture and beam columns."""
+    return _fits_block(path, model, multispec=True)
+
+
+def read_text(path, model):
+    """TEXT mode: one two-column text spectrum, star_id 1."""
+    wavelength, flux = read_text_spectrum(path)
+    on_grid, flags = spectrum_onto_grid(wavelength, flux, model.wavelengths)
+    yield GridBlock(star_ids=["1"], meta=[()], flux=on_grid[None, :], flags=[flags])
+
+
+def read_any_file(path, model):
+    """FITS mode: multispec or 1-D FITS, or a text spectrum, decided by content and then extension."""
+    if _looks_like_fits(path):
+        return _fits_block(path, model, multispec=None)
+    return read_text(path, model)
+
+
+def _looks_like_fits(path):
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(6)
+    except OSError as exc:
+        raise AnnaInputError(f"cannot read input: {exc.strerror or exc}", path=path) from None
+    if head.startswith(b"SIMPLE") or head.startswith(b"\x1f\x8b"):
+        return True
+    name = path.lower()
+    for extension in COMPRESSION_EXTENSIONS:
+        if name.endswith(extension):
+            name = name[:-len(extension)]
+    return name.endswith(FITS_EXTENSIONS)
+
+
+def _fits_block(path, model, multispec):
+    """Spectra of a FITS file.  ``multispec`` None: add file/aperture/beam columns when the file has apertures
+    or more than one spectrum."""
+    from anna.fits_io import read_spectra
+
+    spectra = read_spectra(path)
+    if multispec is None:
+        multispec = len(spectra) > 1 or any(spectrum.aperture is not None for spectrum in spectra)
+    grid = model.wavelengths
+    flux = np.empty((len(spectra), grid.size))
+    star_ids, meta, flags = [], [], []
+    for row, spectrum in enumerate(spectra):
+        flux[row], words = spectrum_onto_grid(spectrum.wavelength, spectrum.flux, grid)
+        flags.append(words)
+        star_ids.append(str(spectrum.aperture) if spectrum.aperture is not None else str(spectrum.index + 1))
+        if multispec:
+            meta.append((os.path.basename(path), "" if spectrum.aperture is None else str(spectrum.aperture),
+                         "" if spectrum.beam is None else str(spectrum.beam)))
+        else:
+            meta.append(())
+    yield GridBlock(star_ids=star_ids, meta=meta, flux=flux, flags=flags,
+                    meta_columns=MULTISPEC_COLUMNS if multispec else ())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Which inputs
+
+
+def list_inputs(cfg):
+    """(input path, reader) pairs for the chosen mode; reader(path, model) yields GridBlocks."""
+    mode = cfg.infer_mode
+    if mode == "DEBUG":
+        if cfg.debug_data is None:
+            raise cfg.error("DEBUG_DATA", "required for DEBUG inference, but not given")
+        batch = int(cfg.infer_batch_size)
+        return [(cfg.debug_data, lambda path, model: read_debug_pack(path, model, batch))]
+    readers = {"MS_FITS": (read_multispec, "ms_fits_image"), "TEXT": (read_text, "text_image"),
+               "FITS": (read_any_file, None)}
+    if mode not in readers:
+        raise AnnaInputError("no inference input chosen: set INFER_MODE (DEBUG, MS_FITS, TEXT or FITS)",
+                             path=cfg.source, key="INFER_MODE", value=mode)
+    reader, single_key = readers[mode]
+    single = getattr(cfg, single_key) if single_key else None
+    if single is not None:
+        paths = [single]
+    else:
+        from anna.params import expand_infer_files
+
+        if cfg.infer_files is None:
+            raise cfg.error("INFER_FILES", f"required for {mode} inference, but not given")
+        paths = [path for path in expand_infer_files(cfg) if not path.endswith(OUTPUT_SUFFIX)]
+        if not paths:
+            raise cfg.error("INFER_FILES", f"matches only earlier outputs (*{OUTPUT_SUFFIX}), no inputs")
+    return [(path, reader) for path in paths]
+
+
+def output_path(save_loc, input_path):
+    """``save_loc/<stem>_infer.out``; the stem drops the extension (and a compression extension before it)."""
+    name = os.path.basename(input_path)
+    stem, extension = os.path.splitext(name)
+    if extension.lower() in COMPRESSION_EXTENSIONS:
+        stem = os.path.splitext(stem)[0]
+    return os.path.join(save_loc, (stem or name) + OUTPUT_SUFFIX)
+
+
+def _check_distinct_outputs(cfg, pairs):
+    seen = {}
+    for input_path, output in pairs:
+        if output in seen:
+            raise cfg.error("INFER_FILES", f"inputs {seen[output]} and {input_path} would both write {output}; "
+                                           "rename one or run them with different INFER_SAVE_LOC")
+        seen[output] = input_path
+
+
+def _is_done(output, dependencies):
+    """True when ``output`` exists and is newer than every dependency (input, model, correction)."""
+    if not os.path.exists(output):
+        return False
+    newest = max(os.stat(path).st_mtime_ns for path in dependencies)
+    return os.stat(output).st_mtime_ns > newest
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared predict-and-write path
+
+
+@dataclasses.dataclass
+class Predictor:
+    """The model plus what turns its outputs into reported values: correction and range check."""
+
+    model: object
+    batch_size: int
+    range_margin: float
+    correction: dict = None
+
+    def predict(self, block):
+        """Reported labels (n, nout) for a GridBlock, adding warning flags to ``block.flags`` in place."""
+        usable = np.array([not (words & FATAL_FLAGS) for words in block.flags], dtype=bool)
+        # Fatal rows go through as flat continuum so every batch has the same rows as the input: DEBUG results
+        # then equal anna-test's exactly.  Their outputs are discarded.
+        flux = np.where(usable[:, None], block.flux, 1.0)
+        labels = self.model.predict(flux, batch_size=self.batch_size)
+        labels[~usable] = np.nan
+        names = self.model.output_names
+        if self.correction is not None:
+            labels, outside = apply_correction(self.correction, labels, names)
+            for row in np.flatnonzero(outside & usable):
+                block.flags[row].add("correction_extrapolated")
+        scaler = self.model.scaler
+        low = scaler.minimum - self.range_margin * scaler.span
+        high = scaler.maximum + self.range_margin * scaler.span
+        outside_range = ((labels < low) | (labels > high)).any(axis=1)
+        for row in np.flatnonzero(outside_range & usable):
+            block.flags[row].add("out_of_range")
+        return labels
+
+
+def format_flags(words):
+    return "|".join(word for word in FLAG_ORDER if word in words)
+
+
+def write_output(output, blocks, predictor, report, label):
+    """Predict every block and write the CSV atomically; returns (spectra, flagged-fatal, flagged-any)."""
+    names = predictor.model.output_names
+    counts = [0, 0, 0]
+    last_progress = time.monotonic()
+    with atomic_output(output, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        header_written = False
+        for block in blocks:
+            if not header_written:
+                writer.writerow(["star_id", *block.meta_columns, *names, "flags"])
+                header_written = True
+            labels = predictor.predict(block)
+            for row, star_id in enumerate(block.star_ids):
+                words = block.flags[row]
+                writer.writerow([star_id, *block.meta[row], *(format_value(v) for v in labels[row]),
+                                 format_flags(words)])
+                counts[0] += 1
+                counts[1] += bool(words & FATAL_FLAGS)
+                counts[2] += bool(words)
+            if time.monotonic() - last_progress > PROGRESS_SECONDS:
+                report(f"  {label}: {counts[0]} spectra so far")
+                last_progress = time.monotonic()
+        if not header_written:
+            writer.writerow(["star_id", *names, "flags"])
+    return tuple(counts)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# anna-infer
+
+
+def run_infer(cfg, report=print):
+    """anna-infer: write one ``<stem>_infer.out`` per input under INFER_SAVE_LOC; return the paths written.
+
+    ``cfg`` is the resolved parameter file (anna.params.Config); ``report`` receives progress lines.
+    """
+    model = load_frozen(cfg.infer_model_loc)
+    if cfg.wave_template:
+        from anna.templates import read_wavelength_template
+
+        check_same_grid(read_wavelength_template(cfg.wave_template), model.wavelengths, what="WAVE_TEMPLATE",
+                        path=cfg.wave_template, key="WAVE_TEMPLATE")
+    dependencies = [resolve_model_path(cfg.infer_model_loc)]
+    correction = None
+    if cfg.apply_correction:
+        correction = load_correction(cfg.infer_model_loc, model.output_names, source=cfg.source)
+        dependencies.append(correction_location(cfg.infer_model_loc))
+    predictor = Predictor(model, int(cfg.infer_batch_size), float(cfg.range_margin), correction)
+
+    inputs = list_inputs(cfg)
+    planned = [(path, reader, output_path(cfg.infer_save_loc, path)) for path, reader in inputs]
+    _check_distinct_outputs(cfg, [(path, output) for path, _, output in planned])
+    todo = [item for item in planned if not _is_done(item[2], [item[0], *dependencies])]
+    skipped = len(planned) - len(todo)
+    report(f"anna-infer ({cfg.infer_mode}): {len(planned)} input(s), skipped {skipped} done, {len(todo)} to do"
+           + (", correction applied" if correction is not None else ""))
+    os.makedirs(cfg.infer_save_loc, exist_ok=True)
+    written, failures = [], []
+    for number, (path, reader, output) in enumerate(todo, start=1):
+        started = time.monotonic()
+        label = f"[{number}/{len(todo)}] {path}"
+        try:
+            spectra, fatal, flagged = write_output(output, reader(path, model), predictor, report, label)
+        except AnnaInputError as error:
+            if len(planned) == 1:
+                raise
+            failures.append(error)
+            report(f"{label}: FAILED: {error}")
+            continue
+        written.append(output)
+        report(f"{label}: {spectra} spectra, {fatal} without result, {flagged} flagged -> {output} "
+               f"({time.monotonic() - started:.1f} s)")
+    if failures:
+        raise AnnaInputError(f"{len(failures)} of {len(todo)} inputs could not be read (the other outputs were "
+                             f"written); first: {failures[0]}", path=cfg.source, key="INFER_FILES")
+    return written
