@@ -21,6 +21,8 @@ class atomic_output:
         os.makedirs(folder, exist_ok=True)
         fd, self.tmp_path = tempfile.mkstemp(prefix="." + os.path.basename(self.path) + ".", suffix=".tmp",
                                              dir=folder)
+        # mkstemp creates 0600 files; give the result the permissions an ordinary open() would (0666 - umask)
+        os.fchmod(fd, 0o666 & ~_current_umask())
         self.handle = os.fdopen(fd, self.mode, **self.open_kwargs)
         return self.handle
 
@@ -36,3 +38,17 @@ class atomic_output:
             elif os.path.exists(self.tmp_path):
                 os.remove(self.tmp_path)
         return False
+
+
+def _current_umask():
+    """The process umask, read without changing it where /proc allows (os.umask can only set-and-return)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

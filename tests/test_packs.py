@@ -162,3 +162,14 @@ def test_large_pack_opened_and_read_within_rss_budget(tmp_path):
     growth_mb = int(out.stdout.strip().splitlines()[-1])
     assert path.stat().st_size > 400e6
     assert growth_mb < 100, f"peak RSS grew by {growth_mb} MB reading a 403 MB pack"
+
+
+def test_written_files_get_ordinary_permissions(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        path, *_ = _pack(tmp_path)
+    finally:
+        os.umask(old)
+    assert (path.stat().st_mode & 0o777) == 0o644
