@@ -52,6 +52,7 @@ from anna.errors import AnnaInputError
 from anna.evaluate import (GRID_RELATIVE_TOLERANCE, apply_correction, check_same_grid, correction_location,
                            format_star_id, format_value, load_correction)
 from anna.model import load_frozen, resolve_model_path
+from anna.resample import cubic_resample
 
 OUTPUT_SUFFIX = "_infer.out"
 FLAG_ORDER = ("no_coverage", "bad_wavelength", "nonfinite", "all_zero", "zero_pixels", "out_of_range",
@@ -102,7 +103,7 @@ def grid_flux_flags(flux):
 
 
 def spectrum_onto_grid(wavelength, flux, grid):
-    """Linear interpolation of one spectrum onto ``grid`` (npix,), Angstrom; returns (flux (npix,), flags).
+    """Cubic resampling (:mod:`anna.resample`) of one spectrum onto ``grid`` (npix,), Angstrom; returns (flux, flags).
 
     Leading and trailing runs of exactly zero flux are padding, not data, and are dropped first.  A spectrum
     that then does not span the grid (to GRID_RELATIVE_TOLERANCE) is flagged ``no_coverage`` rather than
@@ -130,11 +131,12 @@ def spectrum_onto_grid(wavelength, flux, grid):
     tolerance = GRID_RELATIVE_TOLERANCE * np.abs(grid[[0, -1]])
     if wavelength[0] > grid[0] + tolerance[0] or wavelength[-1] < grid[-1] - tolerance[1]:
         return unusable, {"no_coverage"}
-    first = max(int(np.searchsorted(wavelength, grid[0], side="right")) - 1, 0)
-    last = min(int(np.searchsorted(wavelength, grid[-1], side="left")) + 1, wavelength.size)
+    # samples the cubic stencil reads: two on either side of each grid point
+    first = max(int(np.searchsorted(wavelength, grid[0], side="right")) - 2, 0)
+    last = min(int(np.searchsorted(wavelength, grid[-1], side="left")) + 2, wavelength.size)
     if not np.isfinite(flux[first:last]).all():
         return unusable, {"nonfinite"}
-    on_grid = np.interp(grid, wavelength, flux)
+    on_grid = cubic_resample(wavelength, flux, grid)  # linear interpolation would smooth the lines
     flags = grid_flux_flags(on_grid[None, :])[0]
     if "all_zero" not in flags and (flux[first:last] == 0).any():
         flags.add("zero_pixels")

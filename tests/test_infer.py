@@ -216,8 +216,10 @@ def test_spectrum_onto_grid_flags():
     holed = flux.copy()
     holed[0] = np.nan  # 8 A, far from the grid
     assert spectrum_onto_grid(wave, holed, grid)[1] == set()
-    holed[3] = np.nan  # 9.5 A, just outside the grid and not interpolated from (10 A is a sample)
+    holed[2] = np.nan  # 9.0 A, outside the cubic stencil of the first grid point (9.5 .. 11 A)
     assert spectrum_onto_grid(wave, holed, grid)[1] == set()
+    holed[3] = np.nan  # 9.5 A, inside that stencil: the result would be NaN, so it is flagged
+    assert spectrum_onto_grid(wave, holed, grid)[1] == {"nonfinite"}
     holed[6] = np.nan  # 11 A
     result, flags = spectrum_onto_grid(wave, holed, grid)
     assert flags == {"nonfinite"} and np.isnan(result).all()
