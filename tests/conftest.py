@@ -31,7 +31,11 @@ def line_spectra(labels, wavelengths):
 
 @pytest.fixture
 def toy_packs(tmp_path):
-    """Training and cross-validation packs (64 px, labels a in 0..1, b in 10..30) and a flat S/N template."""
+    """Training, cross-validation and test packs (64 px, labels a in 0..1, b in 10..30) and an S/N template."""
+    return make_toy_packs(tmp_path)
+
+
+def make_toy_packs(tmp_path):
     from anna.packs import write_pack
 
     rng = np.random.default_rng(11)
