@@ -1,7 +1,9 @@
 """``--check``: validate a parameter file for one stage and open every input it names, without running it.
 
-Opening means reading headers and small files only (pack headers and sizes, templates, FITS headers and the
-wavelength solution); nothing is trained or predicted, so a check of a survey-sized pack takes seconds.
+Opening means what the stage itself checks before its real work: pack headers and sizes plus one streamed
+pass over a pack's labels and fluxes (with the stage's own rules: NaN labels are missing labels, NaN fluxes are
+refused for training and testing), templates, FITS headers and the wavelength solution.  Nothing is trained or
+predicted, so a check passes exactly when the stage would get past its input checks.
 """
 
 import os
@@ -14,14 +16,16 @@ def check_stage(cfg, stage):
 
     lines = [f"parameter file {cfg.source}: valid for anna-{stage}"]
     if stage == "train":
-        pack = open_pack(cfg.training_data, expected_npix=cfg.num_px, expected_nout=cfg.num_outs)
+        # The same checks anna-train makes: NaN labels are missing labels (MAGIC_NUMBER), NaN fluxes are refused.
+        pack = open_pack(cfg.training_data, expected_npix=cfg.num_px, expected_nout=cfg.num_outs, check_flux=True,
+                         missing_label_value=cfg.magic_number)
         lines.append(f"training pack: {pack!r}")
         if cfg.preprocess_train or (cfg.training_xval and cfg.preprocess_xval):
             rel = relative_sn_on_grid(cfg.sn_template, pack.wavelengths)
             lines.append(f"S/N template {cfg.sn_template}: relative S/N {rel.min():.3f}-{rel.max():.3f} on the grid")
         if cfg.training_xval:
             xval = open_pack(cfg.xval_data, expected_npix=cfg.num_px, expected_nout=cfg.num_outs,
-                             max_stars=cfg.xval_size)
+                             max_stars=cfg.xval_size, check_flux=True, missing_label_value=cfg.magic_number)
             lines.append(f"cross-validation pack: {xval!r}")
         lines.append(f"frozen model will be written to {os.path.join(cfg.save_loc, 'frozen.model')}")
     elif stage == "test":
@@ -29,7 +33,8 @@ def check_stage(cfg, stage):
 
         model = load_frozen(cfg.test_model_loc)
         lines.append(_model_line(model))
-        pack = open_pack(cfg.testing_data, expected_npix=len(model.wavelengths), expected_nout=model.nout)
+        pack = open_pack(cfg.testing_data, expected_npix=len(model.wavelengths), expected_nout=model.nout,
+                         check_flux=True, missing_label_value=cfg.magic_number)
         lines.append(f"test pack: {pack!r}")
         if cfg.preprocess_test:
             relative_sn_on_grid(cfg.sn_template_test, pack.wavelengths)
@@ -64,7 +69,7 @@ def _describe_input(cfg, path):
     if cfg.infer_mode == "DEBUG":
         from anna.packs import open_pack
 
-        return repr(open_pack(path))
+        return repr(open_pack(path, check_labels=False))  # anna-infer ignores a DEBUG pack's labels
     if path.lower().endswith((".txt", ".dat", ".text", ".csv")) or cfg.infer_mode == "TEXT":
         from anna.templates import read_two_columns
 

@@ -30,6 +30,8 @@ def _stage_parser(prog, stage, description):
 
 def _run(prog, debug, action):
     """Call ``action``; map input errors to one line + exit 2, Ctrl-C to exit 130."""
+    # TensorFlow's C++ start-up notices (CPU features, oneDNN) are noise on a user's terminal; errors still show
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         action()
     except AnnaInputError as exc:
@@ -50,7 +52,7 @@ def _stage_main(prog, stage, description, run_stage, argv):
     def action():
         from anna.params import load_config, validate_for_stage
 
-        cfg = load_config(args.param_file, overrides=args.overrides)
+        cfg = load_config(args.param_file, overrides=args.overrides, stage=stage)
         validate_for_stage(cfg, stage)
         if args.check:
             from anna.check import check_stage

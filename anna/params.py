@@ -767,11 +767,14 @@ def _raise_all(problems, source):
     raise error
 
 
-def load_config(path, overrides=()):
+def load_config(path, overrides=(), *, stage=None):
     """Read, type and cross-check a parameter file; apply ``--set`` overrides ("KEY=VALUE" strings).
 
     Raises AnnaInputError listing every syntax, unknown-key, duplicate-key, type and consistency problem
-    (one line each, joined by newlines).  Stage requirements are checked by :func:`validate_for_stage`.
+    (one line each, joined by newlines).  Stage requirements are checked by :func:`validate_for_stage`; when
+    ``stage`` ("train", "test" or "infer") is given and the file has problems, that stage's requirements
+    (missing keys, input files that do not exist, ...) are checked on what did parse and listed in the same
+    error, so a user fixes the whole file in one pass.
     """
     try:
         source = os.path.abspath(os.fspath(path))
@@ -783,8 +786,26 @@ def load_config(path, overrides=()):
     _apply_overrides(collector, overrides)
     infer_mode = _check_consistency(collector)
     if collector.problems:
-        _raise_all(collector.problems, source)
+        problems = list(collector.problems)
+        if stage is not None:
+            problems += _stage_problems_of_partial(collector, source, infer_mode, stage)
+        _raise_all(problems, source)
     return Config(source, collector.values, collector.origins, collector.texts, infer_mode)
+
+
+def _stage_problems_of_partial(collector, source, infer_mode, stage):
+    """Stage-requirement problems of a file that already has load problems.
+
+    Keys whose value did not parse hold their defaults here; problems about them ("required, but not given")
+    would contradict the type error already reported for the same key, so they are left out.
+    """
+    partial = Config(source, collector.values, collector.origins, collector.texts, infer_mode)
+    try:
+        validate_for_stage(partial, stage)
+    except AnnaInputError as error:
+        found = getattr(error, "problems", (error,))
+        return [problem for problem in found if problem.key not in collector.failed]
+    return []
 
 
 # --------------------------------------------------------------------------------------------- validation
