@@ -19,8 +19,10 @@ class atomic_output:
     def __enter__(self):
         folder = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(folder, exist_ok=True)
-        fd, self.tmp_path = tempfile.mkstemp(prefix="." + os.path.basename(self.path) + ".", suffix=".tmp",
-                                             dir=folder)
+        prefix = "." + os.path.basename(self.path) + "."
+        _remove_orphans(folder, prefix)
+        # the writer's pid is in the name, so a later run can tell a dead writer's leftover from a live one's
+        fd, self.tmp_path = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}.", suffix=".tmp", dir=folder)
         # mkstemp creates 0600 files; give the result the permissions an ordinary open() would (0666 - umask)
         os.fchmod(fd, 0o666 & ~_current_umask())
         self.handle = os.fdopen(fd, self.mode, **self.open_kwargs)
@@ -52,3 +54,34 @@ def _current_umask():
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def _remove_orphans(folder, prefix):
+    """Delete temporary files for the same target left by writers that no longer run (killed with -9).
+
+    Files of live processes (another run writing the same output now) are left alone.
+    """
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        pid_text = name[len(prefix):].split(".", 1)[0]
+        if not pid_text.isdigit() or _process_alive(int(pid_text)):
+            continue
+        try:
+            os.remove(os.path.join(folder, name))
+        except OSError:
+            pass
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
