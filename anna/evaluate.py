@@ -14,6 +14,16 @@ Outputs, all in TEST_SAVE_LOC and each written atomically (a crash never leaves 
 ``<name>_test.png``
     per label, inferred against true beside d against true (also sent to TensorBoard under LOG_LOC/test).
 
+With UNCERTAINTY: MC_DROPOUT (a model whose last training stage used dropout; anything else is refused) the
+inferred value is the mean of MC_SAMPLES dropout passes (masks seeded with SEED, 0 when empty) and
+``test_stats.out`` gains, before ``sn``, the columns ``<name>_err`` (σ_total), ``<name>_err_model`` and
+``<name>_err_pred`` in physical units (see anna.model.FrozenModel.predict_with_uncertainty).  The summary then
+has an ``uncertainty`` section, also printed and plotted in ``uncertainty_calibration.png``: per label the
+fraction of stars with |d| below 1, 2 and 3 σ_total (68.3, 95.4 and 99.7 % for calibrated Gaussian errors),
+the spread of d/σ_total (1 when calibrated), the RMS of d against the median σ_total in σ_total quantile
+bins, and, when the spectra were noised, the median σ_total against the measured scatter in S/N bins.
+Missing labels (NaN or MAGIC_NUMBER in the pack) are left out of every statistic.
+
 FIT_CORRECTION fits TrueValue = poly(InferredValue) per label (guide 4.3.1) and saves it as
 ``correction.json`` beside the frozen model, where anna-infer's APPLY_CORRECTION finds it.  The correction
 remembers a fingerprint of the model file, so a correction left over from an earlier training run is refused
@@ -50,6 +60,12 @@ GRID_RELATIVE_TOLERANCE = 1e-6
 # 1.4826 x MAD estimates the standard deviation of a Gaussian, while ignoring outliers.
 MAD_TO_SIGMA = 1.4826
 SN_BINS = 5
+# Coverage levels of the uncertainty report and what calibrated Gaussian errors give (erf(k / sqrt 2)).
+COVERAGE_SIGMAS = (1, 2, 3)
+COVERAGE_IDEAL = tuple(math.erf(k / math.sqrt(2.0)) for k in COVERAGE_SIGMAS)
+SIGMA_BINS = 5
+ERROR_SUFFIXES = (("_err", "sigma_total"), ("_err_model", "sigma_model"), ("_err_pred", "sigma_pred"))
+UNCERTAINTY_PLOT = "uncertainty_calibration.png"
 # Stars read from the pack per chunk (rounded up to whole batches); also the unit of PREPROCESS_TEST seeding.
 TEST_CHUNK_STARS = 8192
 # Plots draw at most this many points (a fixed random subset) so huge test sets still plot quickly.
@@ -185,6 +201,161 @@ def sn_binned_statistics(true, inferred, sn, names, n_bins=SN_BINS):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Uncertainty calibration
+
+
+def coverage_statistics(residuals, sigmas):
+    """How well σ describes residuals d (n,) (both physical units); pairs with a NaN d or σ are left out.
+
+    Returns ``n``, ``coverage`` (fraction with |d| < kσ for k in COVERAGE_SIGMAS), ``ideal`` (the Gaussian
+    values), ``z_std`` (standard deviation of d/σ, 1 when calibrated), ``median_sigma`` and ``scatter`` (std
+    of d) and ``mad_scatter`` (1.4826 × MAD of d).
+    """
+    d = np.asarray(residuals, dtype=np.float64)
+    sigma = np.asarray(sigmas, dtype=np.float64)
+    keep = np.isfinite(d) & np.isfinite(sigma) & (sigma > 0)
+    d, sigma = d[keep], sigma[keep]
+    nan = float("nan")
+    if d.size == 0:
+        return {"n": 0, "coverage": [nan] * len(COVERAGE_SIGMAS), "ideal": list(COVERAGE_IDEAL), "z_std": nan,
+                "median_sigma": nan, "scatter": nan, "mad_scatter": nan}
+    z = d / sigma
+    return {"n": int(d.size), "coverage": [float(np.mean(np.abs(z) < k)) for k in COVERAGE_SIGMAS],
+            "ideal": list(COVERAGE_IDEAL), "z_std": float(np.std(z)), "median_sigma": float(np.median(sigma)),
+            "scatter": float(np.std(d)),
+            "mad_scatter": MAD_TO_SIGMA * float(np.median(np.abs(d - np.median(d))))}
+
+
+def _quantile_bins(values, n_bins):
+    """Bin number (n,) of each finite value in quantile bins of ``values``, -1 for NaN; and the edges."""
+    values = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(values)
+    which = np.full(values.shape, -1)
+    if not finite.any():
+        return which, np.array([])
+    edges = np.unique(np.quantile(values[finite], np.linspace(0.0, 1.0, n_bins + 1)))
+    if edges.size == 1:
+        edges = np.array([edges[0], edges[0]])
+    which[finite] = np.clip(np.searchsorted(edges[1:-1], values[finite], side="right"), 0, edges.size - 2)
+    return which, edges
+
+
+def uncertainty_report(true, inferred, sigmas, names, sn=None, n_bins=SIGMA_BINS):
+    """Calibration of the MC-dropout uncertainties against the test residuals d = true − inferred.
+
+    ``true``, ``inferred`` (n, nout) and ``sigmas`` (dict of (n, nout): sigma_total, sigma_model, sigma_pred)
+    in physical units; ``sn`` (n,) when the test spectra were noised.  Missing labels (NaN) are left out.
+    Per label: :func:`coverage_statistics` of σ_total, the medians of σ_model and σ_pred, ``sigma_bins``
+    (σ_total quantile bins: median σ_total and RMS of d, equal when calibrated) and, with ``sn``,
+    ``sn_bins`` (S/N quantile bins: median σ_total against the measured scatter, and the coverage).
+    """
+    d = np.asarray(true, dtype=np.float64) - np.asarray(inferred, dtype=np.float64)
+    total = np.asarray(sigmas["sigma_total"], dtype=np.float64)
+    labels = {}
+    for k, name in enumerate(names):
+        entry = coverage_statistics(d[:, k], total[:, k])
+        present = np.isfinite(d[:, k])
+        for key in ("sigma_model", "sigma_pred"):
+            column = np.asarray(sigmas[key][:, k], dtype=np.float64)[present]
+            entry[f"median_{key}"] = float(np.median(column)) if column.size else float("nan")
+        which, _ = _quantile_bins(np.where(present, total[:, k], np.nan), n_bins)
+        entry["sigma_bins"] = []
+        for number in range(which.max() + 1):
+            members = which == number
+            entry["sigma_bins"].append({"n": int(members.sum()),
+                                        "median_sigma": float(np.median(total[members, k])),
+                                        "rms_d": float(np.sqrt(np.mean(d[members, k] ** 2)))})
+        if sn is not None:
+            which, edges = _quantile_bins(sn, n_bins)
+            entry["sn_bins"] = []
+            for number in range(edges.size - 1):
+                members = (which == number) & present
+                stats = coverage_statistics(d[members, k], total[members, k])
+                entry["sn_bins"].append({"sn_low": float(edges[number]), "sn_high": float(edges[number + 1]),
+                                         "n": stats["n"], "median_sigma": stats["median_sigma"],
+                                         "scatter": stats["scatter"], "mad_scatter": stats["mad_scatter"],
+                                         "coverage_1sigma": stats["coverage"][0]})
+        labels[name] = entry
+    return {"labels": labels, "coverage_sigmas": list(COVERAGE_SIGMAS), "ideal": list(COVERAGE_IDEAL)}
+
+
+def format_uncertainty_report(report):
+    """Text table of :func:`uncertainty_report`: coverage per label, then σ against scatter per S/N bin."""
+    names = list(report["labels"])
+    width = max([len(name) for name in names] + [5])
+    ideal = " / ".join(f"{100 * value:.1f}" for value in report["ideal"])
+    lines = [f"uncertainty calibration: % of stars with |d| < 1 / 2 / 3 sigma_total (ideal {ideal})",
+             f"{'label':<{width}} {'n':>7} {'<1s %':>7} {'<2s %':>7} {'<3s %':>7} {'std(d/s)':>9} "
+             f"{'med sig':>10} {'med mod':>10} {'med pred':>10} {'scatter':>10}"]
+    for name, entry in report["labels"].items():
+        cover = " ".join(f"{100 * value:7.1f}" for value in entry["coverage"])
+        lines.append(f"{name:<{width}} {entry['n']:7d} {cover} {entry['z_std']:9.3g} {entry['median_sigma']:10.4g} "
+                     f"{entry['median_sigma_model']:10.4g} {entry['median_sigma_pred']:10.4g} "
+                     f"{entry['scatter']:10.4g}")
+    for name, entry in report["labels"].items():
+        if "sn_bins" not in entry:
+            continue
+        lines.append(f"{name}: median sigma_total vs measured scatter (std, 1.4826 MAD) by S/N")
+        for bin_ in entry["sn_bins"]:
+            lines.append(f"  S/N {bin_['sn_low']:7.1f}-{bin_['sn_high']:<7.1f} n={bin_['n']:<6d} sigma "
+                         f"{bin_['median_sigma']:.4g}  scatter {bin_['scatter']:.4g} ({bin_['mad_scatter']:.4g})  "
+                         f"<1 sigma {100 * bin_['coverage_1sigma']:.1f} %")
+    return "\n".join(lines)
+
+
+def write_uncertainty_plot(true, inferred, sigma_total, names, report, folder):
+    """``uncertainty_calibration.png``: per label (one row) the histogram of d/σ_total with the unit Gaussian,
+    RMS of d against median σ_total in σ bins (on the diagonal when calibrated) and, when the test was
+    noised, median σ_total and the measured scatter against S/N.  Returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    d = np.asarray(true, dtype=np.float64) - np.asarray(inferred, dtype=np.float64)
+    with_sn = any("sn_bins" in entry for entry in report["labels"].values())
+    columns = 3 if with_sn else 2
+    figure = Figure(figsize=(4.2 * columns, 3.2 * len(names)), dpi=80)
+    axes = np.atleast_2d(figure.subplots(len(names), columns, squeeze=False))
+    gauss = np.linspace(-4, 4, 200)
+    for k, name in enumerate(names):
+        entry = report["labels"][name]
+        keep = np.isfinite(d[:, k]) & np.isfinite(sigma_total[:, k]) & (sigma_total[:, k] > 0)
+        z = d[keep, k] / sigma_total[keep, k]
+        histogram = axes[k, 0]
+        histogram.hist(np.clip(z, -5, 5), bins=40, range=(-5, 5), density=True, alpha=0.6)
+        histogram.plot(gauss, np.exp(-0.5 * gauss**2) / np.sqrt(2 * np.pi), color="k", lw=1)
+        cover = ", ".join(f"{100 * value:.0f}%" for value in entry["coverage"])
+        histogram.set_title(f"{name}: |d|<1,2,3 sigma: {cover}", fontsize=9)
+        histogram.set_xlabel("(true - inferred) / sigma_total")
+        reliability = axes[k, 1]
+        bins = entry["sigma_bins"]
+        x = [b["median_sigma"] for b in bins]
+        y = [b["rms_d"] for b in bins]
+        reliability.plot(x, y, "o-")
+        top = max(x + y) if bins else 1.0
+        reliability.plot([0, top], [0, top], color="k", lw=1)
+        reliability.set_xlabel(f"median sigma_total ({name})")
+        reliability.set_ylabel("RMS of true - inferred")
+        if with_sn:
+            panel = axes[k, 2]
+            sn_bins = entry.get("sn_bins", [])
+            centre = [0.5 * (b["sn_low"] + b["sn_high"]) for b in sn_bins]
+            panel.plot(centre, [b["median_sigma"] for b in sn_bins], "o-", label="median sigma_total")
+            panel.plot(centre, [b["scatter"] for b in sn_bins], "s--", label="measured scatter")
+            panel.set_xlabel("S/N")
+            panel.set_ylabel(name)
+            panel.legend(fontsize=8)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    path = os.path.join(folder, UNCERTAINTY_PLOT)
+    with atomic_output(path, "wb") as handle:
+        handle.write(buffer.getvalue())
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Residual-trend correction (guide 4.3.1)
 
 
@@ -281,15 +452,17 @@ def run_test(cfg, report=print):
     The returned dict is what ``test_summary.json`` holds.
     """
     started = time.monotonic()
-    model = load_frozen(cfg.test_model_loc)
+    model = load_frozen(cfg.test_model_loc, dropout_seed=getattr(cfg, "seed", None) or 0)
+    mc_samples = mc_samples_for(cfg, model, report)
     pack = _open_test_pack(cfg, model)
     names = model.output_names
     rel_sn = _relative_sn(cfg, model) if cfg.preprocess_test else None
     os.makedirs(cfg.test_save_loc, exist_ok=True)
     stats_path = os.path.join(cfg.test_save_loc, STATS_FILE)
     report(f"anna-test: {pack.n_stars} stars from {pack.path}, model {resolve_model_path(cfg.test_model_loc)}"
-           + (", noised with PREPROCESS_TEST" if rel_sn is not None else ""))
-    true, inferred, sn = _predict_and_write(cfg, model, pack, rel_sn, stats_path)
+           + (", noised with PREPROCESS_TEST" if rel_sn is not None else "")
+           + (f", MC-dropout uncertainties from {mc_samples} passes" if mc_samples else ""))
+    true, inferred, sn, sigmas = _predict_and_write(cfg, model, pack, rel_sn, stats_path, mc_samples)
 
     summary = {"model": resolve_model_path(cfg.test_model_loc), "testing_data": pack.path,
                "n_stars": pack.n_stars, "preprocess_test": bool(cfg.preprocess_test),
@@ -303,10 +476,17 @@ def run_test(cfg, report=print):
         for entry in summary["sn_bins"]:
             report(f"S/N {entry['sn_low']:.1f}-{entry['sn_high']:.1f} ({entry['n']} stars):")
             report(format_statistics_table(entry["labels"]))
+    if sigmas is not None:
+        summary["uncertainty"] = uncertainty_report(true, inferred, sigmas, names, sn)
+        summary["uncertainty"]["mc_samples"] = mc_samples
+        report(format_uncertainty_report(summary["uncertainty"]))
     if cfg.fit_correction:
         summary["correction"] = _fit_and_save_correction(cfg, true, inferred, names, pack, report)
         summary["files"]["correction"] = summary["correction"]["path"]
     summary["files"]["plots"] = write_plots(true, inferred, names, cfg.test_save_loc, getattr(cfg, "log_loc", None))
+    if sigmas is not None:
+        summary["files"]["plots"].append(write_uncertainty_plot(true, inferred, sigmas["sigma_total"], names,
+                                                                summary["uncertainty"], cfg.test_save_loc))
     summary_path = os.path.join(cfg.test_save_loc, SUMMARY_FILE)
     summary["files"]["summary"] = summary_path
     summary["seconds"] = time.monotonic() - started
@@ -340,8 +520,30 @@ def _chunk_stars(batch_size):
     return batch_size * max(1, -(-TEST_CHUNK_STARS // batch_size))
 
 
-def _predict_and_write(cfg, model, pack, rel_sn, stats_path):
-    """Stream the pack through the model, writing test_stats.out; return (true, inferred, sn or None)."""
+def mc_samples_for(cfg, model, report):
+    """MC_SAMPLES when the parameter file asks for UNCERTAINTY: MC_DROPOUT, else None.
+
+    Refuses a model whose last training stage had no dropout (nothing to sample); notes when the model has no
+    variance head (then err_pred is 0 and err the uncalibrated dropout spread).
+    """
+    if getattr(cfg, "uncertainty", "NONE") != "MC_DROPOUT":
+        return None
+    if model.mc_dropout_rate <= 0:
+        raise cfg.error("UNCERTAINTY", f"MC_DROPOUT needs a model trained with dropout in its last stage, but "
+                                       f"{model.path} was trained with KEEP_PROB 1 there (retrain with "
+                                       "UNCERTAINTY: MC_DROPOUT and a last-stage KEEP_PROB below 1)")
+    if not model.spec.heteroscedastic:
+        report(f"note: {model.path} has no variance head (trained with UNCERTAINTY: NONE): err_pred is 0 and err "
+               "is the uncalibrated spread of the dropout passes")
+    return int(cfg.mc_samples)
+
+
+def _predict_and_write(cfg, model, pack, rel_sn, stats_path, mc_samples=None):
+    """Stream the pack through the model, writing test_stats.out.
+
+    Returns (true, inferred, sn or None, sigmas or None); ``sigmas`` maps sigma_total/sigma_model/sigma_pred
+    to (n, nout) arrays (physical units) when ``mc_samples`` asks for MC dropout.
+    """
     from anna.augment import noisy_copy
 
     names = model.output_names
@@ -349,10 +551,13 @@ def _predict_and_write(cfg, model, pack, rel_sn, stats_path):
     true = np.empty((n, model.nout))
     inferred = np.empty((n, model.nout))
     sn = np.empty(n) if rel_sn is not None else None
+    sigmas = None if mc_samples is None else {key: np.empty((n, model.nout)) for _, key in ERROR_SUFFIXES}
     missing_value = getattr(cfg, "magic_number", None)
     bad_flux_stars = 0
     header = (["star_id"] + [f"true_{name}" for name in names] + [f"inferred_{name}" for name in names]
-              + [f"d{name}" for name in names] + (["sn"] if sn is not None else []))
+              + [f"d{name}" for name in names]
+              + ([f"{name}{suffix}" for suffix, _ in ERROR_SUFFIXES for name in names] if sigmas else [])
+              + (["sn"] if sn is not None else []))
     with atomic_output(stats_path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(header)
@@ -366,23 +571,33 @@ def _predict_and_write(cfg, model, pack, rel_sn, stats_path):
             if missing_value is not None:
                 labels[labels == missing_value] = np.nan
             true[start:stop] = labels
-            inferred[start:stop] = model.predict(flux, batch_size=int(cfg.test_batch_size))
+            chunk_sigmas = None
+            if sigmas is None:
+                inferred[start:stop] = model.predict(flux, batch_size=int(cfg.test_batch_size))
+            else:
+                result = model.predict_with_uncertainty(flux, samples=mc_samples)
+                inferred[start:stop] = result["value"]
+                for key in sigmas:
+                    sigmas[key][start:stop] = result[key]
+                chunk_sigmas = [sigmas[key][start:stop] for _, key in ERROR_SUFFIXES]
             _write_rows(writer, pack.ids[start:stop], true[start:stop], inferred[start:stop],
-                        None if sn is None else sn[start:stop])
+                        None if sn is None else sn[start:stop], chunk_sigmas)
         if bad_flux_stars:
             raise AnnaInputError(f"{bad_flux_stars} of {n} stars have NaN or infinite fluxes; anna-test needs "
                                  "clean spectra (anna-infer flags such spectra instead)", path=pack.path,
                                  key="TESTING_DATA")
-    return true, inferred, sn
+    return true, inferred, sn, sigmas
 
 
-def _write_rows(writer, ids, true, inferred, sn):
+def _write_rows(writer, ids, true, inferred, sn, sigmas=None):
     residual = true - inferred
     for row in range(len(ids)):
         fields = [format_star_id(ids[row])]
         fields += [format_value(v) for v in true[row]]
         fields += [format_value(v) for v in inferred[row]]
         fields += [format_value(v) for v in residual[row]]
+        for kind in sigmas or ():
+            fields += [format_value(v) for v in kind[row]]
         if sn is not None:
             fields.append(format_value(sn[row]))
         writer.writerow(fields)

@@ -30,8 +30,30 @@ outputs NaN; the others are warnings next to a real prediction:
                  pixels): the prediction may be poor.
 ``out_of_range`` a reported value lies outside [MIN - m*(MAX-MIN), MAX + m*(MAX-MIN)] of the training label
                  ranges, m = RANGE_MARGIN: the network is extrapolating.
+``large_sigma``  with MAX_REL_SIGMA set: some label's uncertainty σ_total exceeds MAX_REL_SIGMA × (MAX − MIN).
+``outside_training_domain`` the spectrum is unlike every training spectrum (rule below).
 ``correction_extrapolated`` APPLY_CORRECTION used its polynomial outside the inferred-value range it was
                  fitted on.
+
+Uncertainties (UNCERTAINTY: MC_DROPOUT, for a model whose last training stage used dropout): the reported
+value is the mean of MC_SAMPLES dropout passes and three columns per label follow the values, in the labels'
+physical units: ``<name>_err`` (σ_total = sqrt(err_model² + err_pred²)), ``<name>_err_model`` (calibrated spread
+of the dropout passes: the network's own uncertainty, largest for spectra unlike the training set) and
+``<name>_err_pred`` (the variance head: label misfit plus propagated flux noise).  With APPLY_CORRECTION the
+errors are multiplied by the slope |p'(x)| of the correction polynomial.  The dropout masks are seeded with
+SEED (0 when empty), so a rerun gives the same numbers.
+
+Training-domain rule (``outside_training_domain``): at the end of training the frozen model stores, from up to
+4000 training spectra noised as in training, their mean spectrum and its leading principal components (up to
+10), and two statistics with the value that 99.9 % of those training spectra do not exceed.  A spectrum is
+flagged when either statistic exceeds that value, so about one spectrum in a thousand that resembles the
+training set is flagged by chance:
+
+* *residual*: the RMS of the part of (spectrum − mean spectrum) that the principal components cannot
+  reproduce, with the spectrum's own noise (DER_SNR estimate) removed in quadrature: features the training
+  spectra never had (other lines, emission, broader lines, wrong normalisation or wavelength range);
+* *Mahalanobis distance* of the principal-component coefficients from those of the training spectra:
+  combinations of known features the training set never showed.
 
 Reruns: an input is skipped when its output exists and is newer than the input, the frozen model and (when
 applied) the correction, so a run killed part-way resumes where it stopped; the report says how many were
@@ -50,13 +72,20 @@ import numpy as np
 from anna.atomic import atomic_output
 from anna.errors import AnnaInputError
 from anna.evaluate import (GRID_RELATIVE_TOLERANCE, apply_correction, check_same_grid, correction_location,
-                           format_star_id, format_value, load_correction)
+                           format_star_id, format_value, load_correction, mc_samples_for)
 from anna.model import load_frozen, resolve_model_path
 from anna.resample import cubic_resample
 
 OUTPUT_SUFFIX = "_infer.out"
 FLAG_ORDER = ("no_coverage", "bad_wavelength", "nonfinite", "all_zero", "zero_pixels", "out_of_range",
-              "correction_extrapolated")
+              "large_sigma", "outside_training_domain", "correction_extrapolated")
+ERROR_KINDS = (("_err", "sigma_total"), ("_err_model", "sigma_model"), ("_err_pred", "sigma_pred"))
+# Training-domain statistics: principal components kept, and the fraction of training spectra allowed above
+# the flag threshold (the false-alarm rate on spectra like the training ones).
+DOMAIN_COMPONENTS = 10
+DOMAIN_FALSE_ALARM = 0.001
+# DER_SNR (Stoehr et al. 2008): noise = 1.482602 / sqrt(6) * median |2 f_i - f_(i-2) - f_(i+2)|.
+DER_SNR_FACTOR = 1.482602 / np.sqrt(6.0)
 FATAL_FLAGS = frozenset({"no_coverage", "bad_wavelength", "nonfinite", "all_zero"})
 MULTISPEC_COLUMNS = ("file", "aperture", "beam")
 FITS_EXTENSIONS = (".fits", ".fit", ".fts")
@@ -315,25 +344,120 @@ def _is_done(output, dependencies):
 # Shared predict-and-write path
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Training domain
+
+
+def der_snr_noise(flux):
+    """Noise of each (n, npix) spectrum by DER_SNR, (n,) in flux units; 0 for spectra under 5 pixels."""
+    flux = np.asarray(flux, dtype=np.float64)
+    if flux.shape[1] < 5:
+        return np.zeros(flux.shape[0])
+    second = np.abs(2.0 * flux[:, 2:-2] - flux[:, :-4] - flux[:, 4:])
+    return DER_SNR_FACTOR * np.median(second, axis=1)
+
+
+def domain_scores(flux, domain):
+    """(n, 2) training-domain statistics of (n, npix) flux: noise-corrected residual RMS, Mahalanobis distance.
+
+    ``domain`` is the dict :func:`training_domain_statistics` made (stored in the frozen model's metadata).
+    """
+    flux = np.asarray(flux, dtype=np.float64)
+    components = np.asarray(domain["components"], dtype=np.float64)  # (K, npix), orthonormal rows
+    centred = flux - np.asarray(domain["reference_spectrum"], dtype=np.float64)[None, :]
+    coefficients = centred @ components.T
+    residual = centred - coefficients @ components
+    dof = max(flux.shape[1] - components.shape[0], 1)
+    excess = np.sum(residual**2, axis=1) / dof - der_snr_noise(flux) ** 2
+    offset = coefficients - np.asarray(domain["coefficient_mean"], dtype=np.float64)[None, :]
+    inverse = np.asarray(domain["coefficient_inverse_covariance"], dtype=np.float64)
+    mahalanobis = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", offset, inverse, offset), 0.0))
+    return np.stack([np.sqrt(np.maximum(excess, 0.0)), mahalanobis], axis=1)
+
+
+def training_domain_statistics(flux):
+    """The training-domain description stored in a frozen model (module docstring: training-domain rule).
+
+    ``flux`` (n, npix): training spectra as the network saw them (noised as in training).  Returns a
+    JSON-ready dict: ``reference_spectrum`` (npix,), ``components`` (K, npix), ``coefficient_mean`` (K,),
+    ``coefficient_inverse_covariance`` (K, K), ``thresholds`` (the 1 − DOMAIN_FALSE_ALARM quantiles of the
+    residual and Mahalanobis statistics over ``flux``), ``false_alarm`` and ``n``; None for fewer than 3
+    spectra.
+    """
+    flux = np.asarray(flux, dtype=np.float64)
+    if flux.shape[0] < 3:
+        return None  # too few spectra to describe a distribution: no outside_training_domain flag
+    reference = flux.mean(axis=0)
+    centred = flux - reference[None, :]
+    count = max(min(DOMAIN_COMPONENTS, flux.shape[0] - 1, flux.shape[1] - 1), 1)
+    _, _, right = np.linalg.svd(centred, full_matrices=False)
+    components = right[:count]
+    coefficients = centred @ components.T
+    domain = {"reference_spectrum": reference.tolist(), "components": components.tolist(),
+              "coefficient_mean": coefficients.mean(axis=0).tolist(),
+              "coefficient_inverse_covariance": np.linalg.pinv(np.atleast_2d(np.cov(coefficients.T))).tolist(),
+              "false_alarm": DOMAIN_FALSE_ALARM, "n": int(flux.shape[0])}
+    scores = domain_scores(flux, domain)
+    domain["thresholds"] = {"residual": float(np.quantile(scores[:, 0], 1.0 - DOMAIN_FALSE_ALARM)),
+                            "mahalanobis": float(np.quantile(scores[:, 1], 1.0 - DOMAIN_FALSE_ALARM))}
+    return domain
+
+
+def outside_training_domain(flux, domain):
+    """(n,) bool: the spectra beyond either training-domain threshold (all False without a stored domain)."""
+    flux = np.asarray(flux, dtype=np.float64)
+    if not domain:
+        return np.zeros(flux.shape[0], dtype=bool)
+    scores = domain_scores(flux, domain)
+    limits = domain["thresholds"]
+    return (scores[:, 0] > limits["residual"]) | (scores[:, 1] > limits["mahalanobis"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared predict-and-write path
+
+
 @dataclasses.dataclass
 class Predictor:
-    """The model plus what turns its outputs into reported values: correction and range check."""
+    """The model plus what turns its outputs into reported values: uncertainties, correction and flags.
+
+    ``mc_samples`` None: one deterministic pass; a number: MC dropout with that many passes (the model must
+    have dropout).  ``max_rel_sigma`` None or the fraction of MAX − MIN above which σ_total is flagged.
+    """
 
     model: object
     batch_size: int
     range_margin: float
     correction: dict = None
+    mc_samples: int = None
+    max_rel_sigma: float = None
+
+    @property
+    def with_errors(self):
+        return self.mc_samples is not None
 
     def predict(self, block):
-        """Reported labels (n, nout) for a GridBlock, adding warning flags to ``block.flags`` in place."""
+        """Reported labels (n, nout) for a GridBlock and, with MC dropout, a dict of (n, nout) sigmas
+        (``sigma_total``, ``sigma_model``, ``sigma_pred``; else None).  Adds warning flags to ``block.flags``."""
         usable = np.array([not (words & FATAL_FLAGS) for words in block.flags], dtype=bool)
         # Fatal rows go through as flat continuum so every batch has the same rows as the input: DEBUG results
         # then equal anna-test's exactly.  Their outputs are discarded.
         flux = np.where(usable[:, None], block.flux, 1.0)
-        labels = self.model.predict(flux, batch_size=self.batch_size)
+        sigmas = None
+        if self.with_errors:
+            result = self.model.predict_with_uncertainty(flux, samples=self.mc_samples)
+            labels = result["value"]
+            sigmas = {key: result[key] for _, key in ERROR_KINDS}
+            for values in sigmas.values():
+                values[~usable] = np.nan
+        else:
+            labels = self.model.predict(flux, batch_size=self.batch_size)
         labels[~usable] = np.nan
         names = self.model.output_names
         if self.correction is not None:
+            if sigmas is not None:
+                slopes = correction_slopes(self.correction, labels, names)
+                sigmas = {key: values * slopes for key, values in sigmas.items()}
             labels, outside = apply_correction(self.correction, labels, names)
             for row in np.flatnonzero(outside & usable):
                 block.flags[row].add("correction_extrapolated")
@@ -343,7 +467,34 @@ class Predictor:
         outside_range = ((labels < low) | (labels > high)).any(axis=1)
         for row in np.flatnonzero(outside_range & usable):
             block.flags[row].add("out_of_range")
-        return labels
+        if sigmas is not None and self.max_rel_sigma is not None:
+            large = (sigmas["sigma_total"] > self.max_rel_sigma * scaler.span).any(axis=1)
+            for row in np.flatnonzero(large & usable):
+                block.flags[row].add("large_sigma")
+        domain = self.model.metadata.get("training_domain")
+        if domain and usable.any():
+            outside = np.zeros(len(usable), dtype=bool)
+            outside[usable] = outside_training_domain(flux[usable], domain)
+            for row in np.flatnonzero(outside):
+                block.flags[row].add("outside_training_domain")
+        return labels, sigmas
+
+
+def correction_slopes(polynomials, inferred, names):
+    """|dp/dx| of each label's correction polynomial at the inferred values (n, nout): how errors scale."""
+    slopes = np.ones_like(np.asarray(inferred, dtype=np.float64))
+    for k, name in enumerate(names):
+        column = inferred[:, k]
+        finite = np.isfinite(column)
+        slopes[finite, k] = np.abs(polynomials[name].deriv()(column[finite]))
+        slopes[~finite, k] = np.nan
+    return slopes
+
+
+def output_header(names, meta_columns, with_errors):
+    """Header of an ``_infer.out``: star_id, meta columns, values, [error columns,] flags."""
+    errors = [f"{name}{suffix}" for suffix, _ in ERROR_KINDS for name in names] if with_errors else []
+    return ["star_id", *meta_columns, *names, *errors, "flags"]
 
 
 def format_flags(words):
@@ -360,12 +511,14 @@ def write_output(output, blocks, predictor, report, label):
         header_written = False
         for block in blocks:
             if not header_written:
-                writer.writerow(["star_id", *block.meta_columns, *names, "flags"])
+                writer.writerow(output_header(names, block.meta_columns, predictor.with_errors))
                 header_written = True
-            labels = predictor.predict(block)
+            labels, sigmas = predictor.predict(block)
             for row, star_id in enumerate(block.star_ids):
                 words = block.flags[row]
-                writer.writerow([star_id, *block.meta[row], *(format_value(v) for v in labels[row]),
+                errors = [] if sigmas is None else [format_value(v) for _, key in ERROR_KINDS
+                                                    for v in sigmas[key][row]]
+                writer.writerow([star_id, *block.meta[row], *(format_value(v) for v in labels[row]), *errors,
                                  format_flags(words)])
                 counts[0] += 1
                 counts[1] += bool(words & FATAL_FLAGS)
@@ -374,8 +527,15 @@ def write_output(output, blocks, predictor, report, label):
                 report(f"  {label}: {counts[0]} spectra so far")
                 last_progress = time.monotonic()
         if not header_written:
-            writer.writerow(["star_id", *names, "flags"])
+            writer.writerow(output_header(names, (), predictor.with_errors))
     return tuple(counts)
+
+
+def _has_error_columns(output):
+    """Whether an existing output has uncertainty columns (a rerun with another UNCERTAINTY redoes it)."""
+    with open(output, encoding="utf-8") as handle:
+        header = handle.readline().strip().split(",")
+    return any(column.endswith(ERROR_KINDS[0][0]) for column in header)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -387,7 +547,10 @@ def run_infer(cfg, report=print):
 
     ``cfg`` is the resolved parameter file (anna.params.Config); ``report`` receives progress lines.
     """
-    model = load_frozen(cfg.infer_model_loc)
+    if cfg.max_rel_sigma is not None and cfg.uncertainty != "MC_DROPOUT":
+        raise cfg.error("MAX_REL_SIGMA", "needs UNCERTAINTY: MC_DROPOUT (there is no sigma to compare without it)")
+    model = load_frozen(cfg.infer_model_loc, dropout_seed=cfg.seed or 0)
+    mc_samples = mc_samples_for(cfg, model, report)
     if cfg.wave_template:
         from anna.templates import read_wavelength_template
 
@@ -398,15 +561,18 @@ def run_infer(cfg, report=print):
     if cfg.apply_correction:
         correction = load_correction(cfg.infer_model_loc, model.output_names, source=cfg.source)
         dependencies.append(correction_location(cfg.infer_model_loc))
-    predictor = Predictor(model, int(cfg.infer_batch_size), float(cfg.range_margin), correction)
+    predictor = Predictor(model, int(cfg.infer_batch_size), float(cfg.range_margin), correction, mc_samples,
+                          cfg.max_rel_sigma)
 
     inputs = list_inputs(cfg)
     planned = [(path, reader, output_path(cfg.infer_save_loc, path)) for path, reader in inputs]
     _check_distinct_outputs(cfg, [(path, output) for path, _, output in planned])
-    todo = [item for item in planned if not _is_done(item[2], [item[0], *dependencies])]
+    todo = [item for item in planned if not (_is_done(item[2], [item[0], *dependencies])
+                                             and _has_error_columns(item[2]) == predictor.with_errors)]
     skipped = len(planned) - len(todo)
     report(f"anna-infer ({cfg.infer_mode}): {len(planned)} input(s), skipped {skipped} done, {len(todo)} to do"
-           + (", correction applied" if correction is not None else ""))
+           + (", correction applied" if correction is not None else "")
+           + (f", MC-dropout uncertainties from {mc_samples} passes" if mc_samples else ""))
     os.makedirs(cfg.infer_save_loc, exist_ok=True)
     written, failures = [], []
     for number, (path, reader, output) in enumerate(todo, start=1):

@@ -10,6 +10,11 @@ it travels with the frozen model.  Raw continuum-normalised flux (~1 everywhere)
 stack was observed not to learn; centring makes absorption features the signal.  Labels are normalised to
 [0, 1] with MIN_PARAMS/MAX_PARAMS; the frozen model stores those ranges and speaks physical units.
 
+With UNCERTAINTY: MC_DROPOUT (``NetworkSpec.heteroscedastic``) a variance head sits beside the label layer:
+ln σ²_pred = ln(e^fit + e^gain · noise²), fit and gain dense layers on the last hidden layer and noise the
+spectrum's DER_SNR noise estimate, so the predicted error can grow with the noise of each spectrum.  The
+output is then (batch, 2·NUM_OUTS): labels, then ln σ²_pred.
+
 Frozen model: ``SAVE_LOC/frozen.model`` is ONE file, a zip archive holding ``metadata.json`` (network spec,
 output names, label ranges, training wavelength grid, resolved parameters, versions, pack hash) and
 ``weights.npz`` (the weights in builder order).  Loading rebuilds the network with this same builder and sets
@@ -31,10 +36,22 @@ from keras import layers
 
 from anna.atomic import atomic_output
 from anna.errors import AnnaInputError
+from anna.losses import LOG_VARIANCE_MAX, LOG_VARIANCE_MIN
 
 FROZEN_MODEL_NAME = "frozen.model"
 FORMAT_NAME = "anna-tf frozen model"
 FORMAT_VERSION = 1
+# Starting values of the variance head (normalised labels, 0..1 scale): sigma_fit = 0.1 (a tenth of MAX - MIN),
+# and a noise part equal to it at S/N 100.  Training refits both biases by maximum likelihood every
+# SAMPLE_INTERVAL (anna.train.refit_variance_biases), so these only matter for the first interval.
+INITIAL_LOG_VARIANCE_FIT = float(np.log(0.1**2))
+INITIAL_LOG_NOISE_GAIN = float(np.log(0.1**2) - np.log(0.01**2))
+# MC dropout: sample-rows (spectra x passes) per graph call; a row holds fc1's activations, so memory stays small.
+MC_ROWS_PER_CALL = 65536
+# DER_SNR (Stoehr et al. 2008): noise = 1.482602 / sqrt(6) * median |2 f_i - f_(i-2) - f_(i+2)|.
+DER_SNR_FACTOR = 1.482602 / np.sqrt(6.0)
+# Noise floor (flux units) so that ln(noise^2) stays finite for noise-free spectra.
+NOISE_FLOOR = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,11 +91,12 @@ class NetworkSpec:
                    heteroscedastic=bool(data.get("heteroscedastic", False)))
 
 
-def build_network(spec, dropout_rate=0.0, centre=None):
+def build_network(spec, dropout_rate=0.0, centre=None, dropout_seed=None):
     """Build the Keras network for ``spec``.
 
     ``dropout_rate`` is 1 − KEEP_PROB of the stage being trained (dropout only acts when called with
-    ``training=True``).  ``centre`` (npix,) is subtracted from the input; default 1.0 (the continuum).
+    ``training=True``); ``dropout_seed`` (int) makes the dropout masks a fixed sequence (MC-dropout reruns).
+    ``centre`` (npix,) is subtracted from the input; default 1.0 (the continuum).
     Input (batch, npix) float32 flux; output (batch, nout) normalised labels, or (batch, 2·nout) with the
     log-variances appended when ``spec.heteroscedastic``.
     """
@@ -95,11 +113,18 @@ def build_network(spec, dropout_rate=0.0, centre=None):
     for number, width in enumerate(spec.fc_dims, start=1):
         x = layers.Dense(width, activation="relu", kernel_initializer="he_normal", bias_initializer="zeros",
                          name=f"fc{number}")(x)
-        x = layers.Dropout(dropout_rate, name=f"dropout{number}")(x)
+        seed = None if dropout_seed is None else int(dropout_seed) * 2 + number
+        x = layers.Dropout(dropout_rate, seed=seed, name=f"dropout{number}")(x)
     outputs = layers.Dense(spec.nout, name="labels")(x)
     if spec.heteroscedastic:
-        log_var = layers.Dense(spec.nout, name="log_variance", kernel_initializer="zeros",
-                               bias_initializer="zeros")(x)
+        # Predicted variance of each label = misfit part + noise part (linear error propagation: a label's error
+        # from flux noise scales with that noise).  Both parts depend on the spectrum through the features.
+        log_var_fit = layers.Dense(spec.nout, name="log_variance_fit", kernel_initializer="zeros",
+                                   bias_initializer=keras.initializers.Constant(INITIAL_LOG_VARIANCE_FIT))(x)
+        log_gain = layers.Dense(spec.nout, name="log_noise_gain", kernel_initializer="zeros",
+                                bias_initializer=keras.initializers.Constant(INITIAL_LOG_NOISE_GAIN))(x)
+        log_noise_sq = LogNoiseVariance(name="log_noise_variance")(flux)
+        log_var = VarianceSum(name="log_variance")([log_var_fit, log_gain, log_noise_sq])
         outputs = layers.Concatenate(name="labels_and_log_variance")([outputs, log_var])
     network = keras.Model(flux, outputs, name="anna_cnn")
     if centre is not None:
@@ -117,6 +142,37 @@ class CentreLayer(keras.layers.Layer):
 
     def call(self, flux):
         return flux - self.centre
+
+
+class LogNoiseVariance(keras.layers.Layer):
+    """ln(noise²) of each spectrum, (batch, npix) flux -> (batch, 1), noise estimated by DER_SNR.
+
+    DER_SNR takes the median of |2 f_i − f_(i−2) − f_(i+2)|: the second difference over two pixels cancels the
+    (smooth) spectrum and keeps the pixel noise, and the median ignores lines and bad pixels.  For
+    continuum-normalised flux the noise is about 1/(S/N).  Spectra shorter than 5 pixels get NOISE_FLOOR.
+    """
+
+    def call(self, flux):
+        import tensorflow as tf
+
+        if flux.shape[-1] is not None and flux.shape[-1] < 5:
+            return tf.fill([tf.shape(flux)[0], 1], tf.constant(2.0 * np.log(NOISE_FLOOR), flux.dtype))
+        second = tf.abs(2.0 * flux[:, 2:-2] - flux[:, :-4] - flux[:, 4:])
+        ordered = tf.sort(second, axis=-1)
+        count = tf.shape(ordered)[-1]
+        median = 0.5 * (tf.gather(ordered, (count - 1) // 2, axis=-1) + tf.gather(ordered, count // 2, axis=-1))
+        noise = DER_SNR_FACTOR * median
+        return tf.math.log(tf.square(noise) + NOISE_FLOOR**2)[:, None]
+
+
+class VarianceSum(keras.layers.Layer):
+    """ln(e^fit + e^(gain + ln noise²)): the log of the misfit variance plus the propagated noise variance."""
+
+    def call(self, inputs):
+        import tensorflow as tf
+
+        log_var_fit, log_gain, log_noise_sq = inputs
+        return tf.math.reduce_logsumexp(tf.stack([log_var_fit, log_gain + log_noise_sq], axis=0), axis=0)
 
 
 class LabelScaler:
@@ -144,7 +200,8 @@ class FrozenModel:
     physical units, in batches so memory stays bounded.
     """
 
-    def __init__(self, network, spec, metadata):
+    def __init__(self, network, spec, metadata, path=None):
+        self.path = path
         self.network = network
         self.spec = spec
         self.metadata = metadata
@@ -152,6 +209,7 @@ class FrozenModel:
         self.wavelengths = np.asarray(metadata["wavelengths"], dtype=np.float64)
         self.scaler = LabelScaler(metadata["min_params"], metadata["max_params"])
         self._forward = None
+        self._mc_forward = {}
 
     @property
     def nout(self):
@@ -162,7 +220,8 @@ class FrozenModel:
             network = self.network
 
             @tf.function(input_signature=[tf.TensorSpec([None, self.spec.npix], tf.float32)],
-                         reduce_retracing=True)
+                         reduce_retracing=True,
+                     autograph=False)
             def forward(flux):
                 return network(flux, training=False)
 
@@ -183,6 +242,102 @@ class FrozenModel:
         """Labels in physical units, (n, nout) float64."""
         raw = self.predict_raw(flux, batch_size)
         return self.scaler.physical(raw[:, :self.nout])
+
+    @property
+    def mc_dropout_rate(self):
+        return float(self.metadata.get("mc_dropout_rate", 0.0))
+
+    @property
+    def model_variance_scale(self):
+        """κ per label (nout,): the calibrated weight of the dropout spread in σ²_total (1 when not calibrated).
+
+        Fitted by maximum likelihood on held-out spectra at the end of training (anna.train)."""
+        calibration = self.metadata.get("variance_calibration") or {}
+        return np.asarray(calibration.get("model_variance_scale", np.ones(self.nout)), dtype=np.float64)
+
+    def _compiled_mc(self, samples):
+        key = int(samples)
+        if key not in self._mc_forward:
+            self._mc_forward[key] = compile_mc_forward(self.network, self.spec, key)
+        return self._mc_forward[key]
+
+    def predict_with_uncertainty(self, flux, samples=100, rows_per_call=MC_ROWS_PER_CALL):
+        """MC-dropout prediction (Gal & Ghahramani; astroNN): ``samples`` stochastic passes with dropout on.
+
+        Returns a dict of (n, nout) float64 arrays in physical units: ``value`` (mean of the passes),
+        ``sigma_model`` (their standard deviation times sqrt(κ), κ = :attr:`model_variance_scale`: the spread
+        of the network itself, which grows for spectra unlike the training set), ``sigma_pred`` (the variance head's sigma, read from the dropout-free pass it
+        was trained in; zero without a variance head) and ``sigma_total`` = sqrt(sigma_model² + sigma_pred²)
+        (Leung & Bovy 2019, eq. 3).  Work is grouped so that one graph call handles ``rows_per_call``
+        sample-rows, bounding memory.  Raises AnnaInputError for a model trained without dropout.
+        """
+        if self.mc_dropout_rate <= 0:
+            raise AnnaInputError("this frozen model's final training stage ran without dropout (KEEP_PROB = 1), "
+                                 "so there is nothing to sample; retrain with UNCERTAINTY: MC_DROPOUT and a "
+                                 "last-stage KEEP_PROB below 1", path=self.path)
+        mean, var_model, var_pred = mc_moments(self._compiled_mc(samples), flux, self.nout, samples,
+                                               rows_per_call)
+        var_model = var_model * self.model_variance_scale
+        sigma_model = self.scaler.physical_sigma(np.sqrt(var_model))
+        sigma_pred = self.scaler.physical_sigma(np.sqrt(var_pred))
+        return {"value": self.scaler.physical(mean), "sigma_model": sigma_model, "sigma_pred": sigma_pred,
+                "sigma_total": np.hypot(sigma_model, sigma_pred)}
+
+
+def compile_mc_forward(network, spec, samples):
+    """Graph function flux (n, npix) float32 -> (mean, var_model, var_pred), each (n, nout), normalised units.
+
+    Dropout acts only after the dense layers, so everything up to the first dense layer (centring, the
+    convolutions, fc1) is the same in every pass: it runs once per spectrum, and only the rest of the network
+    (dropout, the next dense layers, the output) runs ``samples`` times, on the tiled fc1 activations in ONE
+    call (dropout draws a fresh mask for every row).  The result equals sampling the whole network.
+    ``var_pred`` comes from one dropout-free pass (zeros without a variance head).
+    """
+    import keras
+
+    nout, heteroscedastic = spec.nout, spec.heteroscedastic
+    trunk = keras.Model(network.input, network.get_layer("fc1").output)
+    activations = keras.Input(shape=(spec.fc_dims[0],), dtype="float32")
+    x = activations
+    for number in range(1, len(spec.fc_dims) + 1):
+        if number > 1:
+            x = network.get_layer(f"fc{number}")(x)
+        x = network.get_layer(f"dropout{number}")(x)
+    top = keras.Model(activations, network.get_layer("labels")(x))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, spec.npix], tf.float32)], reduce_retracing=True,
+                 autograph=False)
+    def mc_forward(flux):
+        count = tf.shape(flux)[0]
+        shared = trunk(flux, training=False)
+        pred = tf.reshape(top(tf.tile(shared, [samples, 1]), training=True), [samples, count, nout])
+        mean = tf.reduce_mean(pred, axis=0)
+        var_model = tf.math.reduce_variance(pred, axis=0)
+        if heteroscedastic:
+            # the variance head is trained without dropout (anna.train), so it is read without dropout
+            log_var = network(flux, training=False)[:, nout:]
+            var_pred = tf.exp(tf.clip_by_value(log_var, LOG_VARIANCE_MIN, LOG_VARIANCE_MAX))
+        else:
+            var_pred = tf.zeros_like(var_model)
+        return mean, var_model, var_pred
+
+    return mc_forward
+
+
+def mc_moments(forward, flux, nout, samples, rows_per_call=MC_ROWS_PER_CALL):
+    """Run :func:`compile_mc_forward`'s function over (n, npix) ``flux`` in groups of rows_per_call // samples
+    spectra; returns (mean, var_model, var_pred) as (n, nout) float64 arrays in normalised units."""
+    flux = np.asarray(flux)
+    per_call = max(1, int(rows_per_call) // int(samples))
+    mean = np.empty((flux.shape[0], nout))
+    var_model = np.empty_like(mean)
+    var_pred = np.empty_like(mean)
+    for start in range(0, flux.shape[0], per_call):
+        chunk = np.asarray(flux[start:start + per_call], dtype=np.float32)
+        m, vm, vp = forward(chunk)
+        stop = start + len(chunk)
+        mean[start:stop], var_model[start:stop], var_pred[start:stop] = m.numpy(), vm.numpy(), vp.numpy()
+    return mean, var_model, var_pred
 
 
 def resolve_model_path(location):
@@ -213,8 +368,10 @@ def save_frozen(location, network, spec, metadata):
     return path
 
 
-def load_frozen(location):
-    """Load a frozen model written by :func:`save_frozen`.  Errors name the file and what is wrong."""
+def load_frozen(location, dropout_seed=None):
+    """Load a frozen model written by :func:`save_frozen`.  Errors name the file and what is wrong.
+
+    ``dropout_seed`` fixes the masks of MC-dropout sampling (see :func:`build_network`)."""
     path = resolve_model_path(location)
     if not os.path.exists(path):
         raise AnnaInputError("no frozen model here (train first, or point TEST_MODEL_LOC/INFER_MODEL_LOC "
@@ -241,10 +398,11 @@ def load_frozen(location):
             f"{metadata.get('anna_version')}; this ANNA-TF {__version__} reads format {FORMAT_VERSION}",
             path=path)
     spec = NetworkSpec.from_dict(metadata["network"])
-    network = build_network(spec)
+    network = build_network(spec, dropout_rate=float(metadata.get("mc_dropout_rate", 0.0)),
+                            dropout_seed=dropout_seed)
     try:
         network.set_weights(weights)
     except ValueError as exc:
         raise AnnaInputError(f"frozen model weights do not fit its network description ({exc})",
                              path=path) from None
-    return FrozenModel(network, spec, metadata)
+    return FrozenModel(network, spec, metadata, path=path)

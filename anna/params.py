@@ -401,6 +401,8 @@ KEY_TABLE = (
     KeySpec("INFER_BATCH_SIZE", _COUNT, 4096, _IN, "spectra per forward pass when inferring"),
     KeySpec("RANGE_MARGIN", Float(at_least=0), 0.05, _IN,
             "fraction of MAX-MIN beyond which a prediction is flagged out of range"),
+    KeySpec("MAX_REL_SIGMA", Float(above=0), None, _IN,
+            "with MC_DROPOUT: flag a star whose sigma exceeds this fraction of MAX-MIN; empty = no flag"),
 )
 
 _SPECS = MappingProxyType({spec.name: spec for spec in KEY_TABLE})
@@ -903,6 +905,16 @@ def validate_for_stage(cfg, stage, *, check_paths=True):
                 problems.append(cfg.error(key, f"kernel width {shape[1]} exceeds NUM_PX {cfg.num_px}"))
         if cfg.pool_size > cfg.num_px:
             problems.append(cfg.error("POOL_SIZE", f"pool width exceeds NUM_PX {cfg.num_px}"))
+    if stage == TRAIN and cfg.uncertainty == "MC_DROPOUT":
+        last_key = "KEEP_PROB2" if cfg.do_train2 else "KEEP_PROB1"
+        if getattr(cfg, last_key.lower()) >= 1.0:
+            problems.append(cfg.error(last_key, "is 1 (no dropout) in the last training stage, but UNCERTAINTY: "
+                                                "MC_DROPOUT samples that stage's dropout; set it below 1 (e.g. "
+                                                "0.9) or UNCERTAINTY: NONE",
+                                      value=cfg.text_of(last_key) or "1 (default)"))
+    if stage == INFER and cfg.max_rel_sigma is not None and cfg.uncertainty != "MC_DROPOUT":
+        problems.append(cfg.error("MAX_REL_SIGMA", "needs UNCERTAINTY: MC_DROPOUT (there is no sigma to compare "
+                                                   "without it)"))
 
     if stage == INFER:
         problems += _infer_mode_problems(cfg)

@@ -12,12 +12,20 @@ Guide sections 2.2, 4.2 and 4.5.  One call, :func:`run_training`, does the whole
    its best weights, and stage 2 starts from stage 1's best;
 4. write ``SAVE_LOC/frozen.model`` atomically with the final best weights and the provenance.
 
+With UNCERTAINTY: MC_DROPOUT the network also predicts a variance per label (misfit part plus a part scaled
+by the spectrum's own noise), trained with the robust loss of Leung & Bovy (2019) on the residual of the
+dropout-free value; its two biases are refitted by maximum likelihood every SAMPLE_INTERVAL, and at the end
+σ_total (dropout spread and variance head together) is calibrated by maximum likelihood on the
+cross-validation set (:func:`calibrate_variance_head`).  Every frozen model also stores statistics of its
+training spectra for anna-infer's ``outside_training_domain`` flag.
+
 The cost is the mean squared error of the normalised labels (0..1 scale), the quantity minimised; the RMS per
 label is the same error in physical units.  Ctrl-C or SIGTERM stops at the next batch, keeps the best weights
 so far as a usable frozen model and says so.  After a crash or ``kill -9`` the same command resumes from the
 last checkpoint (at most one SAMPLE_INTERVAL of work is lost).
 """
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import io
@@ -39,6 +47,11 @@ CHECKPOINT_NAME = "checkpoint.anna"
 PARTIAL_MODEL_NAME = "frozen.partial.model"
 XVAL_EVAL_BATCH = 2048
 ACTIVATION_SAMPLE = 256
+# Histograms of 1.3M weights cost ~0.2 s each time (measured, graph or eager alike): log them at the first
+# interval, every HISTOGRAM_EVERY intervals and at the end of a stage; scalars go out every interval.
+HISTOGRAM_EVERY = 10
+# Training spectra drawn (fixed seed) at the end of training for the training-domain statistics.
+DOMAIN_SAMPLE = 4000
 # Keys whose change does not alter what a resumed run computes: they may differ between run and resume.
 RESUME_NEUTRAL_KEYS = {"TBOARD_OUTPUT", "TIMELINE_OUTPUT", "LOG_LOC", "PP_THREADS", "XV_THREADS", "MAX_PP_DEPTH",
                        "RESUME", "TEST_MODEL_LOC", "TEST_SAVE_LOC", "TESTING_DATA", "PREPROCESS_TEST",
@@ -122,6 +135,116 @@ class StopRequest:
     @property
     def requested(self):
         return self.signal_name is not None
+
+
+def fit_variance_scales(squared_residual, components, mask, iterations=300):
+    """Maximum-likelihood scale factors of variance components, per label.
+
+    The variance of a residual d is modelled as v = Σ_c s_c·V_c with known per-star components V_c ≥ 0
+    (``components``: (C, n, nout)) and unknown scales s_c ≥ 0.  The Gaussian negative log-likelihood
+    ½Σ(d²/v + ln v) (the robust loss) is minimised by the classic fixed-point iteration for variance
+    components, s_c ← s_c·Σ(V_c d²/v²)/Σ(V_c/v), which keeps every scale positive and converges to a
+    stationary point.  ``squared_residual`` and ``mask`` are (n, nout); absent labels (mask 0) are ignored.
+    Returns (C, nout) scales; labels without present values, or with all d² = 0, keep scale 1.
+    """
+    d2 = np.asarray(squared_residual, dtype=np.float64)
+    components = np.asarray(components, dtype=np.float64)
+    present = np.asarray(mask) > 0
+    scales = np.ones(components.shape[0:1] + d2.shape[1:])
+    for k in range(d2.shape[1]):
+        rows = present[:, k]
+        if not rows.any() or not (d2[rows, k] > 0).any():
+            continue
+        parts = components[:, rows, k]
+        target = d2[rows, k]
+        scale = np.ones(parts.shape[0])
+        for _ in range(iterations):
+            variance = np.maximum(scale @ parts, 1e-300)
+            step = (parts * target / variance**2).sum(axis=1) / np.maximum((parts / variance).sum(axis=1), 1e-300)
+            scale = np.clip(scale * step, np.exp(-40.0), np.exp(40.0))
+        scales[:, k] = scale
+    return scales
+
+
+def shift_variance_biases(network, log_scales):
+    """Add ``log_scales`` (2, nout) to the biases of the misfit and noise parts of the variance head."""
+    from anna.losses import LOG_VARIANCE_MAX, LOG_VARIANCE_MIN
+
+    for row, name in enumerate(("log_variance_fit", "log_noise_gain")):
+        bias = network.get_layer(name).bias
+        bias.assign(np.clip(bias.numpy() + log_scales[row], LOG_VARIANCE_MIN, LOG_VARIANCE_MAX).astype(np.float32))
+
+
+def refit_variance_biases(network, squared_residual, fit_variance, noise_variance, mask):
+    """Move the variance head's two biases per label to their maximum-likelihood values for recent residuals.
+
+    The head predicts, for label k, σ²_pred = F + N: a misfit part F = e^(fit) and a noise part
+    N = e^(gain)·noise² (:func:`anna.model.build_network`).  With the network fixed, the robust loss
+    ½(d²/v + ln v) is minimised over scale factors of F and N (:func:`fit_variance_scales`) and the biases
+    move by their logarithms.  Why: the gradient points the same way, but Adam moves a weight by about one
+    learning rate per step, so at ANNA's rates (1e-4 .. 1e-6) a bias could travel only a fraction of the
+    several units of ln σ² between a starting guess and the precision the network reaches.  The kernels, which
+    make σ depend on the spectrum, keep learning by gradient.
+
+    Arrays are (n, nout), normalised label units, from one SAMPLE_INTERVAL of the training stream:
+    ``squared_residual`` d² of the dropout-free value, F and N at the current biases, ``mask`` (1 = present).
+    Returns the (2, nout) bias shifts applied.
+    """
+    shifts = np.log(fit_variance_scales(squared_residual, np.stack([fit_variance, noise_variance]), mask))
+    shift_variance_biases(network, shifts)
+    return shifts
+
+
+def variance_parts(network, flux, batch_size=XVAL_EVAL_BATCH):
+    """(F, N) of :func:`refit_variance_biases` for (n, npix) flux from the dropout-free pass, float64."""
+    import keras
+
+    probe = keras.Model(network.input, [network.get_layer(name).output for name in
+                                         ("log_variance_fit", "log_noise_gain", "log_noise_variance")])
+    fit, noise = [], []
+    for start in range(0, len(flux), batch_size):
+        log_fit, log_gain, log_noise_sq = (np.asarray(v, dtype=np.float64) for v in
+                                           probe(np.asarray(flux[start:start + batch_size], np.float32),
+                                                 training=False))
+        fit.append(np.exp(log_fit))
+        noise.append(np.exp(log_gain + log_noise_sq))
+    return np.concatenate(fit), np.concatenate(noise)
+
+
+def calibrate_variance_head(network, spec, flux, labels, mask, samples):
+    """Final maximum-likelihood calibration of σ_total on held-out spectra; returns a summary dict.
+
+    The reported value is the mean of ``samples`` dropout passes and σ²_total = κ·σ²_dropout + F + N, with
+    σ²_dropout the spread of the passes and F, N the variance head's misfit and noise parts.  During training
+    the head learns from the dropout-free pass; here the scales of all three components are fitted together
+    (:func:`fit_variance_scales`) to the residuals of the reported value on ``flux`` (n, npix) with
+    normalised ``labels`` and ``mask`` (n, nout).  κ is the model-precision hyperparameter of dropout
+    variational inference (Gal & Ghahramani 2016 tune it on validation likelihood): the raw dropout spread of a
+    fixed dropout rate is not calibrated and, for small networks, exceeds the real error of the averaged
+    prediction.  The head's scales move into its biases; κ (per label) is returned as ``model_variance_scale``
+    for the frozen model.  Residuals are in normalised label units.
+    """
+    from anna.model import compile_mc_forward, mc_moments
+
+    forward = compile_mc_forward(network, spec, int(samples))
+    mean, var_model, var_pred_before = mc_moments(forward, flux, spec.nout, samples)
+    squared = np.where(mask > 0, np.square(labels - mean), 0.0)
+    fit, noise = variance_parts(network, flux)
+    scales = fit_variance_scales(squared, np.stack([fit, noise, var_model]), mask)
+    shift_variance_biases(network, np.log(scales[:2]))
+    kappa = scales[2]
+    present = mask > 0
+
+    def mean_chi2(variance, k):
+        return float(np.mean(squared[present[:, k], k] / variance[present[:, k], k]))
+
+    after = kappa * var_model + scales[0] * fit + scales[1] * noise
+    return {"n": int(flux.shape[0]), "samples": int(samples), "model_variance_scale": kappa.tolist(),
+            "misfit_scale": scales[0].tolist(), "noise_scale": scales[1].tolist(),
+            "median_sigma_dropout": np.median(np.sqrt(var_model), axis=0).tolist(),
+            "median_sigma_total": np.median(np.sqrt(after), axis=0).tolist(),
+            "mean_chi2_before": [mean_chi2(var_model + var_pred_before, k) for k in range(spec.nout)],
+            "mean_chi2_after": [mean_chi2(after, k) for k in range(spec.nout)]}
 
 
 def configure_threads():
@@ -258,6 +381,10 @@ class Trainer:
         self.centre = _mean_spectrum(self.pack) if cfg.input_centering == "MEAN" else None
         self.writer = None
         self.run_dir = None
+        self._probe_for, self._probe = None, None  # activation probe model, cached per network
+        self._checkpoint_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1,
+                                                                      thread_name_prefix="checkpoint")
+        self._checkpoint_job = None
         if cfg.tboard_output or cfg.timeline_output:
             self.run_dir = self.state.setdefault("run_dir", os.path.join(
                 cfg.log_loc, time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())))
@@ -300,7 +427,8 @@ class Trainer:
         tf = self.tf
         nout = self.spec.nout
 
-        @tf.function(input_signature=[tf.TensorSpec([None, self.spec.npix], tf.float32)], reduce_retracing=True)
+        @tf.function(input_signature=[tf.TensorSpec([None, self.spec.npix], tf.float32)], reduce_retracing=True,
+                     autograph=False)
         def forward(flux):
             return network(flux, training=False)[:, :nout]
 
@@ -372,25 +500,94 @@ class Trainer:
                 if stop.requested:
                     interrupted = stop.signal_name
                     break
+        if interrupted is None:
+            self._describe_for_inference()
         return self._finish(stage_results, interrupted)
+
+    def _training_sample(self, count=DOMAIN_SAMPLE):
+        """Up to ``count`` training spectra (fixed seed), noised as in training; (flux, normalised labels, mask)."""
+        from anna.augment import noisy_copy
+
+        rng = np.random.default_rng((self.seed, 104729))
+        n = min(count, self.pack.n_stars)
+        indices = np.sort(rng.choice(self.pack.n_stars, size=n, replace=False))
+        flux, labels = self.rows.gather(indices)
+        flux = np.asarray(flux, dtype=np.float64)
+        if self.noise is not None:
+            flux, _ = noisy_copy(flux, self.noise.rel_sn, self.noise.sn_range, self.noise.cont_range,
+                                 seed=(self.seed, 104729))
+        mask = _label_mask(labels, self.missing_value)
+        normalised = np.where(mask, self.scaler.normalise(np.where(mask, labels, 0.0)), 0.0)
+        return flux, normalised, mask.astype(np.float64)
+
+    def _describe_for_inference(self):
+        """After training: training-domain statistics and, with MC_DROPOUT, the final variance calibration."""
+        from anna.infer import training_domain_statistics
+
+        flux, labels, mask = self._training_sample()
+        self.training_domain = training_domain_statistics(flux)
+        if self.spec.heteroscedastic:
+            if self.xval is not None:  # held-out spectra, noised like the training ones
+                flux, labels, mask = self.xval.flux, self.xval.labels, self.xval.mask
+                source = "cross-validation set"
+            else:
+                source = "training sample"
+            self.variance_calibration = calibrate_variance_head(self.network, self.spec, flux, labels, mask,
+                                                                self.cfg.mc_samples)
+            self.variance_calibration["set"] = source
+            ratio = ", ".join(f"{name} {before:.3g} -> {after:.3g}" for name, before, after in zip(
+                self.cfg.output_names, self.variance_calibration["mean_chi2_before"],
+                self.variance_calibration["mean_chi2_after"]))
+            self.report(f"variance head calibrated on the {source} ({len(flux)} spectra, "
+                        f"{self.cfg.mc_samples} MC passes): mean d^2/sigma_total^2 {ratio}")
 
     def _run_stage(self, plan, network, optimizer, stopper, start_iteration, stage_start_weights, stage_index,
                    stop, producer_class, final_stage):
-        from anna.losses import masked_squared_error
+        from anna.losses import masked_squared_error, robust_heteroscedastic
 
         tf = self.tf
         cfg = self.cfg
         nout = self.spec.nout
+        heteroscedastic = self.spec.heteroscedastic
         evaluate = self._make_eval(network)
 
-        @tf.function(jit_compile=bool(cfg.jit_compile))
+        if heteroscedastic:
+            import keras
+
+            # the same layers, also returning the two parts of the predicted variance (for the bias refit)
+            stepper = keras.Model(network.input, [network.outputs[0]] + [
+                network.get_layer(name).output for name in ("log_variance_fit", "log_noise_gain",
+                                                            "log_noise_variance")])
+        else:
+            stepper = network
+
+        @tf.function(jit_compile=bool(cfg.jit_compile), autograph=False)
         def train_step(flux, labels, mask):
             with tf.GradientTape() as tape:
-                pred = network(flux, training=True)[:, :nout]
-                loss = masked_squared_error(labels, pred, mask)
+                if heteroscedastic:
+                    # The reported value is the mean of the dropout passes, which the dropout-free pass
+                    # approximates (weight scaling); the variance head is fitted, in that dropout-free pass, to
+                    # the residual of that value.  Fitted to a single dropout pass it would also learn the dropout
+                    # jitter, which sigma_model already counts, and its own jitter would bias sigma upwards.
+                    plain, log_var_fit, log_gain, log_noise_sq = stepper(flux, training=False)
+                    reported = tf.stop_gradient(plain[:, :nout])
+                    log_variance = plain[:, nout:]
+                out = network(flux, training=True)
+                cost = masked_squared_error(labels, out[:, :nout], mask)
+                if heteroscedastic:
+                    # robust (astroNN) loss: labels weighted by the predicted inverse variance ...
+                    loss = (robust_heteroscedastic(labels, out[:, :nout], tf.stop_gradient(log_variance), mask)
+                            # ... plus the variance head fitted to the residual of the reported value
+                            + robust_heteroscedastic(labels, reported, log_variance, mask))
+                else:
+                    loss = cost
             grads = tape.gradient(loss, network.trainable_variables)
             optimizer.apply_gradients(zip(grads, network.trainable_variables))
-            return loss
+            if heteroscedastic:
+                parts = tf.stack([tf.square(labels - reported) * mask, tf.exp(log_var_fit),
+                                  tf.exp(log_gain + log_noise_sq), mask])
+                return cost, parts
+            return cost, None  # reported cost is always the squared error, comparable with the xval cost
 
         producer = producer_class(self.rows, self.scaler, self.noise, batch_size=plan.batch_size,
                                   seed=self.seed, stage=plan.number, threads=cfg.pp_threads, fetch=cfg.num_fetch,
@@ -405,6 +602,7 @@ class Trainer:
             stopper.update(cost, 0, network.get_weights())
             stopper.bad_intervals = 0
         interval_costs = []
+        interval_residuals = []
         interval_start = time.perf_counter()
         wait_time = 0.0
         iteration = start_iteration
@@ -430,7 +628,9 @@ class Trainer:
                 with self.writer.as_default():
                     tf.summary.trace_export(name="train_step", step=0)
                 trace_graph = False
+            loss, variance_parts = loss
             interval_costs.append(loss)
+            interval_residuals.append(variance_parts)
             iteration += 1
             self.global_step += 1
             if iteration % 10 == 0:
@@ -443,6 +643,9 @@ class Trainer:
                 if profiling:
                     tf.profiler.experimental.stop()
                     profiling = False
+                if heteroscedastic:
+                    refit_variance_biases(network, *np.concatenate([r.numpy() for r in interval_residuals],
+                                                                   axis=1))
                 if self.xval is not None:
                     xval_cost, rms = evaluate(self.xval.flux, self.xval.labels, self.xval.mask)
                     monitored = xval_cost
@@ -455,9 +658,12 @@ class Trainer:
                           "rms": {n: float(r) for n, r in zip(self.cfg.output_names, rms)},
                           "examples_per_s": examples_per_s, "input_wait_fraction": wait_fraction}
                 self.history.append(record)
-                self._log_interval(record, network, plan)
+                last = iteration >= plan.iterations or stopper.should_stop or stop.requested
+                self._log_interval(record, network, plan,
+                                   histograms=last or len(self.history) % HISTOGRAM_EVERY == 1)
                 progress.line(self._format_record(record, improved))
                 interval_costs = []
+                interval_residuals = []
                 wait_time = 0.0
                 self._write_checkpoint(stage_index, iteration, network, optimizer, stopper, stage_start_weights)
                 interval_start = time.perf_counter()
@@ -483,7 +689,7 @@ class Trainer:
         return (f"stage {record['stage']} iter {record['iteration']:>6}: batch cost {record['batch_cost']:.6g}"
                 f"{xval}{' *' if improved else '  '} | RMS {rms} | {record['examples_per_s']:.0f} ex/s")
 
-    def _log_interval(self, record, network, plan):
+    def _log_interval(self, record, network, plan, histograms):
         if self.writer is None:
             return
         tf = self.tf
@@ -497,19 +703,31 @@ class Trainer:
             tf.summary.scalar("learning_rate", plan.learn_rate)
             tf.summary.scalar("examples_per_second", record["examples_per_s"])
             tf.summary.scalar("input_wait_fraction", record["input_wait_fraction"])
-            for variable in network.weights:
-                tf.summary.histogram(f"weights/{variable.path}", variable)
-            if self.xval is not None:
-                sample = self.xval.flux[:ACTIVATION_SAMPLE]
-                for layer_name, activation in self._activations(network, sample):
-                    tf.summary.histogram(f"activations/{layer_name}", activation)
+            if histograms:
+                self._log_histograms(network)
         self.writer.flush()
 
+    def _log_histograms(self, network):
+        """Histograms of every weight and of the conv/dense activations on the first xval spectra (inside the
+        caller's summary-writer context)."""
+        tf = self.tf
+        for variable in network.weights:
+            tf.summary.histogram(f"weights/{variable.path}", variable)
+        if self.xval is not None:
+            sample = self.xval.flux[:ACTIVATION_SAMPLE]
+            for layer_name, activation in self._activations(network, sample):
+                tf.summary.histogram(f"activations/{layer_name}", activation)
+
     def _activations(self, network, flux):
+        """(layer name, activations) of the conv and dense layers for ``flux``; the probe model is built once
+        per network (each stage builds its own network)."""
         import keras
 
-        names = [layer.name for layer in network.layers if layer.name.startswith(("conv", "fc"))]
-        probe = keras.Model(network.input, [network.get_layer(n).output for n in names])
+        if self._probe_for is not network:
+            names = [layer.name for layer in network.layers if layer.name.startswith(("conv", "fc"))]
+            self._probe = (names, keras.Model(network.input, [network.get_layer(n).output for n in names]))
+            self._probe_for = network
+        names, probe = self._probe
         return zip(names, probe(flux, training=False))
 
     def _start_profile(self):
@@ -528,7 +746,17 @@ class Trainer:
                   "stage_start_weights": stage_start_weights}
         if stopper.best_weights is not None:
             arrays["best_weights"] = stopper.best_weights
-        write_checkpoint(self.checkpoint_path, state, arrays)
+        # snapshot now (the history keeps growing), write in the background: training does not wait on disk
+        state_json = json.dumps(state, default=float)
+        self._wait_for_checkpoint()
+        self._checkpoint_job = self._checkpoint_pool.submit(write_checkpoint, self.checkpoint_path, state_json,
+                                                            arrays)
+
+    def _wait_for_checkpoint(self):
+        """Block until the checkpoint being written (if any) is on disk; re-raise its error, if any."""
+        if self._checkpoint_job is not None:
+            job, self._checkpoint_job = self._checkpoint_job, None
+            job.result()
 
     # ----- the end ----------------------------------------------------------------------------------------
     def _finish(self, stage_results, interrupted):
@@ -547,7 +775,10 @@ class Trainer:
             "stages": stage_results,
             "complete": interrupted is None,
             "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "keep_prob_train": self.cfg.keep_prob1,
+            # the final stage's dropout rate: the weights are tuned to it, so MC-dropout inference samples with it
+            "mc_dropout_rate": 1.0 - stage_plans(self.cfg)[-1].keep_prob,
+            "training_domain": getattr(self, "training_domain", None),
+            "variance_calibration": getattr(self, "variance_calibration", None),
         }
         final_path = os.path.join(self.save_loc, model_module.FROZEN_MODEL_NAME)
         target = final_path
@@ -557,6 +788,8 @@ class Trainer:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+        self._wait_for_checkpoint()
+        self._checkpoint_pool.shutdown()
         if interrupted is None and os.path.exists(self.checkpoint_path):
             os.remove(self.checkpoint_path)
         if interrupted is not None:
@@ -580,11 +813,11 @@ def _is_complete_model(path):
         return False
 
 
-def write_checkpoint(path, state, arrays):
-    """Checkpoint = zip of ``state.json`` and one npz per list of arrays; written atomically."""
+def write_checkpoint(path, state_json, arrays):
+    """Checkpoint = zip of ``state.json`` (already serialised) and one npz per list of arrays; atomic."""
     with atomic_output(path, "wb") as handle:
         with zipfile.ZipFile(handle, "w") as archive:
-            archive.writestr("state.json", json.dumps(state, default=float))
+            archive.writestr("state.json", state_json)
             for name, values in arrays.items():
                 buffer = io.BytesIO()
                 np.savez(buffer, *[np.asarray(v) for v in values])

@@ -1,0 +1,286 @@
+"""MC-dropout uncertainties, missing labels and the inference flags, end to end on small synthetic spectra.
+
+Two networks are trained once per module with the same parameters and SEED: one on complete labels, one on a
+training pack where 30 % of the third label is missing (half NaN, half MAGIC_NUMBER).  The spectra (128 px)
+have five lines over a continuum: line depths follow ``depth`` and ``ratio`` (the ratio moves strength between
+two lines), line widths follow ``width``.  Training noise spans S/N 10-200, so the variance head has to learn
+how the error grows with the noise.
+"""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from anna.augment import noisy_copy
+from anna.errors import AnnaInputError
+from anna.evaluate import coverage_statistics, run_test
+from anna.infer import run_infer, training_domain_statistics, outside_training_domain
+from anna.model import NetworkSpec, build_network, load_frozen, save_frozen
+from anna.packs import write_pack
+from anna.params import load_config, validate_for_stage
+from anna.train import fit_variance_scales, run_training
+
+NAMES = ("depth", "width", "ratio")
+MINIMA = np.array([0.0, 0.1, 0.0])
+MAXIMA = np.array([1.0, 0.3, 1.0])
+SPAN = MAXIMA - MINIMA
+WAVE = 5000.0 + 0.2 * np.arange(128)
+CENTRES = WAVE[0] + 0.2 * np.array([16, 44, 72, 100, 116])
+MAGIC = -9999.0
+QUIET = lambda *_: None  # noqa: E731
+
+
+def toy_flux(labels):
+    """(n, 128) continuum-normalised spectra for physical labels (n, 3): depth, width (A), ratio."""
+    depth, width, ratio = labels[:, 0:1], labels[:, 1:2], labels[:, 2:3]
+    strength = 0.15 + 0.5 * depth
+    depths = np.concatenate([strength, strength * (0.3 + 0.7 * ratio), strength * (1.0 - 0.7 * ratio),
+                             0.5 * strength, np.full_like(strength, 0.3)], axis=1)
+    profile = depths[:, :, None] * np.exp(-0.5 * ((WAVE[None, None, :] - CENTRES[None, :, None])
+                                                 / width[:, :, None]) ** 2)
+    return 1.0 - profile.sum(axis=1)
+
+
+def toy_labels(n, rng):
+    return MINIMA + rng.uniform(0, 1, size=(n, 3)) * SPAN
+
+
+def write_param(path, **keys):
+    path.write_text("".join(f"{key.upper()}: {value}\n" for key, value in keys.items() if value is not None))
+    return load_config(path)
+
+
+def training_keys(folder, training_pack, data):
+    return dict(
+        num_px=128, conv1_shape="1, 7, 1, 8", fc1_outdim=64, fc2_outdim=64, num_outs=3,
+        output_names=", ".join(NAMES), min_params=", ".join(map(str, MINIMA)),
+        max_params=", ".join(map(str, MAXIMA)), learn_rate1=2e-3, num_train_iters1=800, batch_size1=32,
+        keep_prob1=0.9, do_train2="YES", learn_rate2=2e-4, num_train_iters2=200, batch_size2=64, keep_prob2=0.9,
+        preprocess_train="YES", rel_cont_e_train="-0.005, 0.005", sn_range_train="10, 200",
+        sn_template=data / "sn.template", num_fetch=256, training_data=training_pack, save_loc=folder / "model",
+        sample_interval=100, tboard_output="NO", training_xval="YES", xval_data=data / "xval.pack",
+        xval_size=400, preprocess_xval="YES", early_stop="YES", es_sample=100, seed=7,
+        uncertainty="MC_DROPOUT", mc_samples=50)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(11)
+    for name, n in (("train", 2000), ("xval", 400), ("test", 500)):
+        labels = toy_labels(n, rng)
+        write_pack(folder / f"{name}.pack", WAVE, np.arange(n), labels, toy_flux(labels))
+        if name == "train":
+            missing = labels.copy()
+            gone = np.flatnonzero(rng.uniform(size=n) < 0.3)
+            missing[gone[::2], 2] = np.nan
+            missing[gone[1::2], 2] = MAGIC
+            write_pack(folder / "train_missing.pack", WAVE, np.arange(n), missing, toy_flux(labels))
+    np.savetxt(folder / "sn.template", np.c_[np.linspace(4990, 5040, 11), np.ones(11)])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def models(data, tmp_path_factory):
+    """Model folders trained on complete and on 30 %-missing labels, same parameters and SEED."""
+    trained = {}
+    for name, pack in (("complete", data / "train.pack"), ("missing", data / "train_missing.pack")):
+        folder = tmp_path_factory.mktemp(name)
+        cfg = write_param(folder / "train.param", **training_keys(folder, pack, data))
+        validate_for_stage(cfg, "train")
+        run_training(cfg, report=QUIET)
+        trained[name] = folder / "model"
+    return trained
+
+
+def test_config(folder, model, data, sn_range, **extra):
+    keys = dict(test_model_loc=model, test_save_loc=folder, testing_data=data / "test.pack",
+                preprocess_test="YES", sn_range_test=sn_range, rel_cont_e_test="-0.005, 0.005",
+                sn_template_test=data / "sn.template", test_batch_size=256, uncertainty="MC_DROPOUT",
+                mc_samples=50, seed=3)
+    keys.update(extra)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return write_param(Path(folder) / "test.param", **keys)
+
+
+test_config.__test__ = False  # a helper, not a test
+
+
+def read_table(path):
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    return rows[0], rows[1:]
+
+
+def test_sigma_follows_sn_and_is_calibrated(models, data, tmp_path):
+    lines = []
+    low = run_test(test_config(tmp_path / "low", models["complete"], data, "20, 30"), report=lines.append)
+    high = run_test(test_config(tmp_path / "high", models["complete"], data, "150, 200"), report=QUIET)
+    for name in NAMES:
+        at_low, at_high = low["uncertainty"]["labels"][name], high["uncertainty"]["labels"][name]
+        assert 0.55 <= at_low["coverage"][0] <= 0.80, (name, at_low["coverage"])
+        assert at_low["coverage"][1] >= 0.85
+        assert at_low["median_sigma"] > 1.5 * at_high["median_sigma"], name
+        # sigma follows the measured scatter within a factor 1.5 at both noise levels
+        for entry in (at_low, at_high):
+            assert entry["median_sigma"] / entry["scatter"] == pytest.approx(1.0, rel=0.5), (name, entry)
+    assert any("uncertainty calibration" in line for line in lines)
+    stored = json.loads((tmp_path / "low" / "test_summary.json").read_text())
+    assert stored["uncertainty"]["labels"]["depth"]["coverage"] == low["uncertainty"]["labels"]["depth"]["coverage"]
+    assert (tmp_path / "low" / "uncertainty_calibration.png").stat().st_size > 1000
+    assert len(low["uncertainty"]["labels"]["width"]["sn_bins"]) == 5
+
+    header, rows = read_table(tmp_path / "low" / "test_stats.out")
+    columns = {name: i for i, name in enumerate(header)}
+    assert header[-1] == "sn" and [f"{n}_err" for n in NAMES] == header[10:13]
+    table = np.array([[float(v) for v in row] for row in rows])
+    for name in NAMES:
+        total, model_part, pred_part = (table[:, columns[f"{name}{s}"]] for s in ("_err", "_err_model", "_err_pred"))
+        np.testing.assert_allclose(total, np.hypot(model_part, pred_part), rtol=1e-12)
+        d = table[:, columns[f"d{name}"]]
+        assert coverage_statistics(d, total)["coverage"] == low["uncertainty"]["labels"][name]["coverage"]
+
+
+def test_missing_labels_leave_other_labels_alone(models, data, tmp_path):
+    scatter = {}
+    for kind, model in models.items():
+        summary = run_test(test_config(tmp_path / kind, model, data, "20, 50"), report=QUIET)
+        scatter[kind] = {name: summary["labels"][name]["std"] for name in NAMES}
+    for name in ("depth", "width"):
+        assert scatter["missing"][name] == pytest.approx(scatter["complete"][name], rel=0.10), scatter
+    # the partly missing label itself is still learnt
+    assert scatter["missing"]["ratio"] < 0.1 * SPAN[2]
+
+    # a test pack with missing labels: statistics and the calibration report skip them
+    rng = np.random.default_rng(5)
+    labels = toy_labels(300, rng)
+    flux = toy_flux(labels)
+    labels[:40, 0] = np.nan
+    labels[40:70, 0] = MAGIC
+    write_pack(tmp_path / "gappy.pack", WAVE, np.arange(300), labels, flux)
+    summary = run_test(test_config(tmp_path / "gappy", models["missing"], data, "50, 60",
+                                   testing_data=tmp_path / "gappy.pack", mc_samples=20), report=QUIET)
+    assert summary["labels"]["depth"]["n"] == 230 and summary["labels"]["width"]["n"] == 300
+    assert summary["uncertainty"]["labels"]["depth"]["n"] == 230
+    assert np.isfinite(summary["labels"]["depth"]["std"])
+
+
+def test_spectra_unlike_training_get_larger_sigma_and_a_flag(models, data, tmp_path):
+    rng = np.random.default_rng(8)
+    labels = toy_labels(150, rng)
+    normal = toy_flux(labels)
+    broad = toy_flux(np.c_[labels[:, 0], np.full(150, 0.9), labels[:, 2]])  # lines 3x broader than any trained
+    emission = 2.0 - normal
+    flux = np.concatenate([normal, broad, emission])
+    flux, _ = noisy_copy(flux, np.ones(128), (80, 120), (-0.005, 0.005), seed=9)
+    write_pack(tmp_path / "mixed.pack", WAVE, np.arange(450), np.zeros((450, 3)), flux)
+    keys = dict(infer_mode="DEBUG", debug_data=tmp_path / "mixed.pack", infer_model_loc=models["complete"],
+                infer_save_loc=tmp_path / "out", uncertainty="MC_DROPOUT", mc_samples=100, max_rel_sigma=0.1)
+    cfg = write_param(tmp_path / "infer.param", **keys)
+    validate_for_stage(cfg, "infer")
+    [output] = run_infer(cfg, report=QUIET)
+    header, rows = read_table(output)
+    assert header == (["star_id", *NAMES] + [f"{n}{s}" for s in ("_err", "_err_model", "_err_pred") for n in NAMES]
+                      + ["flags"])
+    values = np.array([[float(v) for v in row[1:-1]] for row in rows])
+    flags = [set(row[-1].split("|")) - {""} for row in rows]
+    relative_sigma = values[:, 3:6] / SPAN
+    groups = {"normal": slice(0, 150), "broad": slice(150, 300), "emission": slice(300, 450)}
+    outside = np.array(["outside_training_domain" in words for words in flags])
+    assert outside[groups["normal"]].mean() <= 0.02
+    typical_per_label = np.median(relative_sigma[groups["normal"]], axis=0)
+    typical = np.median(np.sqrt(np.mean(relative_sigma[groups["normal"]] ** 2, axis=1)))
+    for group in ("broad", "emission"):
+        assert outside[groups[group]].mean() >= 0.9, group
+        # sigma grows (RMS over the labels), and strongly for the label the odd spectra confuse most
+        assert np.median(np.sqrt(np.mean(relative_sigma[groups[group]] ** 2, axis=1))) > 1.1 * typical, group
+        assert (np.median(relative_sigma[groups[group]], axis=0) / typical_per_label).max() > 1.5, group
+    # large_sigma exactly where some sigma exceeds MAX_REL_SIGMA of the range
+    large = np.array(["large_sigma" in words for words in flags])
+    np.testing.assert_array_equal(large, (relative_sigma > 0.1).any(axis=1))
+
+    # seeded dropout masks: a rerun (forced by a newer model time) writes the same numbers
+    first = Path(output).read_text()
+    Path(output).unlink()
+    run_infer(cfg, report=QUIET)
+    assert Path(output).read_text() == first
+
+
+def test_training_domain_rule_false_alarm_rate():
+    rng = np.random.default_rng(2)
+    train, _ = noisy_copy(toy_flux(toy_labels(2000, rng)), np.ones(128), (10, 200), (0, 0), seed=1)
+    domain = training_domain_statistics(train)
+    fresh, _ = noisy_copy(toy_flux(toy_labels(2000, rng)), np.ones(128), (10, 200), (0, 0), seed=2)
+    assert outside_training_domain(fresh, domain).mean() < 0.005
+    shifted = np.roll(fresh[:200], 15, axis=1)
+    assert outside_training_domain(shifted, domain).mean() > 0.9
+
+
+def test_variance_scales_recover_known_components():
+    rng = np.random.default_rng(4)
+    n = 20000
+    first, second = rng.uniform(0.5, 2.0, size=(n, 2)), rng.uniform(0.0, 3.0, size=(n, 2))
+    true_scales = np.array([[0.3, 2.0], [1.5, 0.05]])  # (component, label)
+    variance = true_scales[0] * first + true_scales[1] * second
+    residual = rng.standard_normal((n, 2)) * np.sqrt(variance)
+    mask = np.ones((n, 2))
+    mask[:5000, 1] = 0
+    residual[:5000, 1] = 1e6  # absent labels must not count
+    scales = fit_variance_scales(residual**2, np.stack([first, second]), mask)
+    np.testing.assert_allclose(scales, true_scales, rtol=0.1)
+
+
+def test_mc_dropout_needs_dropout_in_the_last_stage(tmp_path, data):
+    cfg = write_param(tmp_path / "train.param", **{**training_keys(tmp_path, data / "train.pack", data),
+                                                   "keep_prob2": 1.0})
+    with pytest.raises(AnnaInputError) as caught:
+        validate_for_stage(cfg, "train")
+    assert caught.value.key == "KEEP_PROB2" and "MC_DROPOUT" in str(caught.value)
+    cfg = write_param(tmp_path / "train1.param", **{**training_keys(tmp_path, data / "train.pack", data),
+                                                    "do_train2": "NO", "keep_prob1": 1.0})
+    with pytest.raises(AnnaInputError) as caught:
+        validate_for_stage(cfg, "train")
+    assert caught.value.key == "KEEP_PROB1"
+
+    # a frozen model without dropout: anna-test and anna-infer refuse MC_DROPOUT with a one-line error
+    spec = NetworkSpec(npix=128, nout=3, conv_layers=((5, 2),), fc_dims=(8, 8))
+    save_frozen(str(tmp_path), build_network(spec), spec,
+                {"output_names": list(NAMES), "wavelengths": list(WAVE), "min_params": list(MINIMA),
+                 "max_params": list(MAXIMA)})
+    assert load_frozen(tmp_path).mc_dropout_rate == 0
+    with pytest.raises(AnnaInputError) as caught:
+        run_test(test_config(tmp_path / "out", tmp_path, data, "20, 30"), report=QUIET)
+    assert caught.value.key == "UNCERTAINTY" and "\n" not in str(caught.value)
+    keys = dict(infer_mode="DEBUG", debug_data=data / "test.pack", infer_model_loc=tmp_path,
+                infer_save_loc=tmp_path / "inf", uncertainty="MC_DROPOUT")
+    with pytest.raises(AnnaInputError) as caught:
+        run_infer(write_param(tmp_path / "infer.param", **keys), report=QUIET)
+    assert caught.value.key == "UNCERTAINTY"
+    keys.update(uncertainty="NONE", max_rel_sigma=0.2)
+    with pytest.raises(AnnaInputError) as caught:
+        validate_for_stage(write_param(tmp_path / "infer2.param", **keys), "infer")
+    assert caught.value.key == "MAX_REL_SIGMA"
+
+
+def test_mc_sampling_of_the_top_layers_equals_sampling_the_whole_network():
+    import tensorflow as tf
+
+    from anna.model import compile_mc_forward
+
+    spec = NetworkSpec(npix=64, nout=3, conv_layers=((5, 4),), fc_dims=(16, 8), heteroscedastic=True)
+    shortcut, whole = (build_network(spec, dropout_rate=0.3, dropout_seed=5) for _ in range(2))
+    rng = np.random.default_rng(0)
+    weights = [0.3 * rng.standard_normal(w.shape).astype(np.float32) for w in shortcut.get_weights()]
+    shortcut.set_weights(weights)
+    whole.set_weights(weights)
+    flux = (1 + 0.05 * rng.standard_normal((7, 64))).astype(np.float32)
+    mean, var_model, var_pred = (v.numpy() for v in compile_mc_forward(shortcut, spec, 20)(flux))
+    # the same seeded masks, drawn by running every pass through the whole network
+    passes = whole(tf.tile(flux, [20, 1]), training=True).numpy()[:, :3].reshape(20, 7, 3)
+    assert passes.var(axis=0).mean() > 0.01  # the masks do change the outputs
+    np.testing.assert_allclose(mean, passes.mean(axis=0), atol=1e-5)
+    np.testing.assert_allclose(var_model, passes.var(axis=0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(var_pred, np.exp(whole(flux, training=False).numpy()[:, 3:]), rtol=1e-5)
