@@ -462,7 +462,22 @@ def run_test(cfg, report=print):
     report(f"anna-test: {pack.n_stars} stars from {pack.path}, model {resolve_model_path(cfg.test_model_loc)}"
            + (", noised with PREPROCESS_TEST" if rel_sn is not None else "")
            + (f", MC-dropout uncertainties from {mc_samples} passes" if mc_samples else ""))
-    true, inferred, sn, sigmas = _predict_and_write(cfg, model, pack, rel_sn, stats_path, mc_samples)
+    # the CSV is streamed to a hidden staging file and renamed only when every later step has succeeded, so a
+    # failure (e.g. a correction that cannot be fitted) leaves no partial set of results
+    staging = os.path.join(cfg.test_save_loc, f".{STATS_FILE}.pending")
+    try:
+        summary = _test_and_summarise(cfg, model, pack, rel_sn, mc_samples, names, staging, stats_path, report,
+                                      started)
+        os.replace(staging, stats_path)
+    finally:
+        if os.path.exists(staging):
+            os.remove(staging)
+    report(f"wrote {stats_path}, {summary['files']['summary']} and {len(summary['files']['plots'])} plots")
+    return summary
+
+
+def _test_and_summarise(cfg, model, pack, rel_sn, mc_samples, names, staging, stats_path, report, started):
+    true, inferred, sn, sigmas = _predict_and_write(cfg, model, pack, rel_sn, staging, mc_samples)
 
     summary = {"model": resolve_model_path(cfg.test_model_loc), "testing_data": pack.path,
                "n_stars": pack.n_stars, "preprocess_test": bool(cfg.preprocess_test),
@@ -492,7 +507,6 @@ def run_test(cfg, report=print):
     summary["seconds"] = time.monotonic() - started
     summary = jsonable(summary)
     write_json(summary_path, summary)
-    report(f"wrote {stats_path}, {summary_path} and {len(summary['files']['plots'])} plots")
     return summary
 
 

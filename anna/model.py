@@ -41,6 +41,8 @@ from anna.losses import LOG_VARIANCE_MAX, LOG_VARIANCE_MIN
 FROZEN_MODEL_NAME = "frozen.model"
 FORMAT_NAME = "anna-tf frozen model"
 FORMAT_VERSION = 1
+# What load_frozen and its users rely on; a model lacking any of these is refused with a clear message.
+REQUIRED_METADATA = ("network", "output_names", "wavelengths", "min_params", "max_params")
 # Starting values of the variance head (normalised labels, 0..1 scale): sigma_fit = 0.1 (a tenth of MAX - MIN),
 # and a noise part equal to it at S/N 100.  Training refits both biases by maximum likelihood every
 # SAMPLE_INTERVAL (anna.train.refit_variance_biases), so these only matter for the first interval.
@@ -389,7 +391,7 @@ def load_frozen(location, dropout_seed=None):
     except (zipfile.BadZipFile, zlib.error, OSError, ValueError, KeyError, EOFError) as exc:
         raise AnnaInputError(f"frozen model is corrupted or not a frozen model ({type(exc).__name__}: {exc})",
                              path=path) from None
-    if metadata.get("format") != FORMAT_NAME:
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_NAME:
         raise AnnaInputError("not an ANNA-TF frozen model (metadata has no ANNA-TF format tag)", path=path)
     if metadata.get("format_version") != FORMAT_VERSION:
         from anna import __version__
@@ -397,7 +399,15 @@ def load_frozen(location, dropout_seed=None):
             f"frozen model format {metadata.get('format_version')} written by ANNA-TF "
             f"{metadata.get('anna_version')}; this ANNA-TF {__version__} reads format {FORMAT_VERSION}",
             path=path)
-    spec = NetworkSpec.from_dict(metadata["network"])
+    missing = [key for key in REQUIRED_METADATA if key not in metadata]
+    if missing:
+        raise AnnaInputError(f"frozen model metadata lacks {', '.join(missing)} (damaged or hand-edited file)",
+                             path=path)
+    try:
+        spec = NetworkSpec.from_dict(metadata["network"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise AnnaInputError(f"frozen model's network description is unreadable ({type(exc).__name__}: {exc})",
+                             path=path) from None
     network = build_network(spec, dropout_rate=float(metadata.get("mc_dropout_rate", 0.0)),
                             dropout_seed=dropout_seed)
     try:

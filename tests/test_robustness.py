@@ -563,8 +563,6 @@ def test_archive_without_the_model_files(tmp_path, capsys, frozen_model, test_pa
     assert message == f"{model / 'frozen.model'}: not an ANNA-TF frozen model (archive holds ['notes.txt'])"
 
 
-@pytest.mark.xfail(strict=True, reason="anna.model.load_frozen lets AttributeError/KeyError out for well-formed "
-                                       "archives whose metadata.json is not an object or lacks 'network'")
 @pytest.mark.parametrize("metadata", ["[]", "drop network"])
 def test_frozen_model_with_malformed_metadata(tmp_path, capsys, frozen_model, test_pack, metadata):
     model = copy_model(frozen_model, tmp_path / "model")
@@ -590,8 +588,6 @@ def test_failing_anna_test_leaves_no_output(tmp_path, capsys, frozen_model):
     assert files_under(tmp_path / "results") == []
 
 
-@pytest.mark.xfail(strict=True, reason="anna.evaluate.run_test writes test_stats.out before fitting the correction, "
-                                       "so a correction that cannot be fitted leaves a partial set of results")
 def test_failed_correction_fit_leaves_no_output(tmp_path, capsys, frozen_model):
     labels, flux = star_labels_and_flux(4, seed=3)
     pack = tmp_path / "few.pack"
