@@ -179,32 +179,9 @@ def read_text_spectrum(path):
     Non-finite values are kept (they become a ``nonfinite`` flag, not an error); non-numeric text is an
     error naming the line.
     """
-    try:
-        with open(path, encoding="utf-8") as handle:
-            lines = handle.readlines()
-    except UnicodeDecodeError as exc:
-        raise AnnaInputError(f"text spectrum is not text (undecodable byte at offset {exc.start})",
-                             path=path) from None
-    except OSError as exc:
-        raise AnnaInputError(f"cannot read text spectrum: {exc.strerror or exc}", path=path) from None
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        text = line.split("#", 1)[0].replace(",", " ").strip()
-        if not text:
-            continue
-        fields = text.split()
-        if len(fields) < 2:
-            raise AnnaInputError("text spectrum row needs two columns (wavelength flux)", path=path, line=number,
-                                 value=text)
-        try:
-            rows.append((float(fields[0]), float(fields[1])))
-        except ValueError:
-            raise AnnaInputError("text spectrum row is not numeric (headers must start with '#')", path=path,
-                                 line=number, value=text) from None
-    if len(rows) < 2:
-        raise AnnaInputError(f"text spectrum has {len(rows)} data rows; at least 2 are needed", path=path)
-    table = np.asarray(rows, dtype=np.float64)
-    return table[:, 0], table[:, 1]
+    from anna.templates import read_two_columns
+
+    return read_two_columns(path, "text spectrum", ascending=False, finite=False)
 
 
 # ----------------------------------------------------------------------------------------------------------

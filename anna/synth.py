@@ -64,6 +64,7 @@ from anna.atomic import atomic_output
 from anna.errors import AnnaInputError
 from anna.packs import write_pack
 from anna.resample import cubic_resample
+from anna.templates import read_two_columns
 
 DEFAULT_LABEL_NAMES = ("teff", "logg", "feh", "vmic", "vsini")
 DEFAULT_LABEL_RANGES = ((4000., 7000.), (2.7, 4.8), (-0.5, 0.2), (0.0, 3.0), (0.0, 40.0))
@@ -706,39 +707,6 @@ def _spectrum_stem(path):
     return os.path.splitext(name)[0]
 
 
-def _read_text_spectrum(path):
-    """Two-column text spectrum (wavelength, flux; '#' comments): float64 arrays, errors name the line."""
-    waves, fluxes = [], []
-    try:
-        with open(path, encoding="utf-8") as handle:
-            lines = handle.readlines()
-    except FileNotFoundError:
-        raise AnnaInputError("spectrum file does not exist", path=path) from None
-    except UnicodeDecodeError:
-        raise AnnaInputError("spectrum file is neither text nor FITS (by its suffix)", path=path) from None
-    except OSError as exc:
-        raise AnnaInputError(f"cannot read spectrum file: {exc.strerror}", path=path) from None
-    for number, line in enumerate(lines, start=1):
-        text = line.split("#", 1)[0].strip()
-        if not text:
-            continue
-        fields = text.replace(",", " ").split()
-        if len(fields) < 2:
-            raise AnnaInputError("spectrum row needs two columns (wavelength, flux)", path=path, line=number,
-                                 value=text)
-        try:
-            wave, flux = float(fields[0]), float(fields[1])
-        except ValueError:
-            raise AnnaInputError("spectrum row is not numeric", path=path, line=number, value=text) from None
-        if not (math.isfinite(wave) and math.isfinite(flux)):
-            raise AnnaInputError("spectrum row holds NaN or infinity", path=path, line=number, value=text)
-        waves.append(wave)
-        fluxes.append(flux)
-    if len(waves) < 2:
-        raise AnnaInputError(f"spectrum has {len(waves)} data rows; at least 2 are needed", path=path)
-    return np.asarray(waves), np.asarray(fluxes)
-
-
 def _read_one_spectrum(path):
     """(wavelength, flux) of the single spectrum in a text or FITS file, sorted by wavelength."""
     if os.fspath(path).lower().endswith(FITS_SUFFIXES):
@@ -753,7 +721,7 @@ def _read_one_spectrum(path):
         good = np.isfinite(wave) & np.isfinite(flux)
         wave, flux = wave[good], flux[good]
     else:
-        wave, flux = _read_text_spectrum(path)
+        wave, flux = read_two_columns(path, "spectrum", ascending=False)
     order = np.argsort(wave, kind="stable")
     wave, flux = wave[order], flux[order]
     if wave.size < 2 or (np.diff(wave) == 0).any():

@@ -12,8 +12,14 @@ from anna.errors import AnnaInputError
 MIN_TEMPLATE_ROWS = 2
 
 
-def read_two_columns(path, what):
-    """Read a two-column numeric text file as two float64 arrays; errors name the file, line and text."""
+def read_two_columns(path, what, *, ascending=True, finite=True):
+    """Read a two-column numeric text file as two float64 arrays; errors name the file, line and text.
+
+    Columns may be separated by whitespace or commas; further columns are ignored; ``#`` starts a comment.
+    ``ascending`` requires strictly ascending wavelengths (templates); ``finite`` refuses NaN/inf values
+    (spectra for inference keep them, to be flagged rather than refused).  ``what`` names the file's role in
+    messages ("S/N template", "text spectrum", ...).
+    """
     columns = []
     try:
         with open(path, encoding="utf-8") as handle:
@@ -24,9 +30,9 @@ def read_two_columns(path, what):
         raise AnnaInputError(f"{what} file is not text (undecodable byte at offset {exc.start})",
                              path=path) from None
     except OSError as exc:
-        raise AnnaInputError(f"cannot read {what} file: {exc.strerror}", path=path) from None
+        raise AnnaInputError(f"cannot read {what} file: {exc.strerror or exc}", path=path) from None
     for number, line in enumerate(lines, start=1):
-        text = line.split("#", 1)[0].strip()
+        text = line.split("#", 1)[0].replace(",", " ").strip()
         if not text:
             continue
         fields = text.split()
@@ -35,15 +41,16 @@ def read_two_columns(path, what):
         try:
             columns.append((float(fields[0]), float(fields[1])))
         except ValueError:
-            raise AnnaInputError(f"{what} row is not numeric", path=path, line=number, value=text) from None
+            raise AnnaInputError(f"{what} row is not numeric (headers must start with '#')", path=path,
+                                 line=number, value=text) from None
     if len(columns) < MIN_TEMPLATE_ROWS:
         raise AnnaInputError(f"{what} has {len(columns)} data rows; at least {MIN_TEMPLATE_ROWS} are needed",
                              path=path)
     table = np.asarray(columns, dtype=np.float64)
     wave, value = table[:, 0], table[:, 1]
-    if not np.isfinite(table).all():
+    if finite and not np.isfinite(table).all():
         raise AnnaInputError(f"{what} holds NaN or infinite values", path=path)
-    if not (np.diff(wave) > 0).all():
+    if ascending and not (np.diff(wave) > 0).all():
         where = int(np.argmax(np.diff(wave) <= 0)) + 1
         raise AnnaInputError(f"{what} wavelengths are not strictly ascending at row {where + 1}",
                              path=path, value=float(wave[where]))

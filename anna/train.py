@@ -456,7 +456,6 @@ class Trainer:
         from anna.augment import BatchProducer
         from anna.model import build_network
 
-        tf = self.tf
         cfg = self.cfg
         plans = stage_plans(cfg)
         arrays = self.state.pop("arrays")

@@ -388,7 +388,7 @@ def test_nan_labels_are_missing_labels_for_check_as_for_training(tmp_path, capsy
 TEMPLATE_CASES = {  # content, ":line" or "", message
     "one row": ("6600 1.0\n", "", "S/N template has 1 data rows; at least 2 are needed"),
     "non-numeric": ("# wave relsn\n6600 1.0\n6700 abc\n6800 1.0\n", ":3",
-                    "S/N template row is not numeric (got '6700 abc')"),
+                    "S/N template row is not numeric (headers must start with '#') (got '6700 abc')"),
     "one column": ("6600 1.0\n6700\n6800 1.0\n", ":2", "S/N template row needs two columns (got '6700')"),
     "short of the grid": ("6620 1.0\n6700 1.0\n6800 1.0\n", "",
                           "S/N template covers 6620.000-6800.000 A but the spectra span 6605.000-6794.000 A"),

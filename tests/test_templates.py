@@ -16,7 +16,7 @@ def test_relative_sn_interpolated_onto_grid(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ("6600 1.0\n", "1 data rows; at least 2"),
-    ("6600 1.0\n6700 abc\n", r"sn.template:2: S/N template row is not numeric \(got '6700 abc'\)"),
+    ("6600 1.0\n6700 abc\n", r"sn.template:2: S/N template row is not numeric \(headers must start with '#'\) \(got '6700 abc'\)"),
     ("6600 1.0\n6700\n", r"sn.template:2: S/N template row needs two columns"),
     ("6600 1.0\n6700 0.0\n", "relative S/N must be positive; row 2"),
     ("6700 1.0\n6600 1.0\n", "not strictly ascending"),
