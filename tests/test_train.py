@@ -125,13 +125,14 @@ def test_early_stopping_triggers_and_restores_best(tmp_path, toy_packs):
     assert xval_cost_of(model, cfg) == pytest.approx(stage["best_cost"], rel=1e-5)  # ...and best was restored
 
 
-def test_seed_makes_cpu_runs_repeatable(tmp_path, toy_packs):
+@pytest.mark.parametrize("jit", ["NO", "YES"])
+def test_seed_makes_cpu_runs_repeatable(tmp_path, toy_packs, jit):
     runs = []
     for name in ("one", "two"):
         folder = tmp_path / name
         folder.mkdir()
         cfg = load_config(write_params(folder, toy_packs, NUM_TRAIN_ITERS1=100, NUM_TRAIN_ITERS2=50,
-                                       TBOARD_OUTPUT="NO"))
+                                       TBOARD_OUTPUT="NO", JIT_COMPILE=jit))
         run_training(cfg, report=QUIET)
         runs.append(load_frozen(cfg.save_loc).network.get_weights())
     for a, b in zip(*runs):
