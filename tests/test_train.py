@@ -268,3 +268,34 @@ def test_kill9_then_rerun_resumes_where_it_stopped(tmp_path, toy_packs):
     model = load_frozen(tmp_path / "model")
     assert model.metadata["complete"] is True and model.metadata["stages"][0]["iterations"] == 2000
     assert not checkpoint.exists()
+
+
+def test_starnet_like_network_is_one_config_away(tmp_path, toy_packs):
+    """Two conv layers + max-pooling + two dense layers (StarNet's shape) trains through the same builder."""
+    cfg = load_config(write_params(tmp_path, toy_packs, CONV2_SHAPE="1, 5, 1, 8", POOL_SIZE=4, DO_TRAIN2="NO",
+                                   TBOARD_OUTPUT="NO"))
+    result = run_training(cfg, report=QUIET)
+    model = load_frozen(cfg.save_loc)
+    layer_names = [layer.name for layer in model.network.layers]
+    assert {"conv1", "conv2", "pool"} <= set(layer_names)
+    assert model.network.get_layer("pool").output.shape[1] == 64 // 4
+    history = result["history"]
+    assert history[-1]["xval_cost"] < 0.5 * history[0]["xval_cost"]
+
+
+def test_interrupted_rerun_never_replaces_a_finished_model(tmp_path, toy_packs):
+    path = write_params(tmp_path, toy_packs, NUM_TRAIN_ITERS1=60, SAMPLE_INTERVAL=20, DO_TRAIN2="NO",
+                        TBOARD_OUTPUT="NO")
+    assert _cli([str(path)], tmp_path, timeout=300).returncode == 0
+    finished = tmp_path / "model" / "frozen.model"
+    before = finished.read_bytes()
+    longer = write_params(tmp_path, toy_packs, name="longer.param", NUM_TRAIN_ITERS1=100000, SAMPLE_INTERVAL=20,
+                          DO_TRAIN2="NO", TBOARD_OUTPUT="NO", ES_SAMPLE=100000)
+    proc = _start_training(longer)
+    _wait_for_checkpoint(tmp_path / "model" / "checkpoint.anna")
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert finished.read_bytes() == before  # the finished run's model is untouched
+    partial = tmp_path / "model" / "frozen.partial.model"
+    assert str(partial) in stdout and load_frozen(partial).metadata["complete"] is False
