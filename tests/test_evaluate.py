@@ -18,43 +18,7 @@ from anna.evaluate import (apply_correction, fit_correction, load_correction, re
 from anna.packs import write_pack
 from anna.params import load_config
 
-NAMES = ("Teff", "logg", "[Fe/H]")
-MINIMA = np.array([4000.0, 1.0, -2.0])
-MAXIMA = np.array([7000.0, 5.0, 0.5])
-WAVE = 6000.0 + np.arange(64) * 1.0
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-
-
-def toy_flux(unit, wave=WAVE):
-    """Continuum-normalised spectra (n, npix): line k's depth follows normalised label k (0..1)."""
-    centres = wave[0] + (wave[-1] - wave[0]) * np.array([0.2, 0.5, 0.8])
-    depth = 0.1 + 0.5 * unit[:, :, None]
-    profile = depth * np.exp(-0.5 * ((wave[None, None, :] - centres[None, :, None]) / 2.0) ** 2)
-    return 1.0 - profile.sum(axis=1)
-
-
-def toy_stars(n, seed):
-    unit = np.random.default_rng(seed).uniform(0, 1, size=(n, 3))
-    return MINIMA + unit * (MAXIMA - MINIMA), toy_flux(unit)
-
-
-def train_tiny_model(folder, wave=WAVE, epochs=6):
-    """Fit a small network on normalised labels and save it as a frozen model in ``folder``."""
-    import keras
-
-    from anna.model import NetworkSpec, build_network, save_frozen
-
-    keras.utils.set_random_seed(5)
-    labels, flux = toy_stars(1024, seed=1)
-    spec = NetworkSpec(npix=len(wave), nout=3, conv_layers=((5, 4),), fc_dims=(32, 32))
-    network = build_network(spec)
-    network.compile(optimizer=keras.optimizers.Adam(3e-3), loss="mse")
-    if epochs:
-        network.fit(flux.astype(np.float32), ((labels - MINIMA) / (MAXIMA - MINIMA)).astype(np.float32),
-                    batch_size=32, epochs=epochs, verbose=0)
-    save_frozen(str(folder), network, spec, {"output_names": list(NAMES), "wavelengths": list(wave),
-                                             "min_params": list(MINIMA), "max_params": list(MAXIMA)})
-    return str(folder)
+from toy_model import NAMES, MINIMA, MAXIMA, WAVE, SHARED, toy_flux, toy_stars, train_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +39,7 @@ def make_test_config(tmp_path, model_dir, pack, **extra):
 
 
 def write_test_pack(path, n=300, seed=2, ids=None, transform=None):
-    labels, flux = toy_stars(n, seed)
+    labels, flux, _ = toy_stars(n, seed)
     if transform is not None:
         labels = transform(labels)
     ids = np.arange(n) * 3.0 + 2**40 if ids is None else ids
@@ -208,7 +172,7 @@ def test_plots_and_tensorboard_images(tmp_path, model_dir):
 
 
 def test_grid_and_label_mismatches_are_refused(tmp_path, model_dir):
-    labels, flux = toy_stars(10, seed=4)
+    labels, flux, _ = toy_stars(10, seed=4)
     shifted = tmp_path / "shifted.pack"
     write_pack(shifted, WAVE + 0.5, np.arange(10), labels, flux)
     with pytest.raises(AnnaInputError, match=r"TESTING_DATA: wavelengths differ .* largest difference 0.5 A"):
@@ -224,7 +188,7 @@ def test_grid_and_label_mismatches_are_refused(tmp_path, model_dir):
 
 
 def test_nonfinite_flux_refused_without_partial_output(tmp_path, model_dir):
-    labels, flux = toy_stars(10, seed=4)
+    labels, flux, _ = toy_stars(10, seed=4)
     flux[3, 7] = np.nan
     path = tmp_path / "nan.pack"
     write_pack(path, WAVE, np.arange(10), labels, flux)
