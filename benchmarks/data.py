@@ -1,0 +1,215 @@
+"""Inputs the benchmarks run on, generated on the spot inside the workspace.
+
+* the example data set of :mod:`anna.synth` (the tutorial's training, cross-validation and test packs);
+* large packs made by repeating the example spectra (speed and memory do not depend on what the spectra
+  show, and synthesising a million spectra would dominate the run);
+* frozen models of untrained networks (prediction cost does not depend on the weights);
+* multispec FITS files with per-aperture linear dispersions;
+* small parameter files.
+"""
+
+import math
+import os
+
+import numpy as np
+
+from anna.atomic import atomic_output
+
+LABEL_NAMES = ("teff", "logg", "feh", "vmic", "vsini")
+LABEL_UNITS = ("K", "dex", "dex", "km/s", "km/s")
+# Bytes one star takes in a pack: id, labels, dummy and flux, float64.
+PACK_VALUE_BYTES = 8
+
+
+def pack_stars_for_bytes(nbytes, npix=1001, nout=5):
+    """Number of stars that make a pack of about ``nbytes`` bytes."""
+    return max(1, int(nbytes // ((npix + nout + 2) * PACK_VALUE_BYTES)))
+
+
+class DataStore:
+    """Builds each input once per run and hands out its path; everything lives in the workspace."""
+
+    def __init__(self, workspace, sizes, log):
+        self.ws = workspace
+        self.sizes = sizes
+        self.log = log
+        self._example = None
+        self._packs = {}
+        self._models = {}
+
+    # ----- the example data set (anna.synth) -----------------------------------------------------------
+    def example(self):
+        """Paths of make_example_data's products: train, xval, test packs, sn_template, ..."""
+        if self._example is None:
+            from anna.synth import make_example_data
+
+            self.log(f"generating example data ({self.sizes.n_train} training stars)")
+            self._example = make_example_data(self.ws.sub("example", "x"), seed=1, n_train=self.sizes.n_train,
+                                              n_xval=500, n_test=self.sizes.n_test)
+        return self._example
+
+    def example_flux(self, kind="train"):
+        """(wavelengths (npix,), labels (n, 5), flux (n, npix) float64) of an example pack."""
+        from anna.packs import open_pack
+
+        pack = open_pack(self.example()[kind])
+        return np.array(pack.wavelengths), np.array(pack.labels), np.array(pack.flux)
+
+    def noisy_spectra(self, n, seed=3, sn=100.0):
+        """``n`` example training spectra (repeated as needed) with noise at S/N ``sn``, float32 (n, 1001)."""
+        from anna.synth import fibre_relative_sn
+
+        wave, _, flux = self.example_flux("train")
+        rng = np.random.default_rng(seed)
+        rows = flux[np.arange(n) % len(flux)]
+        sigma = 1.0 / (sn * fibre_relative_sn(wave))
+        return (rows + sigma * rng.standard_normal(rows.shape)).astype(np.float32)
+
+    # ----- large packs ------------------------------------------------------------------------------------
+    def tiled_pack(self, n_stars):
+        """A pack of ``n_stars`` made by repeating the example training spectra (each copy scaled by its own
+        factor within +-0.2 %, so rows differ); written in blocks, so memory stays small at any size."""
+        if n_stars not in self._packs:
+            wave, labels, flux = self.example_flux("train")
+            path = self.ws.sub("packs", f"tiled_{n_stars}.pack")
+            self.log(f"writing a {n_stars}-star pack ({n_stars * (flux.shape[1] + 7) * 8 / 1e9:.2f} GB)")
+            write_tiled_pack(path, wave, labels, flux, n_stars)
+            self._packs[n_stars] = path
+        return self._packs[n_stars]
+
+    def has_pack(self, n_stars):
+        return n_stars in self._packs
+
+    def drop_pack(self, n_stars):
+        """Delete a tiled pack now (the big ones should not wait for the end of the run)."""
+        path = self._packs.pop(n_stars, None)
+        if path and os.path.exists(path):
+            os.remove(path)
+
+    # ----- frozen models ----------------------------------------------------------------------------------
+    def untrained_model(self, npix=1001, mc_dropout_rate=0.0):
+        """Folder holding a frozen model of an untrained tutorial network for ``npix`` pixels."""
+        key = (npix, mc_dropout_rate)
+        if key not in self._models:
+            folder = self.ws.sub("models", f"untrained_{npix}_{mc_dropout_rate:g}", "frozen.model")
+            folder = os.path.dirname(folder)
+            write_untrained_model(folder, npix, mc_dropout_rate=mc_dropout_rate)
+            self._models[key] = folder
+        return self._models[key]
+
+
+def grid_for(npix):
+    """The tutorial grid (6625 A at 0.2 A per pixel) extended to ``npix`` pixels."""
+    from anna.synth import GRID_START, GRID_STEP
+
+    return np.round(GRID_START + GRID_STEP * np.arange(npix), 6)
+
+
+def write_tiled_pack(path, wavelengths, labels, flux, n_stars, block=8192, seed=11):
+    """Stream a pack of ``n_stars`` rows cycling through ``flux`` (n_base, npix) and ``labels`` (n_base, nout)."""
+    wavelengths = np.asarray(wavelengths, dtype="<f8")
+    n_base, npix = flux.shape
+    nout = labels.shape[1]
+    rng = np.random.default_rng(seed)
+    with atomic_output(path, "wb") as handle:
+        np.concatenate([[npix, nout], wavelengths]).astype("<f8").tofile(handle)
+        table = np.empty((block, npix + nout + 2), dtype="<f8")
+        for start in range(0, n_stars, block):
+            stop = min(start + block, n_stars)
+            count = stop - start
+            source = np.arange(start, stop) % n_base
+            rows = table[:count]
+            rows[:, 0] = np.arange(start + 1, stop + 1)
+            rows[:, 1:1 + nout] = labels[source]
+            rows[:, 1 + nout] = 0.0
+            np.multiply(flux[source], rng.uniform(0.998, 1.002, (count, 1)), out=rows[:, 2 + nout:])
+            rows.tofile(handle)
+    return path
+
+
+def write_untrained_model(folder, npix, nout=5, mc_dropout_rate=0.0):
+    """Save the tutorial network (CONV1 45 x 10, FC 128/128) with its initial weights as a frozen model."""
+    from anna.model import NetworkSpec, build_network, save_frozen
+    from anna.synth import DEFAULT_LABEL_RANGES
+
+    spec = NetworkSpec(npix=npix, nout=nout)
+    network = build_network(spec, dropout_rate=mc_dropout_rate)
+    ranges = np.asarray(DEFAULT_LABEL_RANGES[:nout])
+    metadata = {"output_names": list(LABEL_NAMES[:nout]), "min_params": ranges[:, 0].tolist(),
+                "max_params": ranges[:, 1].tolist(), "wavelengths": grid_for(npix).tolist(),
+                "mc_dropout_rate": float(mc_dropout_rate), "complete": True,
+                "note": "untrained network written by the benchmark script"}
+    os.makedirs(folder, exist_ok=True)
+    return save_frozen(folder, network, spec, metadata)
+
+
+def write_param_file(path, values):
+    """A parameter file with one ``KEY: value`` line per item of ``values``."""
+    with atomic_output(path, "w", encoding="utf-8") as handle:
+        for key, value in values.items():
+            handle.write(f"{key}: {value}\n")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# IRAF multispec files with linear dispersion
+
+WAT_CARD_CHARS = 68  # IRAF cuts its WAT attribute strings into cards of exactly this many characters
+
+
+def multispec_apertures(model_grid, n_apertures, rng):
+    """Per-aperture linear dispersions that cover ``model_grid`` with a margin, like extracted fibre spectra.
+
+    Returns (w1 (n,), dw (n,), width) — every aperture has ``width`` valid pixels.
+    """
+    step = float(model_grid[1] - model_grid[0])
+    w1 = np.round(float(model_grid[0]) - 10.0 + rng.uniform(-0.5, 0.5, n_apertures), 4)
+    dw = np.round(0.95 * step * (1.0 + rng.normal(0.0, 1e-4, n_apertures)), 7)
+    # wide enough that every aperture reaches 10 A past the end of the model grid
+    width = int(math.ceil(np.max((float(model_grid[-1]) + 10.0 - w1) / dw))) + 1
+    return w1, dw, width
+
+
+def write_multispec(path, flux, w1, dw):
+    """Write (n_apertures, width) ``flux`` as an IRAF multispec image with linear dispersion (dtype 0)."""
+    from astropy.io import fits
+
+    n_apertures, width = flux.shape
+    hdu = fits.PrimaryHDU(np.asarray(flux, dtype=np.float32))
+    header = hdu.header
+    header["OBJECT"] = "benchmark multispec"
+    header["WCSDIM"] = 2
+    header["CTYPE1"] = "MULTISPE"
+    header["CTYPE2"] = "MULTISPE"
+    header["CD1_1"] = 1.0
+    header["CD2_2"] = 1.0
+    header["LTM1_1"] = 1.0
+    header["LTM2_2"] = 1.0
+    header["WAT0_001"] = "system=multispec"
+    header["WAT1_001"] = "wtype=multispec label=Wavelength units=angstroms"
+    specs = [f'spec{ap} = "{ap} {ap} 0 {w1[ap - 1]:.4f} {dw[ap - 1]:.7f} {width} 0. {ap - 0.4:.2f} {ap + 0.4:.2f}"'
+             for ap in range(1, n_apertures + 1)]
+    text = "wtype=multispec " + " ".join(specs)
+    for number, start in enumerate(range(0, len(text), WAT_CARD_CHARS), start=1):
+        header[f"WAT2_{number:03d}"] = text[start:start + WAT_CARD_CHARS]
+    with atomic_output(path, "wb") as handle:
+        hdu.writeto(handle)
+    return path
+
+
+def write_multispec_set(folder, model_grid, n_spectra, n_apertures=90, seed=5, sn=100.0):
+    """``ceil(n_spectra / n_apertures)`` multispec files of ``n_apertures`` noisy spectra each; returns the count
+    of spectra written.  The spectra are synthesised once on the aperture grids and re-noised per file."""
+    from anna.synth import draw_labels, fibre_relative_sn, synthesize
+
+    rng = np.random.default_rng(seed)
+    w1, dw, width = multispec_apertures(model_grid, n_apertures, rng)
+    wave = w1[:, None] + dw[:, None] * np.arange(width)[None, :]
+    base = synthesize(wave, draw_labels(n_apertures, rng))
+    sigma = 1.0 / (sn * fibre_relative_sn(wave))
+    os.makedirs(folder, exist_ok=True)
+    n_files = -(-n_spectra // n_apertures)
+    for number in range(n_files):
+        flux = base * rng.uniform(0.99, 1.01, (n_apertures, 1)) + sigma * rng.standard_normal(base.shape)
+        write_multispec(os.path.join(folder, f"field{number:05d}.fits"), flux, w1, dw)
+    return n_files * n_apertures

@@ -1,0 +1,207 @@
+"""Shared pieces of the benchmark script: result rows and targets, timing, sizes, the scratch workspace.
+
+Timings on a shared machine are noisy, so every figure is the median of several repeats and every row is
+compared with a baseline measured in the same run, close in time.  Nothing here asserts a timing: a missed
+target is reported, never raised.
+"""
+
+import dataclasses
+import math
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TUTORIAL_CONFIG = os.path.join(REPO_ROOT, "configs", "tutorial.param")
+TUTORIAL_ITERATIONS = (13000, 2000)  # stage 1 and stage 2 of the tutorial (Appendix A)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A goal for one row: ``figure`` or ``ratio`` must be ``>=`` or ``<=`` ``value``; ``text`` is what the table shows."""
+
+    on: str
+    op: str
+    value: float
+    text: str
+
+    def met(self, figure, ratio):
+        subject = figure if self.on == "figure" else ratio
+        if subject is None or not math.isfinite(subject):
+            return None
+        return subject >= self.value if self.op == ">=" else subject <= self.value
+
+
+def at_least(value, unit_text):
+    return Target("figure", ">=", value, f">= {unit_text}")
+
+
+def at_most(value, unit_text):
+    return Target("figure", "<=", value, f"<= {unit_text}")
+
+
+def ratio_at_least(value):
+    return Target("ratio", ">=", value, f">= {value:g}x")
+
+
+@dataclasses.dataclass
+class Row:
+    """One line of the results table.
+
+    ``figure`` is the measured value in ``unit``; ``baseline`` the comparison value in the same unit, measured
+    in the same run; ``ratio`` = figure / baseline.  ``status`` is "ok", "n/a" (not applicable here, ``note``
+    says why), "skipped" or "error".  ``higher_is_better`` tells the reader which way the ratio should go.
+    """
+
+    group: str
+    name: str
+    figure: float = None
+    unit: str = ""
+    baseline: float = None
+    target: Target = None
+    note: str = ""
+    status: str = "ok"
+    higher_is_better: bool = True
+    ratio_value: float = None  # when the ratio is not figure / baseline (e.g. a median of paired ratios)
+
+    @property
+    def ratio(self):
+        if self.ratio_value is not None:
+            return self.ratio_value
+        if self.figure is None or self.baseline is None or self.baseline == 0:
+            return None
+        return self.figure / self.baseline
+
+    @property
+    def met(self):
+        if self.target is None or self.status != "ok":
+            return None
+        return self.target.met(self.figure, self.ratio)
+
+    def as_dict(self):
+        return {"group": self.group, "name": self.name, "figure": self.figure, "unit": self.unit,
+                "baseline": self.baseline, "ratio": self.ratio,
+                "target": None if self.target is None else self.target.text, "met": self.met,
+                "status": self.status, "note": self.note, "higher_is_better": self.higher_is_better}
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """How big each benchmark is.  :func:`full_sizes` is the real benchmark, :func:`quick_sizes` a smoke run
+    (< 3 minutes on a 2-core machine) that still produces every row."""
+
+    quick: bool
+    n_train: int            # example-data training pack (the tutorial uses 5000)
+    n_test: int             # test stars per S/N in the accuracy row
+    train_rounds: int       # row 1: rounds of (plain loop, anna-train ON, anna-train OFF)
+    train_iterations: int   # row 1: iterations per anna-train run
+    train_interval: int     # row 1: SAMPLE_INTERVAL, i.e. steps per timed chunk
+    warmup_intervals: int   # row 1: leading intervals discarded (graph tracing, pipeline filling)
+    tutorial_iterations: int  # row 2: iterations actually run (split 13:2 between the stages), then scaled
+    baseline_chunks: int    # plain-loop chunks of ``train_interval`` steps timed per baseline measurement
+    infer_pack_stars: int   # row 3
+    repeats: int            # inference rows: repeats of each timing
+    predict_spectra: int    # in-memory predict baselines
+    fits_spectra: int       # row 4 (90 apertures per file)
+    mc_spectra: int         # row 5
+    rss_pack_stars: int     # row 6: 1,000,000 stars of 1001 pixels = 8.06 GB
+    rss_iterations: int     # row 6
+    scaling_npix: tuple     # row 7
+    scaling_train_steps: int
+    scaling_predict_spectra: int
+    scaling_pack_stars: tuple
+    accuracy_iterations: int  # row 8, stage 1 (stage 2 scaled 2000/13000)
+    accuracy_sn: tuple = (50.0, 100.0, 200.0)
+    # Quick runs only: overrides that let a few dozen iterations reach steady state (documented in the notes).
+    tutorial_interval: int = None  # SAMPLE_INTERVAL for row 2 (None: the tutorial's 50)
+    throughput_depth: int = None   # MAX_PP_DEPTH for row 1 (None: the tutorial's 200000)
+
+
+def full_sizes(accuracy_iterations=TUTORIAL_ITERATIONS[0]):
+    return Sizes(quick=False, n_train=5000, n_test=2000, train_rounds=2, train_iterations=700,
+                 train_interval=50, warmup_intervals=6, tutorial_iterations=1500, baseline_chunks=4,
+                 infer_pack_stars=100_000, repeats=3, predict_spectra=20_000, fits_spectra=100_080,
+                 mc_spectra=1000, rss_pack_stars=1_000_000, rss_iterations=300,
+                 scaling_npix=(1001, 4001, 8001), scaling_train_steps=10, scaling_predict_spectra=4096,
+                 scaling_pack_stars=(10_000, 100_000, 1_000_000), accuracy_iterations=accuracy_iterations)
+
+
+def quick_sizes(accuracy_iterations=100):
+    return Sizes(quick=True, n_train=2000, n_test=300, train_rounds=1, train_iterations=125,
+                 train_interval=25, warmup_intervals=2, tutorial_iterations=58, baseline_chunks=2,
+                 infer_pack_stars=10_000, repeats=2, predict_spectra=4096, fits_spectra=1800,
+                 mc_spectra=500, rss_pack_stars=62_000, rss_iterations=30,
+                 scaling_npix=(1001, 4001, 8001), scaling_train_steps=3, scaling_predict_spectra=1024,
+                 scaling_pack_stars=(2000, 6000, 20_000), accuracy_iterations=accuracy_iterations,
+                 tutorial_interval=25, throughput_depth=2000)
+
+
+def median(values):
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.median(values) if values else None
+
+
+def timed(function, *args, **kwargs):
+    """(seconds, result) of one call."""
+    started = time.perf_counter()
+    result = function(*args, **kwargs)
+    return time.perf_counter() - started, result
+
+
+class Log:
+    """Progress lines on stderr (so stdout keeps only the table); anna's own reports only with --verbose."""
+
+    def __init__(self, verbose=False, stream=None):
+        self.verbose = verbose
+        self.stream = stream or sys.stderr
+        self.started = time.perf_counter()
+
+    def __call__(self, text):
+        self.stream.write(f"[{time.perf_counter() - self.started:7.1f}s] {text}\n")
+        self.stream.flush()
+
+    def anna(self, text):
+        """A ``report`` callback for anna's stage functions."""
+        if self.verbose:
+            self(f"    | {text}")
+
+
+class Workspace:
+    """A scratch folder for everything a run generates; removed on exit, whatever happens."""
+
+    def __init__(self, parent=None):
+        self.parent = parent
+        self.path = None
+
+    def __enter__(self):
+        self.path = tempfile.mkdtemp(prefix="anna-bench-", dir=self.parent)
+        return self
+
+    def __exit__(self, *exc):
+        shutil.rmtree(self.path, ignore_errors=True)
+        return False
+
+    def sub(self, *parts):
+        """Path inside the workspace; its parent folders are created."""
+        path = os.path.join(self.path, *parts)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return path
+
+    def fresh_dir(self, *parts):
+        path = os.path.join(self.path, *parts)
+        shutil.rmtree(path, ignore_errors=True)
+        os.makedirs(path)
+        return path
+
+    def free_bytes(self):
+        return shutil.disk_usage(self.path).free
+
+
+def error_rows(group, names, exc):
+    """Rows that say a benchmark group failed, so the table still lists every row."""
+    text = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+    return [Row(group, name, status="error", note=text) for name in names], traceback.format_exc()
