@@ -132,12 +132,12 @@ def full_sizes(accuracy_iterations=TUTORIAL_ITERATIONS[0]):
 
 def quick_sizes(accuracy_iterations=100):
     return Sizes(quick=True, n_train=2000, n_test=300, train_rounds=1, train_iterations=125,
-                 train_interval=25, warmup_intervals=2, tutorial_iterations=58, baseline_chunks=2,
+                 train_interval=25, warmup_intervals=2, tutorial_iterations=115, baseline_chunks=2,
                  infer_pack_stars=10_000, repeats=2, predict_spectra=4096, fits_spectra=1800,
                  mc_spectra=500, rss_pack_stars=62_000, rss_iterations=30,
                  scaling_npix=(1001, 4001, 8001), scaling_train_steps=3, scaling_predict_spectra=1024,
                  scaling_pack_stars=(2000, 6000, 20_000), accuracy_iterations=accuracy_iterations,
-                 tutorial_interval=25, throughput_depth=2000)
+                 throughput_depth=2000)
 
 
 def median(values):

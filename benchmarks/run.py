@@ -143,7 +143,7 @@ def table_lines(rows):
 # Running the groups
 
 
-def run_group(name, ctx, selected):
+def run_group(name, ctx):
     import rows_accuracy
     import rows_inference
     import rows_training
@@ -237,7 +237,7 @@ def main(argv=None):
             log(f"== {GROUP_TITLES[name]}")
             group_started = time.perf_counter()
             try:
-                group_rows, group_details = run_group(name, ctx, args.groups)
+                group_rows, group_details = run_group(name, ctx)
             except Exception as exc:  # a failed group must not hide the others' results
                 group_rows, trace = harness.error_rows(name, [f"{GROUP_TITLES[name]}"], exc)
                 group_details = {"traceback": trace}
