@@ -18,21 +18,13 @@ from anna.errors import AnnaInputError
 from anna.evaluate import apply_correction, load_correction, run_test
 from anna.infer import FATAL_FLAGS, output_path, run_infer, spectrum_onto_grid
 from anna.packs import write_pack
-from anna.params import load_config
 
-from toy_model import NAMES, MINIMA, MAXIMA, SPAN, WAVE, SHARED, toy_flux, toy_stars, train_tiny_model
+from toy_model import NAMES, MINIMA, MAXIMA, SPAN, WAVE, SHARED, toy_flux, toy_stars, train_tiny_model, make_config
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return train_tiny_model(tmp_path_factory.mktemp("model"))
-
-
-def make_config(folder, **keys):
-    """Write a parameter file with ``keys`` and load it as anna-infer would."""
-    path = Path(folder) / "ANNA.param"
-    path.write_text("".join(f"{key.upper()}: {value}\n" for key, value in keys.items()))
-    return load_config(path)
 
 
 def infer_config(tmp_path, model_dir, **keys):

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from anna.params import load_config
+
 NAMES = ("Teff", "logg", "[Fe/H]")
 MINIMA = np.array([4000.0, 1.0, -2.0])
 MAXIMA = np.array([7000.0, 5.0, 0.5])
@@ -46,3 +48,10 @@ def train_tiny_model(folder, wave=WAVE, epochs=6):
     save_frozen(str(folder), network, spec, {"output_names": list(NAMES), "wavelengths": list(wave),
                                              "min_params": list(MINIMA), "max_params": list(MAXIMA)})
     return str(folder)
+
+
+def make_config(folder, **keys):
+    """Write a parameter file with ``keys`` and load it as anna-test/anna-infer would."""
+    path = Path(folder) / "ANNA.param"
+    path.write_text("".join(f"{key.upper()}: {value}\n" for key, value in keys.items()))
+    return load_config(path)
