@@ -543,6 +543,26 @@ def _wat_cards(axis, text):
             for number, start in enumerate(range(0, len(text), WAT_CHARS_PER_CARD), start=1)]
 
 
+def add_multispec_wcs(header, specs):
+    """Write IRAF multispec world coordinates for a 2-D (apertures x pixels) image into ``header``.
+
+    ``specs`` are the per-aperture attribute strings "ap beam dtype w1 dw nw z aplow aphigh [...]"; they go into
+    WAT2 cards cut at IRAF's 68 characters.
+    """
+    header["WCSDIM"] = 2
+    header["CTYPE1"] = "MULTISPE"
+    header["CTYPE2"] = "MULTISPE"
+    header["CD1_1"] = 1.0
+    header["CD2_2"] = 1.0
+    header["LTM1_1"] = 1.0
+    header["LTM2_2"] = 1.0
+    header["WAT0_001"] = "system=multispec"
+    header["WAT1_001"] = "wtype=multispec label=Wavelength units=angstroms"
+    wat2 = "wtype=multispec " + " ".join(f'spec{number} = "{spec}"' for number, spec in enumerate(specs, 1))
+    for keyword, value in _wat_cards(2, wat2):
+        header[keyword] = value
+
+
 def _write_star_multispec(path, rng, star_labels, n_apertures, star_sn, resolution, grid):
     """Noisy spectra of one star as an IRAF multispec image (apertures x pixels), float32.
 
@@ -585,18 +605,7 @@ def _write_star_multispec(path, rng, star_labels, n_apertures, star_sn, resoluti
     header["OBJECT"] = ("EXAMPLE STAR", "synthetic spectra of one star (anna.synth)")
     header["ORIGIN"] = "ANNA-TF example data generator"
     header["COMMENT"] = "Teaching-model spectra, not real data; true labels in star_labels.json."
-    header["WCSDIM"] = 2
-    header["CTYPE1"] = "MULTISPE"
-    header["CTYPE2"] = "MULTISPE"
-    header["CD1_1"] = 1.0
-    header["CD2_2"] = 1.0
-    header["LTM1_1"] = 1.0
-    header["LTM2_2"] = 1.0
-    header["WAT0_001"] = "system=multispec"
-    header["WAT1_001"] = "wtype=multispec label=Wavelength units=angstroms"
-    wat2 = "wtype=multispec " + " ".join(f'spec{number} = "{spec}"' for number, spec in enumerate(specs, 1))
-    for keyword, value in _wat_cards(2, wat2):
-        header[keyword] = value
+    add_multispec_wcs(header, specs)
     for number, spec in enumerate(specs, start=1):
         fields = spec.split()
         header[f"APNUM{number}"] = f"{fields[0]} {fields[1]} {fields[7]} {fields[8]}"

@@ -14,6 +14,7 @@ import os
 import numpy as np
 
 from anna.atomic import atomic_output
+from anna.synth import add_multispec_wcs
 
 LABEL_NAMES = ("teff", "logg", "feh", "vmic", "vsini")
 LABEL_UNITS = ("K", "dex", "dex", "km/s", "km/s")
@@ -154,7 +155,6 @@ def write_param_file(path, values):
 # ----------------------------------------------------------------------------------------------------------
 # IRAF multispec files with linear dispersion
 
-WAT_CARD_CHARS = 68  # IRAF cuts its WAT attribute strings into cards of exactly this many characters
 
 
 def multispec_apertures(model_grid, n_apertures, rng):
@@ -178,20 +178,8 @@ def write_multispec(path, flux, w1, dw):
     hdu = fits.PrimaryHDU(np.asarray(flux, dtype=np.float32))
     header = hdu.header
     header["OBJECT"] = "benchmark multispec"
-    header["WCSDIM"] = 2
-    header["CTYPE1"] = "MULTISPE"
-    header["CTYPE2"] = "MULTISPE"
-    header["CD1_1"] = 1.0
-    header["CD2_2"] = 1.0
-    header["LTM1_1"] = 1.0
-    header["LTM2_2"] = 1.0
-    header["WAT0_001"] = "system=multispec"
-    header["WAT1_001"] = "wtype=multispec label=Wavelength units=angstroms"
-    specs = [f'spec{ap} = "{ap} {ap} 0 {w1[ap - 1]:.4f} {dw[ap - 1]:.7f} {width} 0. {ap - 0.4:.2f} {ap + 0.4:.2f}"'
-             for ap in range(1, n_apertures + 1)]
-    text = "wtype=multispec " + " ".join(specs)
-    for number, start in enumerate(range(0, len(text), WAT_CARD_CHARS), start=1):
-        header[f"WAT2_{number:03d}"] = text[start:start + WAT_CARD_CHARS]
+    add_multispec_wcs(header, [f"{ap} {ap} 0 {w1[ap - 1]:.4f} {dw[ap - 1]:.7f} {width} 0. {ap - 0.4:.2f} "
+                               f"{ap + 0.4:.2f}" for ap in range(1, n_apertures + 1)])
     with atomic_output(path, "wb") as handle:
         hdu.writeto(handle)
     return path
