@@ -11,9 +11,9 @@ Two implementations of the same model share these semantics:
   between evaluations) and anna-test's PREPROCESS_TEST.
 * :class:`BatchProducer` builds a ``tf.data`` pipeline: PP_THREADS parallel producer calls each draw NUM_FETCH
   random stars (with replacement), gather their rows from the pack, and noise them; a prefetch buffer of
-  MAX_PP_DEPTH examples is the bounded queue the training loop consumes.  All randomness is stateless and keyed
-  by (SEED, stage, chunk number), so the stream is identical for a given seed whatever the thread timing, and a
-  resumed run can restart the stream at any chunk.
+  MAX_PP_DEPTH examples (at most MAX_QUEUE_BYTES of flux) is the bounded queue the training loop consumes.
+  All randomness is stateless and keyed by (SEED, stage, chunk number), so the stream is identical for a given
+  seed whatever the thread timing, and a resumed run can restart the stream at any chunk.
 """
 
 import dataclasses
@@ -25,6 +25,10 @@ import tensorflow as tf
 # Packs whose float32 flux fits in this many bytes are held in RAM; larger ones are read row by row from disk,
 # so resident memory stays bounded whatever the pack size.
 RESIDENT_PACK_BYTES = 1 << 30
+# The queue of ready batches never holds more than this many bytes of flux, whatever MAX_PP_DEPTH asks: the
+# queue only has to ride out the producer's jitter (a few batches), and ANNA's tutorial depth of 200000
+# 1001-pixel examples would otherwise hold 0.8 GB of RAM for nothing (benchmarks/: peak RSS row).
+MAX_QUEUE_BYTES = 64 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,8 +100,8 @@ class BatchProducer:
 
     ``rows``: :class:`PackRows`; ``scaler``: label normaliser; ``noise``: :class:`NoiseModel` or None (no
     augmentation); ``threads`` producer calls in flight (PP_THREADS); ``fetch`` stars drawn per producer call
-    (NUM_FETCH, rounded to whole batches); ``depth`` examples buffered ahead (MAX_PP_DEPTH).  Missing labels
-    (NaN or ``missing_value``) come out as 0 with mask 0.
+    (NUM_FETCH, rounded to whole batches); ``depth`` examples buffered ahead (MAX_PP_DEPTH, at most
+    MAX_QUEUE_BYTES of flux).  Missing labels (NaN or ``missing_value``) come out as 0 with mask 0.
     """
 
     def __init__(self, rows, scaler, noise, *, batch_size, seed, stage, threads=1, fetch=1000, depth=10000,
@@ -111,7 +115,8 @@ class BatchProducer:
         self.seed = int(seed)
         self.stage = int(stage)
         self.threads = max(1, int(threads))
-        self.depth_batches = max(2, int(depth) // self.batch_size)
+        batch_bytes = self.batch_size * rows.npix * 4
+        self.depth_batches = max(2, min(int(depth) // self.batch_size, MAX_QUEUE_BYTES // batch_bytes))
         self.missing_value = missing_value
 
     def _draw_chunk(self, chunk):

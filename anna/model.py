@@ -105,10 +105,12 @@ def build_network(spec, dropout_rate=0.0, centre=None, dropout_seed=None):
     flux = keras.Input(shape=(spec.npix,), name="flux", dtype="float32")
     centre_layer = CentreLayer(spec.npix, name="centre")
     x = centre_layer(flux)
-    x = layers.Reshape((spec.npix, 1), name="as_channels")(x)
     for number, (width, kernels) in enumerate(spec.conv_layers, start=1):
-        x = layers.Conv1D(kernels, width, padding="same", activation="relu", kernel_initializer="he_normal",
-                          bias_initializer="zeros", name=f"conv{number}")(x)
+        if number == 1:
+            x = SpectrumConv1D(kernels, width, name="conv1")(x)
+        else:
+            x = layers.Conv1D(kernels, width, padding="same", activation="relu", kernel_initializer="he_normal",
+                              bias_initializer="zeros", name=f"conv{number}")(x)
     if spec.pool_size > 1:
         x = layers.MaxPooling1D(spec.pool_size, name="pool")(x)
     x = layers.Flatten(name="flatten")(x)
@@ -144,6 +146,63 @@ class CentreLayer(keras.layers.Layer):
 
     def call(self, flux):
         return flux - self.centre
+
+
+class SpectrumConv1D(keras.layers.Layer):
+    """The first convolution: ``kernels`` filters of ``width`` pixels over a single-channel spectrum, "same"
+    padding, ReLU.  (batch, npix) -> (batch, npix, kernels).
+
+    Same weights (kernel (width, 1, kernels), bias (kernels,)), initialisation and result as
+    ``keras.layers.Conv1D(kernels, width, padding="same", activation="relu")`` on (batch, npix, 1), so frozen
+    models are interchangeable; only the arithmetic is arranged differently.  A convolution with ONE input
+    channel gives the CPU convolution kernels almost nothing to vectorise over, and it was the largest single
+    cost of a training step.  Here the padded spectrum is cut into overlapping tiles of TILE + width - 1
+    pixels, and each tile is multiplied by a banded (Toeplitz) matrix built from the kernel, giving TILE
+    output pixels x kernels at once: one dense matrix product, which is what CPUs (and XLA) do best.  On the
+    tutorial network (1001 px, 45 x 10) this made the whole XLA training step 1.3-1.5x and prediction 1.8x
+    faster on 2 cores (benchmarks/).  The band costs (TILE + width - 1) / width times the multiplications of
+    the direct form, which the matrix product more than repays.
+    """
+
+    TILE = 16  # output pixels per tile; 8-64 measured, 16 fastest for both training and prediction
+
+    def __init__(self, kernels, width, **kwargs):
+        super().__init__(**kwargs)
+        self.kernels = int(kernels)
+        self.width = int(width)
+
+    def build(self, input_shape):
+        npix = int(input_shape[-1])
+        tile, width = self.TILE, self.width
+        self.kernel = self.add_weight(shape=(width, 1, self.kernels), initializer="he_normal", name="kernel")
+        self.bias = self.add_weight(shape=(self.kernels,), initializer="zeros", name="bias")
+        self.npix = npix
+        self.tiles = -(-npix // tile)
+        span = tile + width - 1
+        # "same" padding as TensorFlow defines it: the odd pixel of an even-width kernel's padding goes right
+        self.left_pad = (width - 1) // 2
+        self.right_pad = self.tiles * tile + width - 1 - npix - self.left_pad
+        # input pixel positions of each tile: (tiles, span)
+        self.tile_pixels = (np.arange(self.tiles) * tile)[:, None] + np.arange(span)[None, :]
+        # band[j, t] = kernel tap (j - t) for output pixel t of a tile reading tile pixel j, where 0 <= j-t < width
+        offset = np.arange(span)[:, None] - np.arange(tile)[None, :]
+        self.band_taps = np.clip(offset, 0, width - 1)
+        self.band_mask = ((offset >= 0) & (offset < width)).astype(np.float32)[:, :, None]
+
+    def call(self, flux):
+        padded = tf.pad(flux, [[0, 0], [self.left_pad, self.right_pad]])
+        tiles = tf.gather(padded, self.tile_pixels, axis=1)                      # (batch, tiles, span)
+        band = tf.gather(self.kernel[:, 0, :], self.band_taps) * self.band_mask  # (span, TILE, kernels)
+        band = tf.reshape(band, [band.shape[0], self.TILE * self.kernels])
+        out = tf.matmul(tf.reshape(tiles, [-1, band.shape[0]]), band)            # (batch*tiles, TILE*kernels)
+        out = tf.reshape(out, [-1, self.tiles * self.TILE, self.kernels])[:, :self.npix, :]
+        return tf.nn.relu(out + self.bias)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[-1], self.kernels)
+
+    def get_config(self):
+        return {**super().get_config(), "kernels": self.kernels, "width": self.width}
 
 
 class LogNoiseVariance(keras.layers.Layer):
