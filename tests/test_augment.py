@@ -103,3 +103,14 @@ def test_missing_labels_masked(tmp_path):
     for row_labels, row_mask in zip(norm, mask):
         assert row_mask.sum() == 1
         assert np.all(np.isfinite(row_labels))
+
+
+def test_queue_holds_at_most_max_queue_bytes(flat_pack):
+    """MAX_PP_DEPTH is an upper bound: a huge depth is cut to MAX_QUEUE_BYTES of flux, a small one is kept."""
+    from anna.augment import MAX_QUEUE_BYTES
+
+    rows = PackRows(flat_pack)
+    scaler = LabelScaler([0, 0], [300, 10])
+    huge = BatchProducer(rows, scaler, None, batch_size=10, seed=1, stage=1, depth=10**12)
+    assert 2 <= huge.depth_batches and huge.depth_batches * 10 * rows.npix * 4 <= MAX_QUEUE_BYTES
+    assert BatchProducer(rows, scaler, None, batch_size=10, seed=1, stage=1, depth=50).depth_batches == 5

@@ -16,7 +16,7 @@ from astropy.io import fits
 
 from anna.errors import AnnaInputError
 from anna.evaluate import apply_correction, load_correction, run_test
-from anna.infer import FATAL_FLAGS, output_path, run_infer, spectrum_onto_grid
+from anna.infer import FATAL_FLAGS, output_path, run_infer, spectra_onto_grid, spectrum_onto_grid
 from anna.packs import write_pack
 
 from toy_model import NAMES, MINIMA, MAXIMA, SPAN, WAVE, SHARED, toy_flux, toy_stars, train_tiny_model, make_config
@@ -186,6 +186,30 @@ def test_spectrum_onto_grid_flags():
     shuffled[[4, 5]] = shuffled[[5, 4]]
     assert spectrum_onto_grid(shuffled, flux, grid)[1] == {"bad_wavelength"}
     assert spectrum_onto_grid(grid * (1 + 1e-7), 1.0 - 0.01 * grid, grid)[1] == set()
+
+
+def test_spectra_onto_grid_checks_each_spectrum_on_its_own():
+    """A batch mixing lengths, directions and every flag gives, row by row, what each spectrum gives alone."""
+    grid = np.array([10.0, 11.0, 12.0, 13.0])
+    wave = np.arange(8.0, 15.5, 0.5)
+    flux = 1.0 - 0.01 * wave
+    holed, gap, padded, shuffled = flux.copy(), flux.copy(), flux.copy(), wave.copy()
+    holed[3] = np.nan
+    gap[7] = 0.0
+    padded[:3], padded[-3:] = 0.0, 0.0
+    shuffled[[4, 5]] = shuffled[[5, 4]]
+    spectra = [(wave, flux), (wave[::-1], holed[::-1]), (wave, gap), (wave[:3], flux[:3]), (wave, padded),
+               (shuffled, flux), (wave + 2.5, flux), (wave[::-1], flux[::-1]), (wave[2:], flux[2:] * 1.1),
+               (wave, np.zeros_like(flux)), (wave[:1], flux[:1]), (wave, flux[:-1])]
+    on_grid, flags = spectra_onto_grid(spectra, grid)
+    assert [sorted(words) for words in flags] == [
+        [], ["nonfinite"], ["zero_pixels"], ["no_coverage"], [], ["bad_wavelength"], ["no_coverage"], [], [],
+        ["all_zero"], ["bad_wavelength"], ["bad_wavelength"]]
+    for row, (wavelength, values) in enumerate(spectra):
+        alone, words = spectrum_onto_grid(wavelength, values, grid)
+        assert words == flags[row]
+        np.testing.assert_array_equal(on_grid[row], alone)
+    np.testing.assert_allclose(on_grid[8], 1.1 * (1.0 - 0.01 * grid))
 
 
 def test_flagged_text_spectra_give_nan_rows(tmp_path, model_dir):

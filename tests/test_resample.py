@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from anna.resample import cubic_resample
+from anna.resample import cubic_resample, cubic_resample_rows
 
 
 def test_exact_for_cubic_polynomials_on_a_nonuniform_grid():
@@ -33,3 +33,21 @@ def test_keeps_narrow_line_depth_where_linear_interpolation_smooths():
 
 def test_few_samples_fall_back_to_linear():
     np.testing.assert_allclose(cubic_resample([0.0, 1.0, 2.0], [0.0, 1.0, 4.0], [0.5, 1.5]), [0.5, 2.5])
+
+
+def test_rows_equal_one_spectrum_at_a_time():
+    """Many rows at once, each with its own sample range (and one too short for a cubic), equal cubic_resample
+    of each row's own samples."""
+    rng = np.random.default_rng(4)
+    wavelength = np.sort(rng.uniform(6000, 6100, (5, 300)), axis=1)
+    wavelength[:, 0], wavelength[:, -1] = 5990.0, 6110.0
+    flux = 1.0 - 0.3 * rng.random((5, 300))
+    first = np.array([0, 0, 10, 0, 148])
+    last = np.array([299, 280, 299, 150, 150])
+    grids = np.linspace(6020, 6040, 57)
+    wavelength[4, 148:151] = [6010.0, 6030.0, 6050.0]
+    got = cubic_resample_rows(wavelength, flux, first, last, grids)
+    for row in range(5):
+        expected = cubic_resample(wavelength[row, first[row]:last[row] + 1], flux[row, first[row]:last[row] + 1],
+                                  grids)
+        np.testing.assert_array_equal(got[row], expected)
