@@ -65,15 +65,17 @@ after the last file an AnnaInputError lists how many failed.
 
 import csv
 import dataclasses
+import itertools
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from anna.atomic import atomic_output
 from anna.errors import AnnaInputError
 from anna.evaluate import (GRID_RELATIVE_TOLERANCE, apply_correction, check_same_grid, correction_location,
-                           format_star_id, format_value, load_correction, mc_samples_for)
+                           format_star_id, load_correction, mc_samples_for)
 from anna.model import load_frozen, resolve_model_path
 from anna.resample import cubic_resample_rows
 
@@ -120,19 +122,17 @@ class GridBlock:
 
 def grid_flux_flags(flux):
     """Flag sets for (n, npix) fluxes already on the grid: nonfinite, all_zero, zero_pixels."""
-    flux = np.asarray(flux, dtype=np.float64)
+    flux = np.asarray(flux)
     finite = np.isfinite(flux).all(axis=1)
     zeros = np.count_nonzero(flux == 0, axis=1)
-    flags = []
-    for row in range(flux.shape[0]):
-        words = set()
+    flags = [set() for _ in range(flux.shape[0])]
+    for row in np.flatnonzero(~finite | (zeros > 0)):
         if not finite[row]:
-            words.add("nonfinite")
+            flags[row].add("nonfinite")
         elif zeros[row] == flux.shape[1]:
-            words.add("all_zero")
-        elif zeros[row]:
-            words.add("zero_pixels")
-        flags.append(words)
+            flags[row].add("all_zero")
+        else:
+            flags[row].add("zero_pixels")
     return flags
 
 
@@ -376,27 +376,38 @@ def _is_done(output, dependencies):
 
 
 def der_snr_noise(flux):
-    """Noise of each (n, npix) spectrum by DER_SNR, (n,) in flux units; 0 for spectra under 5 pixels."""
-    flux = np.asarray(flux, dtype=np.float64)
+    """Noise of each (n, npix) spectrum by DER_SNR, (n,) in flux units; 0 for spectra under 5 pixels.
+
+    Computed in the precision of ``flux`` (float32 input stays float32: half the memory traffic, and the
+    median of ~1000 values needs no more than float32's 7 digits)."""
+    flux = np.asarray(flux)
+    if flux.dtype != np.float32:
+        flux = flux.astype(np.float64, copy=False)
     if flux.shape[1] < 5:
         return np.zeros(flux.shape[0])
-    second = np.abs(2.0 * flux[:, 2:-2] - flux[:, :-4] - flux[:, 4:])
-    return DER_SNR_FACTOR * np.median(second, axis=1)
+    second = 2.0 * flux[:, 2:-2]
+    second -= flux[:, :-4]
+    second -= flux[:, 4:]
+    np.abs(second, out=second)
+    return DER_SNR_FACTOR * np.median(second, axis=1, overwrite_input=True).astype(np.float64)
 
 
 def domain_scores(flux, domain):
     """(n, 2) training-domain statistics of (n, npix) flux: noise-corrected residual RMS, Mahalanobis distance.
 
     ``domain`` is the dict :func:`training_domain_statistics` made (stored in the frozen model's metadata).
+    Works in the precision of ``flux`` (float32 or float64); the statistics come back as float64.
     """
-    flux = np.asarray(flux, dtype=np.float64)
-    components = np.asarray(domain["components"], dtype=np.float64)  # (K, npix), orthonormal rows
-    centred = flux - np.asarray(domain["reference_spectrum"], dtype=np.float64)[None, :]
+    flux = np.asarray(flux)
+    dtype = np.float32 if flux.dtype == np.float32 else np.float64
+    flux = flux.astype(dtype, copy=False)
+    components = np.asarray(domain["components"], dtype=dtype)  # (K, npix), orthonormal rows
+    centred = flux - np.asarray(domain["reference_spectrum"], dtype=dtype)[None, :]
     coefficients = centred @ components.T
-    residual = centred - coefficients @ components
+    centred -= coefficients @ components  # now the residual
     dof = max(flux.shape[1] - components.shape[0], 1)
-    excess = np.sum(residual**2, axis=1) / dof - der_snr_noise(flux) ** 2
-    offset = coefficients - np.asarray(domain["coefficient_mean"], dtype=np.float64)[None, :]
+    excess = np.einsum("ij,ij->i", centred, centred).astype(np.float64) / dof - der_snr_noise(flux) ** 2
+    offset = coefficients.astype(np.float64) - np.asarray(domain["coefficient_mean"], dtype=np.float64)[None, :]
     inverse = np.asarray(domain["coefficient_inverse_covariance"], dtype=np.float64)
     mahalanobis = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", offset, inverse, offset), 0.0))
     return np.stack([np.sqrt(np.maximum(excess, 0.0)), mahalanobis], axis=1)
@@ -468,8 +479,10 @@ class Predictor:
         (``sigma_total``, ``sigma_model``, ``sigma_pred``; else None).  Adds warning flags to ``block.flags``."""
         usable = np.array([not (words & FATAL_FLAGS) for words in block.flags], dtype=bool)
         # Fatal rows go through as flat continuum so every batch has the same rows as the input: DEBUG results
-        # then equal anna-test's exactly.  Their outputs are discarded.
-        flux = np.where(usable[:, None], block.flux, 1.0)
+        # then equal anna-test's exactly.  Their outputs are discarded.  The network reads float32.
+        flux = np.asarray(block.flux, dtype=np.float32)
+        if not usable.all():
+            flux = np.where(usable[:, None], flux, np.float32(1.0))
         sigmas = None
         if self.with_errors:
             result = self.model.predict_with_uncertainty(flux, samples=self.mc_samples)
@@ -531,11 +544,16 @@ def format_flags(words):
 def write_output(output, blocks, predictor, report, label):
     """Predict every block as it comes and write the CSV atomically; returns (spectra, flagged-fatal,
     flagged-any).  For one long input (a DEBUG pack), read block by block so memory stays bounded."""
-    counts = [0, 0, 0]
     last_progress = time.monotonic()
-    with _OutputTable(output, predictor) as table:
-        for block in blocks:
-            table.write_block(block, *predictor.predict(block))
+    # While block k is written (Python, one core), block k+1 is already being predicted in a worker thread
+    # (TensorFlow and most numpy calls release the interpreter lock), so both cores stay busy.
+    with _OutputTable(output, predictor) as table, ThreadPoolExecutor(1) as worker:
+        previous = None
+        for block in itertools.chain(blocks, [None]):
+            current = None if block is None else (block, worker.submit(predictor.predict, block))
+            if previous is not None:
+                table.write_block(previous[0], *previous[1].result())
+            previous = current
             if time.monotonic() - last_progress > PROGRESS_SECONDS:
                 report(f"  {label}: {table.counts[0]} spectra so far")
                 last_progress = time.monotonic()
@@ -562,13 +580,18 @@ class _OutputTable:
             self._writer.writerow(output_header(self.names, block.meta_columns, self.with_errors))
             self._header_written = True
         spectra, fatal, flagged = self.counts
-        for row, star_id in enumerate(block.star_ids):
-            words = block.flags[row]
-            errors = [] if sigmas is None else [format_value(v) for _, key in ERROR_KINDS for v in sigmas[key][row]]
-            self._writer.writerow([star_id, *block.meta[row], *(format_value(v) for v in labels[row]), *errors,
-                                   format_flags(words)])
-            spectra, fatal, flagged = spectra + 1, fatal + bool(words & FATAL_FLAGS), flagged + bool(words)
-        self.counts = (spectra, fatal, flagged)
+        # repr of Python floats is evaluate.format_value's text (shortest round trip); tolist() converts a whole block
+        # at once, a third of the cost of converting value by value
+        values = np.asarray(labels, dtype=np.float64).tolist()
+        if sigmas is not None:
+            values = [row + errors for row, errors in zip(values, np.concatenate(
+                [np.asarray(sigmas[key], dtype=np.float64) for _, key in ERROR_KINDS], axis=1).tolist())]
+        writerow = self._writer.writerow
+        for star_id, meta, row_values, words in zip(block.star_ids, block.meta, values, block.flags):
+            writerow([star_id, *meta, *map(repr, row_values), format_flags(words) if words else ""])
+            if words:
+                fatal, flagged = fatal + bool(words & FATAL_FLAGS), flagged + 1
+        self.counts = (spectra + len(block.star_ids), fatal, flagged)
 
     def __exit__(self, *exc):
         if exc[0] is None and not self._header_written:
@@ -591,14 +614,30 @@ class _FileBatcher:
     The network handles a batch of thousands of spectra at several times the rate per spectrum of a batch
     of a hundred, so inputs are read until INFER_BATCH_SIZE spectra are waiting, those are predicted in one
     call, and then each input's output is written.  Outputs stay one per input and identical to predicting
-    each file alone, to float32 rounding (a spectrum's result does not depend on its batch-mates)."""
+    each file alone, to float32 rounding (a spectrum's result does not depend on its batch-mates).  The
+    prediction runs in a worker thread while the next files are read, so reading and the network overlap.
+    Use as a context manager: leaving it writes what is still waiting.
+    """
 
     def __init__(self, predictor, report):
         self.predictor = predictor
         self.report = report
         self.pending = []  # (label, output, blocks, started)
         self.waiting = 0
+        self.in_flight = None  # (pending list, future of predictor.predict) being predicted
         self.written = []
+
+    def __enter__(self):
+        self._worker = ThreadPoolExecutor(1)
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            if exc[0] is None:
+                self.flush()
+                self._write_in_flight()
+        finally:
+            self._worker.shutdown()
 
     def add(self, label, output, blocks, started):
         self.pending.append((label, output, blocks, started))
@@ -607,11 +646,24 @@ class _FileBatcher:
             self.flush()
 
     def flush(self):
+        """Start predicting what is waiting (after writing the previous batch's outputs)."""
+        self._write_in_flight()
+        if not self.pending:
+            return
         blocks = [block for _, _, file_blocks, _ in self.pending for block in file_blocks]
-        if any(block.star_ids for block in blocks):
-            labels, sigmas = self.predictor.predict(merge_blocks(blocks))
+        future = (self._worker.submit(self.predictor.predict, merge_blocks(blocks))
+                  if any(block.star_ids for block in blocks) else None)
+        self.in_flight = (self.pending, future)
+        self.pending, self.waiting = [], 0
+
+    def _write_in_flight(self):
+        if self.in_flight is None:
+            return
+        pending, future = self.in_flight
+        self.in_flight = None
+        labels, sigmas = future.result() if future is not None else (None, None)
         offset = 0
-        for label, output, file_blocks, started in self.pending:
+        for label, output, file_blocks, started in pending:
             with _OutputTable(output, self.predictor) as table:
                 for block in file_blocks:
                     rows = slice(offset, offset + len(block.star_ids))
@@ -622,7 +674,6 @@ class _FileBatcher:
             spectra, fatal, flagged = table.counts
             self.report(f"{label}: {spectra} spectra, {fatal} without result, {flagged} flagged -> {output} "
                         f"({time.monotonic() - started:.1f} s)")
-        self.pending, self.waiting = [], 0
 
 
 def _has_error_columns(output):
@@ -679,20 +730,19 @@ def run_infer(cfg, report=print):
             report(f"{label}: {spectra} spectra, {fatal} without result, {flagged} flagged -> {output} "
                    f"({time.monotonic() - started:.1f} s)")
         return written
-    batcher = _FileBatcher(predictor, report)
-    for number, (path, reader, output) in enumerate(todo, start=1):
-        started = time.monotonic()
-        label = f"[{number}/{len(todo)}] {path}"
-        try:
-            blocks = list(reader(path, model))
-        except AnnaInputError as error:
-            if len(planned) == 1:
-                raise
-            failures.append(error)
-            report(f"{label}: FAILED: {error}")
-            continue
-        batcher.add(label, output, blocks, started)
-    batcher.flush()
+    with _FileBatcher(predictor, report) as batcher:
+        for number, (path, reader, output) in enumerate(todo, start=1):
+            started = time.monotonic()
+            label = f"[{number}/{len(todo)}] {path}"
+            try:
+                blocks = list(reader(path, model))
+            except AnnaInputError as error:
+                if len(planned) == 1:
+                    raise
+                failures.append(error)
+                report(f"{label}: FAILED: {error}")
+                continue
+            batcher.add(label, output, blocks, started)
     written = batcher.written
     if failures:
         raise AnnaInputError(f"{len(failures)} of {len(todo)} inputs could not be read (the other outputs were "

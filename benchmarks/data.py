@@ -27,6 +27,10 @@ def pack_stars_for_bytes(nbytes, npix=1001, nout=5):
     return max(1, int(nbytes // ((npix + nout + 2) * PACK_VALUE_BYTES)))
 
 
+# spectra describing the training domain of the benchmark's models (anna-train uses up to 4000)
+DOMAIN_SPECTRA = 2000
+
+
 class DataStore:
     """Builds each input once per run and hands out its path; everything lives in the workspace."""
 
@@ -94,7 +98,13 @@ class DataStore:
         if key not in self._models:
             folder = self.ws.sub("models", f"untrained_{npix}_{mc_dropout_rate:g}", "frozen.model")
             folder = os.path.dirname(folder)
-            write_untrained_model(folder, npix, mc_dropout_rate=mc_dropout_rate)
+            # a trained model carries its training-domain description, and anna-infer scores every spectrum
+            # against it: so does this one, from noisy example spectra (1001 px) or flat noise (other lengths)
+            if npix == 1001:
+                domain_flux = self.noisy_spectra(DOMAIN_SPECTRA, seed=4)
+            else:
+                domain_flux = 1.0 + 0.01 * np.random.default_rng(4).standard_normal((DOMAIN_SPECTRA, npix))
+            write_untrained_model(folder, npix, mc_dropout_rate=mc_dropout_rate, domain_flux=domain_flux)
             self._models[key] = folder
         return self._models[key]
 
@@ -128,8 +138,10 @@ def write_tiled_pack(path, wavelengths, labels, flux, n_stars, block=8192, seed=
     return path
 
 
-def write_untrained_model(folder, npix, nout=5, mc_dropout_rate=0.0):
-    """Save the tutorial network (CONV1 45 x 10, FC 128/128) with its initial weights as a frozen model."""
+def write_untrained_model(folder, npix, nout=5, mc_dropout_rate=0.0, domain_flux=None):
+    """Save the tutorial network (CONV1 45 x 10, FC 128/128) with its initial weights as a frozen model;
+    with ``domain_flux`` (n, npix) also the training-domain description anna-train would store."""
+    from anna.infer import training_domain_statistics
     from anna.model import NetworkSpec, build_network, save_frozen
     from anna.synth import DEFAULT_LABEL_RANGES
 
@@ -139,7 +151,8 @@ def write_untrained_model(folder, npix, nout=5, mc_dropout_rate=0.0):
     metadata = {"output_names": list(LABEL_NAMES[:nout]), "min_params": ranges[:, 0].tolist(),
                 "max_params": ranges[:, 1].tolist(), "wavelengths": grid_for(npix).tolist(),
                 "mc_dropout_rate": float(mc_dropout_rate), "complete": True,
-                "note": "untrained network written by the benchmark script"}
+                "note": "untrained network written by the benchmark script",
+                "training_domain": None if domain_flux is None else training_domain_statistics(domain_flux)}
     os.makedirs(folder, exist_ok=True)
     return save_frozen(folder, network, spec, metadata)
 
