@@ -132,8 +132,17 @@ class BatchProducer:
 
     def dataset(self, start_batch=0):
         """Dataset of batches beginning at batch number ``start_batch`` of this stage's stream."""
-        npix, nout = self.rows.npix, self.rows.nout
         first_chunk, skip = divmod(int(start_batch), self.batches_per_chunk)
+        batches = self.chunk_dataset(first_chunk, prefetch=False).unbatch()
+        if skip:
+            batches = batches.skip(skip)
+        return batches.prefetch(self.depth_batches)
+
+    def chunk_dataset(self, first_chunk=0, prefetch=True):
+        """Dataset of whole producer chunks from chunk number ``first_chunk``: (flux, labels, mask) shaped
+        (batches_per_chunk, batch_size, ...), batch b of chunk c being batch c * batches_per_chunk + b of the
+        stream.  anna-train takes chunks and runs their batches in one compiled call (anna.train)."""
+        npix, nout = self.rows.npix, self.rows.nout
         noise = self.noise
         rel_sn = None if noise is None else tf.constant(noise.rel_sn, dtype=tf.float32)
         seed, stage = self.seed, self.stage
@@ -156,12 +165,10 @@ class BatchProducer:
             return (tf.reshape(flux, shape + [npix]), tf.reshape(labels, shape + [nout]),
                     tf.reshape(mask, shape + [nout]))
 
-        chunks = tf.data.Dataset.counter(start=first_chunk, dtype=tf.int64)
-        batches = chunks.map(produce, num_parallel_calls=self.threads, deterministic=True)
-        batches = batches.unbatch() if self.batches_per_chunk > 1 else batches.map(
-            lambda f, l, m: (f[0], l[0], m[0]))
-        if skip:
-            batches = batches.skip(skip)
+        chunks = tf.data.Dataset.counter(start=int(first_chunk), dtype=tf.int64)
+        chunks = chunks.map(produce, num_parallel_calls=self.threads, deterministic=True)
+        if prefetch:
+            chunks = chunks.prefetch(max(1, self.depth_batches // self.batches_per_chunk))
         options = tf.data.Options()
         options.deterministic = True
-        return batches.prefetch(self.depth_batches).with_options(options)
+        return chunks.with_options(options)

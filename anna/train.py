@@ -560,7 +560,6 @@ class Trainer:
         else:
             stepper = network
 
-        @tf.function(jit_compile=bool(cfg.jit_compile), autograph=False)
         def train_step(flux, labels, mask):
             with tf.GradientTape() as tape:
                 if heteroscedastic:
@@ -591,7 +590,36 @@ class Trainer:
         producer = producer_class(self.rows, self.scaler, self.noise, batch_size=plan.batch_size,
                                   seed=self.seed, stage=plan.number, threads=cfg.pp_threads, fetch=cfg.num_fetch,
                                   depth=cfg.max_pp_depth, missing_value=self.missing_value)
-        iterator = iter(producer.dataset(start_batch=start_iteration))
+        chunk_batches = producer.batches_per_chunk
+        part_shape = [4, plan.batch_size, nout]
+
+        @tf.function(jit_compile=bool(cfg.jit_compile), autograph=False)
+        def train_steps(flux, labels, mask, first, count):
+            """Batches first .. first+count-1 of one producer chunk, one optimiser step each, in ONE call:
+            the per-call cost of leaving and re-entering Python is paid once per chunk, not once per step.
+            Returns every step's cost (chunk_batches,) and, with a variance head, its residual parts."""
+            def body(index, costs, parts):
+                cost, step_parts = train_step(flux[index], labels[index], mask[index])
+                costs = tf.tensor_scatter_nd_update(costs, [[index - first]], [cost])
+                if heteroscedastic:
+                    parts = tf.tensor_scatter_nd_update(parts, [[index - first]], [step_parts])
+                return index + 1, costs, parts
+
+            parts = tf.zeros([chunk_batches] + part_shape if heteroscedastic else [1])
+            _, costs, parts = tf.while_loop(lambda index, costs, parts: index < first + count, body,
+                                            [first, tf.zeros([chunk_batches]), parts])
+            return costs, parts
+
+        constants = {}
+
+        def as_tensor(value):  # one constant per distinct int, so the function is not retraced per value
+            if value not in constants:
+                constants[value] = tf.constant(value, dtype=tf.int32)
+            return constants[value]
+
+        first_chunk, offset = divmod(start_iteration, chunk_batches)
+        chunks = iter(producer.chunk_dataset(first_chunk))
+        chunk = None
         progress = _Progress(self.report, plan.iterations, plan.number)
         progress.line(f"stage {plan.number}: learning rate {plan.learn_rate:g}, batch {plan.batch_size}, "
                       f"keep probability {plan.keep_prob:g}, up to {plan.iterations} iterations"
@@ -617,39 +645,50 @@ class Trainer:
                 if last_planned or maybe_last:
                     self._start_profile()
                     profiling = True
-            fetched = time.perf_counter()
-            flux, labels, mask = next(iterator)
-            wait_time += time.perf_counter() - fetched
+            if chunk is None or offset == chunk_batches:
+                fetched = time.perf_counter()
+                chunk = next(chunks)
+                wait_time += time.perf_counter() - fetched
+                offset = offset % chunk_batches
+            # up to the end of the chunk, the end of the SAMPLE_INTERVAL and the end of the stage
+            count = min(chunk_batches - offset, plan.iterations - iteration,
+                        cfg.sample_interval - iteration % cfg.sample_interval)
             if trace_graph:
                 tf.summary.trace_on(graph=True)
-            loss = train_step(flux, labels, mask)
+            costs, parts = train_steps(*chunk, as_tensor(offset), as_tensor(count))
             if trace_graph:
                 with self.writer.as_default():
                     tf.summary.trace_export(name="train_step", step=0)
                 trace_graph = False
-            loss, variance_parts = loss
-            interval_costs.append(loss)
-            interval_residuals.append(variance_parts)
-            iteration += 1
-            self.global_step += 1
-            if iteration % 10 == 0:
+            interval_costs.append((costs, count))
+            if heteroscedastic:
+                interval_residuals.append((parts, count))
+            ticks_before = iteration // 10
+            iteration += count
+            offset += count
+            self.global_step += count
+            if iteration // 10 != ticks_before:
                 progress.tick(iteration)
             if iteration % cfg.sample_interval == 0 or iteration == plan.iterations:
-                batch_cost = float(np.mean([c.numpy() for c in interval_costs]))
+                batch_cost = float(np.mean(np.concatenate([c.numpy()[:n] for c, n in interval_costs])))
+                steps = sum(n for _, n in interval_costs)
                 elapsed = time.perf_counter() - interval_start
-                examples_per_s = len(interval_costs) * plan.batch_size / max(elapsed, 1e-9)
+                examples_per_s = steps * plan.batch_size / max(elapsed, 1e-9)
                 wait_fraction = wait_time / max(elapsed, 1e-9)
                 if profiling:
                     tf.profiler.experimental.stop()
                     profiling = False
                 if heteroscedastic:
-                    refit_variance_biases(network, *np.concatenate([r.numpy() for r in interval_residuals],
-                                                                   axis=1))
+                    # (steps, 4, batch, nout) per call -> (4, all examples of the interval, nout)
+                    residuals = np.concatenate([np.moveaxis(p.numpy()[:n], 0, 1).reshape(4, -1, nout)
+                                                for p, n in interval_residuals], axis=1)
+                    refit_variance_biases(network, *residuals)
                 if self.xval is not None:
                     xval_cost, rms = evaluate(self.xval.flux, self.xval.labels, self.xval.mask)
                     monitored = xval_cost
                 else:
-                    xval_cost, rms = None, self._batch_rms(evaluate, flux, labels, mask)
+                    last_flux, last_labels, last_mask = (t[offset - 1] for t in chunk)
+                    xval_cost, rms = None, self._batch_rms(evaluate, last_flux, last_labels, last_mask)
                     monitored = batch_cost
                 improved = stopper.update(monitored, iteration, network.get_weights())
                 record = {"stage": plan.number, "iteration": iteration, "global_step": self.global_step,
