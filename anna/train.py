@@ -6,7 +6,8 @@ Guide sections 2.2, 4.2 and 4.5.  One call, :func:`run_training`, does the whole
    the cross-validation set is noised ONCE with a fixed seed so its cost is comparable across evaluations;
 2. build the network with the shared builder (:mod:`anna.model`);
 3. for stage 1 and (DO_TRAIN2) stage 2: Adam at LEARN_RATEn on batches of BATCH_SIZEn streamed by the
-   threaded producer (:mod:`anna.augment`), dropout 1 − KEEP_PROBn; every SAMPLE_INTERVAL batches evaluate
+   threaded producer (:mod:`anna.augment`), dropout 1 − KEEP_PROBn (the producer hands over chunks of
+   NUM_FETCH examples, and one compiled call runs the steps of a chunk); every SAMPLE_INTERVAL batches evaluate
    and log the costs and the RMS per label in physical units, checkpoint, and apply early stopping (ES_SAMPLE
    intervals without improvement of the xval cost, or of the batch cost without xval) -- the stage ends on
    its best weights, and stage 2 starts from stage 1's best;
@@ -20,9 +21,10 @@ cross-validation set (:func:`calibrate_variance_head`).  Every frozen model also
 training spectra for anna-infer's ``outside_training_domain`` flag.
 
 The cost is the mean squared error of the normalised labels (0..1 scale), the quantity minimised; the RMS per
-label is the same error in physical units.  Ctrl-C or SIGTERM stops at the next batch, keeps the best weights
-so far as a usable frozen model and says so.  After a crash or ``kill -9`` the same command resumes from the
-last checkpoint (at most one SAMPLE_INTERVAL of work is lost).
+label is the same error in physical units.  Ctrl-C or SIGTERM stops after the steps of the current chunk
+(at most NUM_FETCH examples), keeps the best weights so far as a usable frozen model and says so.  After a
+crash or ``kill -9`` the same command resumes from the last checkpoint (at most one SAMPLE_INTERVAL of work
+is lost).
 """
 
 import concurrent.futures
