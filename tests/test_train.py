@@ -176,6 +176,12 @@ def test_tensorboard_serves_the_scalars(trained):
             hist_tags = next(iter(json.load(r).values()))
         assert any(t.startswith("weights/") for t in hist_tags)
         assert any(t.startswith("activations/") for t in hist_tags)
+        kernel_tag = next(t for t in hist_tags if t.startswith("weights/") and "conv1" in t and "kernel" in t)
+        url = f"http://127.0.0.1:{port}/data/plugin/histograms/histograms?run={run}&tag={kernel_tag}"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            first_histogram = json.load(r)[0][2]  # [wall time, step, [[left, right, count], ...]]
+        kernel_size = int(np.prod(load_frozen(cfg.save_loc).network.get_layer("conv1").kernel.shape))
+        assert len(first_histogram) == 30 and sum(count for _, _, count in first_histogram) == kernel_size
     finally:
         proc.terminate()
         proc.wait(timeout=30)
