@@ -340,8 +340,9 @@ class FrozenModel:
 
         Returns a dict of (n, nout) float64 arrays in physical units: ``value`` (mean of the passes),
         ``sigma_model`` (their standard deviation times sqrt(κ), κ = :attr:`model_variance_scale`: the spread
-        of the network itself, which grows for spectra unlike the training set), ``sigma_pred`` (the variance head's sigma, read from the dropout-free pass it
-        was trained in; zero without a variance head) and ``sigma_total`` = sqrt(sigma_model² + sigma_pred²)
+        of the network itself, which grows for spectra unlike the training set), ``sigma_pred`` (the variance
+        head's sigma, read from the dropout-free pass it was trained in; zero without a variance head) and
+        ``sigma_total`` = sqrt(sigma_model² + sigma_pred²)
         (Leung & Bovy 2019, eq. 3).  Work is grouped so that one graph call handles ``rows_per_call``
         sample-rows, bounding memory.  Raises AnnaInputError for a model trained without dropout.
         """
