@@ -469,6 +469,7 @@ class Predictor:
     correction: dict = None
     mc_samples: int = None
     max_rel_sigma: float = None
+    domain_pool: object = None  # an executor for the training-domain statistics; None: computed inline
 
     @property
     def with_errors(self):
@@ -483,6 +484,10 @@ class Predictor:
         flux = np.asarray(block.flux, dtype=np.float32)
         if not usable.all():
             flux = np.where(usable[:, None], flux, np.float32(1.0))
+        domain = self.model.metadata.get("training_domain") if usable.any() else None
+        # the numpy statistics in their own thread while TensorFlow predicts: +15 % spectra/s (benchmarks/)
+        scoring = (self.domain_pool.submit(outside_training_domain, flux[usable], domain)
+                   if domain and self.domain_pool is not None else None)
         sigmas = None
         if self.with_errors:
             result = self.model.predict_with_uncertainty(flux, samples=self.mc_samples)
@@ -511,11 +516,9 @@ class Predictor:
             large = (sigmas["sigma_total"] > self.max_rel_sigma * scaler.span).any(axis=1)
             for row in np.flatnonzero(large & usable):
                 block.flags[row].add("large_sigma")
-        domain = self.model.metadata.get("training_domain")
-        if domain and usable.any():
-            outside = np.zeros(len(usable), dtype=bool)
-            outside[usable] = outside_training_domain(flux[usable], domain)
-            for row in np.flatnonzero(outside):
+        if domain:
+            outside = scoring.result() if scoring is not None else outside_training_domain(flux[usable], domain)
+            for row in np.flatnonzero(usable)[outside]:
                 block.flags[row].add("outside_training_domain")
         return labels, sigmas
 
@@ -706,9 +709,14 @@ def run_infer(cfg, report=print):
     if cfg.apply_correction:
         correction = load_correction(cfg.infer_model_loc, model.output_names, source=cfg.source)
         dependencies.append(correction_location(cfg.infer_model_loc))
-    predictor = Predictor(model, int(cfg.infer_batch_size), float(cfg.range_margin), correction, mc_samples,
-                          cfg.max_rel_sigma)
+    with ThreadPoolExecutor(1) as domain_pool:
+        predictor = Predictor(model, int(cfg.infer_batch_size), float(cfg.range_margin), correction, mc_samples,
+                              cfg.max_rel_sigma, domain_pool)
+        return _infer_inputs(cfg, model, predictor, dependencies, correction, mc_samples, report)
 
+
+def _infer_inputs(cfg, model, predictor, dependencies, correction, mc_samples, report):
+    """run_infer's work once the model and predictor are ready: plan, skip what is done, predict, write."""
     inputs = list_inputs(cfg)
     planned = [(path, reader, output_path(cfg.infer_save_loc, path)) for path, reader in inputs]
     _check_distinct_outputs(cfg, [(path, output) for path, _, output in planned])
