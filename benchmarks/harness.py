@@ -118,7 +118,6 @@ class Sizes:
     accuracy_sn: tuple = (50.0, 100.0, 200.0)
     # Quick runs only: overrides that let a few dozen iterations reach steady state (documented in the notes).
     tutorial_interval: int = None  # SAMPLE_INTERVAL for row 2 (None: the tutorial's 50)
-    throughput_depth: int = None   # MAX_PP_DEPTH for row 1 (None: the tutorial's 200000)
 
 
 def full_sizes(accuracy_iterations=TUTORIAL_ITERATIONS[0]):
@@ -136,8 +135,7 @@ def quick_sizes(accuracy_iterations=100):
                  infer_pack_stars=10_000, repeats=2, predict_spectra=4096, fits_spectra=1800,
                  mc_spectra=500, rss_pack_stars=62_000, rss_iterations=30,
                  scaling_npix=(1001, 4001, 8001), scaling_train_steps=3, scaling_predict_spectra=1024,
-                 scaling_pack_stars=(2000, 6000, 20_000), accuracy_iterations=accuracy_iterations,
-                 throughput_depth=2000)
+                 scaling_pack_stars=(2000, 6000, 20_000), accuracy_iterations=accuracy_iterations)
 
 
 def median(values):

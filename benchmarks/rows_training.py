@@ -133,8 +133,6 @@ def training_throughput(ctx):
                     f"then the plain loop")
             overrides = {"NUM_TRAIN_ITERS1": sizes.train_iterations, "DO_TRAIN2": "NO",
                          "SAMPLE_INTERVAL": sizes.train_interval, "PREPROCESS_TRAIN": "YES" if augment else "NO"}
-            if sizes.throughput_depth:
-                overrides["MAX_PP_DEPTH"] = sizes.throughput_depth
             cfg = tutorial_config(ctx, f"throughput_{key}", overrides)
             result = run_training(cfg, report=ctx.log.anna)
             history = [h for h in result["history"] if h["stage"] == 1]
@@ -151,9 +149,6 @@ def training_throughput(ctx):
             f"{sizes.warmup_intervals} warm-up intervals, {sizes.train_rounds} run(s) each; ratio = median over "
             f"runs of (run / plain-loop chunks just before and after it); JIT_COMPILE {'YES' if jit else 'NO'} "
             "as in the tutorial file, for both")
-    if sizes.throughput_depth:
-        note += (f"; QUICK: MAX_PP_DEPTH {sizes.throughput_depth} instead of the tutorial's 200000, whose buffer "
-                 "takes longer to fill than a quick run lasts")
     rows = [
         Row("train", "train throughput, augmentation ON", median(samples["on"]), "ex/s", baseline,
             ratio_at_least(1.0), note, ratio_value=median(ratios["on"])),
