@@ -385,7 +385,6 @@ KEY_TABLE = (
     KeySpec("INPUT_CENTERING", Choice(("ONE", "MEAN")), "ONE", _TR,
             "ONE: network sees flux - 1; MEAN: flux minus the training mean spectrum"),
     KeySpec("JIT_COMPILE", Flag(), False, _TR, "compile the training step with XLA"),
-    KeySpec("MIXED_PRECISION", Flag(), False, _TR, "float16 compute on GPUs (float32 weights)"),
     KeySpec("RESUME", Flag(), True, _TR, "continue from a checkpoint in SAVE_LOC if one exists"),
     KeySpec("MAGIC_NUMBER", Float(), -9999.0, _ALL, "value that marks a missing label or bad pixel"),
     KeySpec("UNCERTAINTY", Choice(("NONE", "MC_DROPOUT")), "NONE", _ALL, "per-star uncertainty estimate"),
