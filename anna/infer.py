@@ -392,25 +392,65 @@ def der_snr_noise(flux):
     return DER_SNR_FACTOR * np.median(second, axis=1, overwrite_input=True).astype(np.float64)
 
 
-def domain_scores(flux, domain):
-    """(n, 2) training-domain statistics of (n, npix) flux: noise-corrected residual RMS, Mahalanobis distance.
+class DomainScorer:
+    """The training-domain statistics of spectra against one stored domain (:func:`training_domain_statistics`).
 
-    ``domain`` is the dict :func:`training_domain_statistics` made (stored in the frozen model's metadata).
-    Works in the precision of ``flux`` (float32 or float64); the statistics come back as float64.
+    ``scores(flux)``: (n, 2) float64, the noise-corrected residual RMS and the Mahalanobis distance of
+    (n, npix) flux; ``outside(flux)``: (n,) bool, either beyond its threshold.  Works in the precision of the
+    flux given (float32 or float64).  The projection on the principal components runs as a TensorFlow graph:
+    numpy's BLAS threads busy-wait after each product, and in anna-infer, where these statistics run beside
+    the network, that spinning took 17 us of CPU per spectrum from it (benchmarks/, pack inference row).
+    Build one scorer per model and reuse it: the graph is traced once per dtype.
     """
-    flux = np.asarray(flux)
-    dtype = np.float32 if flux.dtype == np.float32 else np.float64
-    flux = flux.astype(dtype, copy=False)
-    components = np.asarray(domain["components"], dtype=dtype)  # (K, npix), orthonormal rows
-    centred = flux - np.asarray(domain["reference_spectrum"], dtype=dtype)[None, :]
-    coefficients = centred @ components.T
-    centred -= coefficients @ components  # now the residual
-    dof = max(flux.shape[1] - components.shape[0], 1)
-    excess = np.einsum("ij,ij->i", centred, centred).astype(np.float64) / dof - der_snr_noise(flux) ** 2
-    offset = coefficients.astype(np.float64) - np.asarray(domain["coefficient_mean"], dtype=np.float64)[None, :]
-    inverse = np.asarray(domain["coefficient_inverse_covariance"], dtype=np.float64)
-    mahalanobis = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", offset, inverse, offset), 0.0))
-    return np.stack([np.sqrt(np.maximum(excess, 0.0)), mahalanobis], axis=1)
+
+    def __init__(self, domain):
+        self.domain = domain
+        self.components = np.asarray(domain["components"], dtype=np.float64)  # (K, npix), orthonormal rows
+        self.reference = np.asarray(domain["reference_spectrum"], dtype=np.float64)
+        self.coefficient_mean = np.asarray(domain["coefficient_mean"], dtype=np.float64)
+        self.inverse_covariance = np.asarray(domain["coefficient_inverse_covariance"], dtype=np.float64)
+        self._projections = {}
+
+    def _project(self, flux):
+        """(coefficients (n, K), residual sum of squares (n,)) of flux - reference, float64."""
+        import tensorflow as tf
+
+        if flux.dtype not in self._projections:
+            components = tf.constant(self.components.astype(flux.dtype))
+            reference = tf.constant(self.reference.astype(flux.dtype))
+
+            @tf.function(input_signature=[tf.TensorSpec([None, self.reference.size], flux.dtype)],
+                         autograph=False)
+            def project(values):
+                centred = values - reference
+                coefficients = tf.matmul(centred, components, transpose_b=True)
+                residual = centred - tf.matmul(coefficients, components)
+                return coefficients, tf.reduce_sum(tf.square(residual), axis=1)
+
+            self._projections[flux.dtype] = project
+        coefficients, residual_sum = self._projections[flux.dtype](flux)
+        return coefficients.numpy().astype(np.float64), residual_sum.numpy().astype(np.float64)
+
+    def scores(self, flux):
+        flux = np.asarray(flux)
+        if flux.dtype != np.float32:
+            flux = flux.astype(np.float64, copy=False)
+        coefficients, residual_sum = self._project(flux)
+        dof = max(flux.shape[1] - self.components.shape[0], 1)
+        excess = residual_sum / dof - der_snr_noise(flux) ** 2
+        offset = coefficients - self.coefficient_mean[None, :]
+        mahalanobis = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", offset, self.inverse_covariance, offset), 0.0))
+        return np.stack([np.sqrt(np.maximum(excess, 0.0)), mahalanobis], axis=1)
+
+    def outside(self, flux):
+        scores = self.scores(flux)
+        limits = self.domain["thresholds"]
+        return (scores[:, 0] > limits["residual"]) | (scores[:, 1] > limits["mahalanobis"])
+
+
+def domain_scores(flux, domain):
+    """(n, 2) training-domain statistics of (n, npix) flux (see :class:`DomainScorer`)."""
+    return DomainScorer(domain).scores(flux)
 
 
 def training_domain_statistics(flux):
@@ -443,12 +483,10 @@ def training_domain_statistics(flux):
 
 def outside_training_domain(flux, domain):
     """(n,) bool: the spectra beyond either training-domain threshold (all False without a stored domain)."""
-    flux = np.asarray(flux, dtype=np.float64)
+    flux = np.asarray(flux)
     if not domain:
         return np.zeros(flux.shape[0], dtype=bool)
-    scores = domain_scores(flux, domain)
-    limits = domain["thresholds"]
-    return (scores[:, 0] > limits["residual"]) | (scores[:, 1] > limits["mahalanobis"])
+    return DomainScorer(domain).outside(flux)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -471,6 +509,10 @@ class Predictor:
     max_rel_sigma: float = None
     domain_pool: object = None  # an executor for the training-domain statistics; None: computed inline
 
+    def __post_init__(self):
+        domain = self.model.metadata.get("training_domain")
+        self.domain_scorer = DomainScorer(domain) if domain else None
+
     @property
     def with_errors(self):
         return self.mc_samples is not None
@@ -484,10 +526,10 @@ class Predictor:
         flux = np.asarray(block.flux, dtype=np.float32)
         if not usable.all():
             flux = np.where(usable[:, None], flux, np.float32(1.0))
-        domain = self.model.metadata.get("training_domain") if usable.any() else None
-        # the numpy statistics in their own thread while TensorFlow predicts: +15 % spectra/s (benchmarks/)
-        scoring = (self.domain_pool.submit(outside_training_domain, flux[usable], domain)
-                   if domain and self.domain_pool is not None else None)
+        scorer = self.domain_scorer if usable.any() else None
+        # the domain statistics in their own thread while the network predicts: +15 % spectra/s (benchmarks/)
+        scoring = (self.domain_pool.submit(scorer.outside, flux[usable])
+                   if scorer is not None and self.domain_pool is not None else None)
         sigmas = None
         if self.with_errors:
             result = self.model.predict_with_uncertainty(flux, samples=self.mc_samples)
@@ -516,8 +558,8 @@ class Predictor:
             large = (sigmas["sigma_total"] > self.max_rel_sigma * scaler.span).any(axis=1)
             for row in np.flatnonzero(large & usable):
                 block.flags[row].add("large_sigma")
-        if domain:
-            outside = scoring.result() if scoring is not None else outside_training_domain(flux[usable], domain)
+        if scorer is not None:
+            outside = scoring.result() if scoring is not None else scorer.outside(flux[usable])
             for row in np.flatnonzero(usable)[outside]:
                 block.flags[row].add("outside_training_domain")
         return labels, sigmas

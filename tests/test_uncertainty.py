@@ -219,6 +219,28 @@ def test_training_domain_rule_false_alarm_rate():
     assert outside_training_domain(shifted, domain).mean() > 0.9
 
 
+def test_domain_scores_follow_their_definition_in_both_precisions():
+    """Residual RMS (noise removed in quadrature) and Mahalanobis distance, written out in numpy here, equal
+    the scorer's, which projects with TensorFlow; float32 input agrees with float64 to float32 precision."""
+    from anna.infer import DomainScorer, der_snr_noise
+
+    rng = np.random.default_rng(3)
+    train, _ = noisy_copy(toy_flux(toy_labels(500, rng)), np.ones(128), (50, 200), (0, 0), seed=5)
+    domain = training_domain_statistics(train)
+    flux, _ = noisy_copy(toy_flux(toy_labels(300, rng)), np.ones(128), (20, 300), (-0.02, 0.02), seed=6)
+    components = np.array(domain["components"])
+    centred = flux - np.array(domain["reference_spectrum"])
+    coefficients = centred @ components.T
+    residual = centred - coefficients @ components
+    excess = (residual**2).sum(axis=1) / (flux.shape[1] - len(components)) - der_snr_noise(flux) ** 2
+    offset = coefficients - np.array(domain["coefficient_mean"])
+    distance = np.sqrt(np.einsum("ij,jk,ik->i", offset, np.array(domain["coefficient_inverse_covariance"]), offset))
+    expected = np.c_[np.sqrt(np.maximum(excess, 0)), distance]
+    scorer = DomainScorer(domain)
+    np.testing.assert_allclose(scorer.scores(flux), expected, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(scorer.scores(flux.astype(np.float32)), expected, rtol=2e-3, atol=1e-5)
+
+
 def test_variance_scales_recover_known_components():
     rng = np.random.default_rng(4)
     n = 20000
