@@ -389,7 +389,24 @@ def der_snr_noise(flux):
     second -= flux[:, :-4]
     second -= flux[:, 4:]
     np.abs(second, out=second)
-    return DER_SNR_FACTOR * np.median(second, axis=1, overwrite_input=True).astype(np.float64)
+    return DER_SNR_FACTOR * row_medians(second)
+
+
+def row_medians(values):
+    """Median of each row of a 2-D array, float64; NaN for rows holding NaN (as ``np.median``).
+
+    One ``np.partition`` at the middle element, plus the maximum of the lower half for even lengths: half the
+    time of ``np.median``, which partitions at two positions (benchmarks/, pack inference row).  ``values``
+    is reordered in place.
+    """
+    count = values.shape[1]
+    middle = count // 2
+    values.partition(middle, axis=1)
+    median = values[:, middle].astype(np.float64)
+    if count % 2 == 0:
+        median = 0.5 * (median + values[:, :middle].max(axis=1))
+    median[np.isnan(values).any(axis=1)] = np.nan
+    return median
 
 
 class DomainScorer:

@@ -306,3 +306,14 @@ def test_mc_sampling_of_the_top_layers_equals_sampling_the_whole_network():
     np.testing.assert_allclose(mean, passes.mean(axis=0), atol=1e-5)
     np.testing.assert_allclose(var_model, passes.var(axis=0), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(var_pred, np.exp(whole(flux, training=False).numpy()[:, 3:]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("width", [1, 2, 7, 10, 997, 998])
+def test_row_medians_equal_numpy_median(width):
+    from anna.infer import row_medians
+
+    values = np.random.default_rng(width).normal(size=(40, width)).astype(np.float32)
+    values[3, 0] = np.nan
+    values[5] = 2.5  # ties
+    expected = np.median(values.astype(np.float64), axis=1)
+    np.testing.assert_allclose(row_medians(values.copy()), expected, rtol=1e-7)
