@@ -12,7 +12,7 @@ Input modes (INFER_MODE, or the legacy DEBUG_MODE / SINGLE_MS_MODE flags):
             compressed FITS) and, failing that, by extension.  Files ending ``_infer.out`` (our own
             outputs) are never taken as inputs.
 
-Every spectrum is resampled onto the frozen model's own wavelength grid by local cubic (four-point Lagrange)
+Every spectrum is resampled onto the frozen model's own wavelength grid by local cubic (four-point)
 interpolation (:mod:`anna.resample`); WAVE_TEMPLATE, when given, is only checked against that grid.  Nothing
 is extrapolated.  One output per input file,
 ``INFER_SAVE_LOC/<input stem>_infer.out``, written atomically, comma-separated, header
@@ -76,7 +76,7 @@ from anna.atomic import atomic_output
 from anna.errors import AnnaInputError
 from anna.evaluate import (GRID_RELATIVE_TOLERANCE, apply_correction, check_same_grid, correction_location,
                            format_star_id, load_correction, mc_samples_for)
-from anna.model import load_frozen, resolve_model_path
+from anna.model import DER_SNR_FACTOR, load_frozen, resolve_model_path
 from anna.resample import cubic_resample_rows
 
 OUTPUT_SUFFIX = "_infer.out"
@@ -87,8 +87,6 @@ ERROR_KINDS = (("_err", "sigma_total"), ("_err_model", "sigma_model"), ("_err_pr
 # the flag threshold (the false-alarm rate on spectra like the training ones).
 DOMAIN_COMPONENTS = 10
 DOMAIN_FALSE_ALARM = 0.001
-# DER_SNR (Stoehr et al. 2008): noise = 1.482602 / sqrt(6) * median |2 f_i - f_(i-2) - f_(i+2)|.
-DER_SNR_FACTOR = 1.482602 / np.sqrt(6.0)
 FATAL_FLAGS = frozenset({"no_coverage", "bad_wavelength", "nonfinite", "all_zero"})
 MULTISPEC_COLUMNS = ("file", "aperture", "beam")
 FITS_EXTENSIONS = (".fits", ".fit", ".fts")
@@ -380,9 +378,7 @@ def der_snr_noise(flux):
 
     Computed in the precision of ``flux`` (float32 input stays float32: half the memory traffic, and the
     median of ~1000 values needs no more than float32's 7 digits)."""
-    flux = np.asarray(flux)
-    if flux.dtype != np.float32:
-        flux = flux.astype(np.float64, copy=False)
+    flux = _working_precision(flux)
     if flux.shape[1] < 5:
         return np.zeros(flux.shape[0])
     second = 2.0 * flux[:, 2:-2]
@@ -390,6 +386,12 @@ def der_snr_noise(flux):
     second -= flux[:, 4:]
     np.abs(second, out=second)
     return DER_SNR_FACTOR * row_medians(second)
+
+
+def _working_precision(flux):
+    """``flux`` as a float32 array when it is float32, else as float64 (the domain statistics' two precisions)."""
+    flux = np.asarray(flux)
+    return flux if flux.dtype == np.float32 else flux.astype(np.float64, copy=False)
 
 
 def row_medians(values):
@@ -449,9 +451,7 @@ class DomainScorer:
         return coefficients.numpy().astype(np.float64), residual_sum.numpy().astype(np.float64)
 
     def scores(self, flux):
-        flux = np.asarray(flux)
-        if flux.dtype != np.float32:
-            flux = flux.astype(np.float64, copy=False)
+        flux = _working_precision(flux)
         coefficients, residual_sum = self._project(flux)
         dof = max(flux.shape[1] - self.components.shape[0], 1)
         excess = residual_sum / dof - der_snr_noise(flux) ** 2
@@ -642,8 +642,8 @@ class _OutputTable:
             self._writer.writerow(output_header(self.names, block.meta_columns, self.with_errors))
             self._header_written = True
         spectra, fatal, flagged = self.counts
-        # repr of Python floats is evaluate.format_value's text (shortest round trip); tolist() converts a whole block
-        # at once, a third of the cost of converting value by value
+        # repr of Python floats is evaluate.format_value's text (shortest round trip); tolist() converts a
+        # whole block at once, a third of the cost of converting value by value
         values = np.asarray(labels, dtype=np.float64).tolist()
         if sigmas is not None:
             values = [row + errors for row, errors in zip(values, np.concatenate(
@@ -666,7 +666,7 @@ def merge_blocks(blocks):
     flags the predictor adds to the merged block land in the original blocks."""
     return GridBlock(star_ids=[star for block in blocks for star in block.star_ids],
                      meta=[meta for block in blocks for meta in block.meta],
-                     flux=np.concatenate([block.flux for block in blocks]) if blocks else np.empty((0, 0)),
+                     flux=np.concatenate([block.flux for block in blocks]),
                      flags=[words for block in blocks for words in block.flags])
 
 
@@ -733,9 +733,14 @@ class _FileBatcher:
                     table.write_block(block, labels[rows],
                                       None if sigmas is None else {key: v[rows] for key, v in sigmas.items()})
             self.written.append(output)
-            spectra, fatal, flagged = table.counts
-            self.report(f"{label}: {spectra} spectra, {fatal} without result, {flagged} flagged -> {output} "
-                        f"({time.monotonic() - started:.1f} s)")
+            _report_written(self.report, label, table.counts, output, started)
+
+
+def _report_written(report, label, counts, output, started):
+    """The line anna-infer prints for each finished output."""
+    spectra, fatal, flagged = counts
+    report(f"{label}: {spectra} spectra, {fatal} without result, {flagged} flagged -> {output} "
+           f"({time.monotonic() - started:.1f} s)")
 
 
 def _has_error_columns(output):
@@ -792,10 +797,9 @@ def _infer_inputs(cfg, model, predictor, dependencies, correction, mc_samples, r
         for number, (path, reader, output) in enumerate(todo, start=1):
             started = time.monotonic()
             label = f"[{number}/{len(todo)}] {path}"
-            spectra, fatal, flagged = write_output(output, reader(path, model), predictor, report, label)
+            counts = write_output(output, reader(path, model), predictor, report, label)
             written.append(output)
-            report(f"{label}: {spectra} spectra, {fatal} without result, {flagged} flagged -> {output} "
-                   f"({time.monotonic() - started:.1f} s)")
+            _report_written(report, label, counts, output, started)
         return written
     with _FileBatcher(predictor, report) as batcher:
         for number, (path, reader, output) in enumerate(todo, start=1):

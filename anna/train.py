@@ -617,24 +617,24 @@ class Trainer:
         def graph_step(flux, labels, mask, index):
             return train_step(flux[index], labels[index], mask[index])
 
-        def stepwise(flux, labels, mask, first, count):
-            """Without XLA a graph while-loop ran 1.4x slower than one graph call per step (benchmarks/)."""
-            results = [graph_step(flux, labels, mask, as_tensor(index))
-                       for index in range(int(first), int(first) + int(count))]
-            costs = tf.concat([tf.stack([cost for cost, _ in results]), tf.zeros([chunk_batches - len(results)])], 0)
-            parts = (tf.concat([tf.stack([p for _, p in results]),
-                                tf.zeros([chunk_batches - len(results)] + part_shape)], 0)
-                     if heteroscedastic else None)
-            return costs, parts
-
-        train_steps = compiled_steps if cfg.jit_compile else stepwise
-
         constants = {}
 
         def as_tensor(value):  # one constant per distinct int, so the function is not retraced per value
             if value not in constants:
                 constants[value] = tf.constant(value, dtype=tf.int32)
             return constants[value]
+
+        def train_steps(chunk, first, count):
+            """Steps first .. first+count-1 of ``chunk``: one XLA call, or (JIT_COMPILE NO) one graph call per
+            step, since without XLA a graph while-loop ran 1.4x slower (benchmarks/).  Returns compiled_steps'
+            (costs, parts)."""
+            if cfg.jit_compile:
+                return compiled_steps(*chunk, as_tensor(first), as_tensor(count))
+            results = [graph_step(*chunk, as_tensor(index)) for index in range(first, first + count)]
+            costs = tf.concat([tf.stack([cost for cost, _ in results]), tf.zeros([chunk_batches - count])], 0)
+            parts = (tf.concat([tf.stack([p for _, p in results]), tf.zeros([chunk_batches - count] + part_shape)], 0)
+                     if heteroscedastic else None)
+            return costs, parts
 
         first_chunk, offset = divmod(start_iteration, chunk_batches)
         chunks = iter(producer.chunk_dataset(first_chunk))
@@ -674,7 +674,7 @@ class Trainer:
                         cfg.sample_interval - iteration % cfg.sample_interval)
             if trace_graph:
                 tf.summary.trace_on(graph=True)
-            costs, parts = train_steps(*chunk, as_tensor(offset), as_tensor(count))
+            costs, parts = train_steps(chunk, offset, count)
             if trace_graph:
                 with self.writer.as_default():
                     tf.summary.trace_export(name="train_step", step=0)
