@@ -22,13 +22,44 @@ import os
 import numpy as np
 import tensorflow as tf
 
-# Packs whose float32 flux fits in this many bytes are held in RAM; larger ones are read row by row from disk,
-# so resident memory stays bounded whatever the pack size.
-RESIDENT_PACK_BYTES = 1 << 30
+# Packs whose float32 flux fits under resident_limit_bytes() are held in RAM; larger ones are read row by row
+# from disk (pread: the kernel's page cache keeps what fits, outside the process's resident set), so resident
+# memory stays bounded whatever the pack size.  The limit is min(RESIDENT_PACK_CAP, RESIDENT_MEMORY_FRACTION x
+# MemAvailable).  The cap keeps anna-train under 2 GB at every pack size (benchmarks/, peak RSS rows: the run
+# itself takes ~1.4 GB, so the old 1 GiB limit would have taken a 250k-star pack to ~2.4 GB).  It is not zero
+# because streaming costs CPU: a 1000-star producer chunk of 1001 pixels from a page-cached pack took ~4 ms more
+# than from RAM (17 against 13 ms with noise; benchmarks/, producer chunk row), beside ~100 ms of training steps
+# per chunk on 2 cores.  The fraction keeps a machine with little memory free from spending it on the pack.
+RESIDENT_PACK_CAP = 256 << 20
+RESIDENT_MEMORY_FRACTION = 0.125
 # The queue of ready batches never holds more than this many bytes of flux, whatever MAX_PP_DEPTH asks: the
 # queue only has to ride out the producer's jitter (a few batches), and ANNA's tutorial depth of 200000
 # 1001-pixel examples would otherwise hold 0.8 GB of RAM for nothing (benchmarks/: peak RSS row).
 MAX_QUEUE_BYTES = 64 << 20
+
+
+def memory_available_bytes(meminfo="/proc/meminfo"):
+    """MemAvailable of ``meminfo`` in bytes (the kernel's estimate of what can be allocated without swapping),
+    or None where the file or the line is missing (systems other than Linux)."""
+    try:
+        with open(meminfo, encoding="ascii", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    fields = line.split()
+                    scale = 1024 if len(fields) > 2 and fields[2].lower() == "kb" else 1
+                    return int(fields[1]) * scale
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def resident_limit_bytes(available=None, cap=RESIDENT_PACK_CAP, fraction=RESIDENT_MEMORY_FRACTION):
+    """Largest float32 flux (bytes) of a pack that :class:`PackRows` holds in RAM: ``min(cap, fraction x
+    available)``, ``available`` being the memory available in bytes (:func:`memory_available_bytes`); ``cap``
+    alone when that is unknown (None)."""
+    if available is None:
+        return int(cap)
+    return int(max(0, min(int(cap), int(fraction * available))))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,16 +95,21 @@ class PackRows:
     """Random-access rows of a pack as float32: in RAM when small, streamed with pread when large.
 
     ``gather(indices)`` returns (flux (k, npix) float32, labels (k, nout) float64) for int64 ``indices``.
-    Streaming reads each requested row with one positioned read, which keeps the process's resident memory
-    independent of the pack size (memory-mapping would count every touched page against the process).
+    The flux is held in RAM when its float32 size is at most ``resident_bytes`` (None: the rule of
+    :func:`resident_limit_bytes` on this machine's available memory).  Streaming reads each requested row with
+    one positioned read, which keeps the process's resident memory independent of the pack size
+    (memory-mapping would count every touched page against the process).  The labels are always in RAM.
     """
 
-    def __init__(self, pack, resident_bytes=RESIDENT_PACK_BYTES):
+    def __init__(self, pack, resident_bytes=None):
+        if resident_bytes is None:
+            resident_bytes = resident_limit_bytes(memory_available_bytes())
         self.pack = pack
         self.npix = pack.npix
         self.nout = pack.nout
         self.labels = np.empty((pack.n_stars, pack.nout), dtype=np.float64)
-        self.resident = pack.n_stars * pack.npix * 4 <= resident_bytes
+        self.resident_bytes = int(resident_bytes)
+        self.resident = pack.n_stars * pack.npix * 4 <= self.resident_bytes
         if self.resident:
             self.flux = np.empty((pack.n_stars, pack.npix), dtype=np.float32)
         for start, stop, labels, flux in pack.iter_blocks():
