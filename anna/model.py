@@ -40,7 +40,9 @@ from anna.losses import LOG_VARIANCE_MAX, LOG_VARIANCE_MIN
 
 FROZEN_MODEL_NAME = "frozen.model"
 FORMAT_NAME = "anna-tf frozen model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Formats this version reads: 1 had (width, kernels) pairs and one pooling after the last convolution.
+READABLE_FORMAT_VERSIONS = (1, 2)
 # What load_frozen and its users rely on; a model lacking any of these is refused with a clear message.
 REQUIRED_METADATA = ("network", "output_names", "wavelengths", "min_params", "max_params")
 # Starting values of the variance head (normalised labels, 0..1 scale): sigma_fit = 0.1 (a tenth of MAX - MIN),
@@ -50,8 +52,9 @@ INITIAL_LOG_VARIANCE_FIT = float(np.log(0.1**2))
 INITIAL_LOG_NOISE_GAIN = float(np.log(0.1**2) - np.log(0.01**2))
 # Smallest batch shape FrozenModel.predict_raw compiles: shorter batches are padded up to a power of two.
 PREDICT_MIN_ROWS = 64
-# MC dropout: sample-rows (spectra x passes) per graph call; a row holds fc1's activations, so memory stays small.
-MC_ROWS_PER_CALL = 65536
+# MC dropout: activation floats per graph call (2^23 floats = 32 MiB per activation); the sample-rows (spectra x
+# passes) of one call follow from the widest activation the sampled part of the network makes per row.
+MC_CALL_FLOATS = 1 << 23
 # DER_SNR (Stoehr et al. 2008): noise = 1.482602 / sqrt(6) * median |2 f_i - f_(i-2) - f_(i+2)|.
 DER_SNR_FACTOR = 1.482602 / np.sqrt(6.0)
 # Noise floor (flux units) so that ln(noise^2) stays finite for noise-free spectra.
@@ -59,11 +62,46 @@ NOISE_FLOOR = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
+class ConvLayer:
+    """One convolution of the network: ``kernels`` filters ``width`` pixels wide, ReLU, "same" padding, moving
+    ``stride`` pixels per output; then, optionally, max-pooling over ``pool`` pixels and dropout (``dropout``,
+    at the training stage's rate).  Written ``KxW[sS][pP][d]`` in CONV_LAYERS, e.g. ``16x8p4``."""
+
+    kernels: int
+    width: int
+    stride: int = 1
+    pool: int = 1
+    dropout: bool = False
+
+    def to_dict(self):
+        return {"kernels": self.kernels, "width": self.width, "stride": self.stride, "pool": self.pool,
+                "dropout": self.dropout}
+
+    @property
+    def text(self):
+        return (f"{self.kernels}x{self.width}" + (f"s{self.stride}" if self.stride > 1 else "")
+                + (f"p{self.pool}" if self.pool > 1 else "") + ("d" if self.dropout else ""))
+
+
+def _conv_layer(entry):
+    """A ConvLayer from a ConvLayer, a dict (format 2) or a (width, kernels) pair (format 1, and older code)."""
+    if isinstance(entry, ConvLayer):
+        return entry
+    if isinstance(entry, dict):
+        return ConvLayer(kernels=int(entry["kernels"]), width=int(entry["width"]), stride=int(entry.get("stride", 1)),
+                         pool=int(entry.get("pool", 1)), dropout=bool(entry.get("dropout", False)))
+    width, kernels = (int(v) for v in entry)
+    return ConvLayer(kernels=kernels, width=width)
+
+
+@dataclasses.dataclass(frozen=True)
 class NetworkSpec:
     """Everything that fixes the network's shape.  Stored in the frozen model and used to rebuild it.
 
-    ``conv_layers`` is a tuple of (kernel width in pixels, number of kernels); ``fc_dims`` the two dense widths;
-    ``pool_size`` 1 means no pooling; ``heteroscedastic`` adds a log-variance output per label.
+    ``conv_layers``: a tuple of :class:`ConvLayer` (a ``(width, kernels)`` pair is accepted too, ANNA's order);
+    ``pool_size`` > 1 (ANNA-TF's older spelling) adds max-pooling after the LAST convolution and is then folded
+    into that layer, so two specs of the same network compare equal; ``fc_dims``: the widths of the dense
+    layers, each followed by dropout; ``heteroscedastic`` adds a log-variance output per label.
     """
 
     npix: int
@@ -73,54 +111,109 @@ class NetworkSpec:
     fc_dims: tuple = (128, 128)
     heteroscedastic: bool = False
 
+    def __post_init__(self):
+        layers_ = [_conv_layer(entry) for entry in self.conv_layers]
+        if int(self.pool_size) > 1:
+            if not layers_:
+                raise ValueError("pool_size needs a convolution to pool after")
+            if layers_[-1].pool > 1:
+                raise ValueError("the last convolution already has its own pooling")
+            layers_[-1] = dataclasses.replace(layers_[-1], pool=int(self.pool_size))
+        object.__setattr__(self, "conv_layers", tuple(layers_))
+        object.__setattr__(self, "pool_size", 1)
+        object.__setattr__(self, "fc_dims", tuple(int(v) for v in self.fc_dims))
+        if not self.fc_dims:
+            raise ValueError("the network needs at least one dense layer")
+
     @classmethod
     def from_config(cls, cfg, npix, nout):
-        conv = [(cfg.conv1_shape[1], cfg.conv1_shape[3])]
-        if getattr(cfg, "conv2_shape", None):
-            conv.append((cfg.conv2_shape[1], cfg.conv2_shape[3]))
-        return cls(npix=int(npix), nout=int(nout), conv_layers=tuple(conv), pool_size=int(cfg.pool_size or 1),
-                   fc_dims=(int(cfg.fc1_outdim), int(cfg.fc2_outdim)),
-                   heteroscedastic=(getattr(cfg, "uncertainty", "NONE") == "MC_DROPOUT"))
+        """The network a parameter file describes (:func:`anna.params.network_layers` resolves ANNA's and
+        ANNA-TF's spellings of the layers into one list)."""
+        from anna.params import network_layers
+
+        conv, fc_dims = network_layers(cfg)
+        return cls(npix=int(npix), nout=int(nout), conv_layers=tuple(ConvLayer(**c) for c in conv),
+                   fc_dims=tuple(fc_dims), heteroscedastic=(getattr(cfg, "uncertainty", "NONE") == "MC_DROPOUT"))
+
+    @property
+    def description(self):
+        """One line for logs: '4x8, 16x8p4 | 256, 128'."""
+        return f"{', '.join(c.text for c in self.conv_layers) or 'no convolution'} | {', '.join(map(str, self.fc_dims))}"
 
     def to_dict(self):
-        return {"npix": self.npix, "nout": self.nout, "conv_layers": [list(c) for c in self.conv_layers],
-                "pool_size": self.pool_size, "fc_dims": list(self.fc_dims),
-                "heteroscedastic": self.heteroscedastic}
+        return {"npix": self.npix, "nout": self.nout, "conv_layers": [c.to_dict() for c in self.conv_layers],
+                "fc_dims": list(self.fc_dims), "heteroscedastic": self.heteroscedastic}
 
     @classmethod
     def from_dict(cls, data):
+        """Format 2 (one dict per convolution) or format 1 (``[width, kernels]`` pairs and one ``pool_size``)."""
         return cls(npix=int(data["npix"]), nout=int(data["nout"]),
-                   conv_layers=tuple(tuple(int(v) for v in c) for c in data["conv_layers"]),
-                   pool_size=int(data["pool_size"]), fc_dims=tuple(int(v) for v in data["fc_dims"]),
+                   conv_layers=tuple(_conv_layer(c) for c in data["conv_layers"]),
+                   pool_size=int(data.get("pool_size", 1)), fc_dims=tuple(int(v) for v in data["fc_dims"]),
                    heteroscedastic=bool(data.get("heteroscedastic", False)))
 
+    def chain(self):
+        """The names of the main chain's layers in order, as :func:`build_network` names them."""
+        names = ["centre"]
+        for number, conv in enumerate(self.conv_layers, start=1):
+            if number == 1 and conv.stride > 1:
+                names.append("channel")
+            names.append(f"conv{number}")
+            if conv.pool > 1:
+                names.append(f"pool{number}")
+            if conv.dropout:
+                names.append(f"conv_dropout{number}")
+        names.append("flatten")
+        for number in range(1, len(self.fc_dims) + 1):
+            names += [f"fc{number}", f"dropout{number}"]
+        return names + ["labels"]
 
-def build_network(spec, dropout_rate=0.0, centre=None, dropout_seed=None):
+    def activation_floats(self):
+        """Floats of the largest activation one spectrum produces in the forward pass (sets batch memory)."""
+        length, largest = self.npix, self.npix
+        for conv in self.conv_layers:
+            length = -(-length // conv.stride)
+            largest = max(largest, length * conv.kernels)
+            length //= conv.pool
+        return max([largest] + list(self.fc_dims))
+
+
+def build_network(spec, dropout_rate=0.0, centre=None, dropout_seed=None, compiled_form="xla"):
     """Build the Keras network for ``spec``.
 
     ``dropout_rate`` is 1 − KEEP_PROB of the stage being trained (dropout only acts when called with
     ``training=True``); ``dropout_seed`` (int) makes the dropout masks a fixed sequence (MC-dropout reruns).
-    ``centre`` (npix,) is subtracted from the input; default 1.0 (the continuum).
+    ``centre`` (npix,) is subtracted from the input; default 1.0 (the continuum).  ``compiled_form`` ("xla" or
+    "graph") picks, for layers with two implementations of the same function, the one that is faster in that
+    compiled form (:class:`SpectrumMaxPool1D`); the weights and results do not depend on it.
     Input (batch, npix) float32 flux; output (batch, nout) normalised labels, or (batch, 2·nout) with the
     log-variances appended when ``spec.heteroscedastic``.
     """
     flux = keras.Input(shape=(spec.npix,), name="flux", dtype="float32")
     centre_layer = CentreLayer(spec.npix, name="centre")
     x = centre_layer(flux)
-    for number, (width, kernels) in enumerate(spec.conv_layers, start=1):
-        if number == 1:
-            x = SpectrumConv1D(kernels, width, name="conv1")(x)
+
+    def seed_for(slot):
+        return None if dropout_seed is None else int(dropout_seed) * 2 + slot
+
+    for number, conv in enumerate(spec.conv_layers, start=1):
+        if number == 1 and conv.stride == 1:
+            x = SpectrumConv1D(conv.kernels, conv.width, name="conv1")(x)
         else:
-            x = layers.Conv1D(kernels, width, padding="same", activation="relu", kernel_initializer="he_normal",
-                              bias_initializer="zeros", name=f"conv{number}")(x)
-    if spec.pool_size > 1:
-        x = layers.MaxPooling1D(spec.pool_size, name="pool")(x)
+            if number == 1:
+                x = layers.Reshape((spec.npix, 1), name="channel")(x)
+            x = layers.Conv1D(conv.kernels, conv.width, strides=conv.stride, padding="same", activation="relu",
+                              kernel_initializer="he_normal", bias_initializer="zeros", name=f"conv{number}")(x)
+        if conv.pool > 1:
+            x = SpectrumMaxPool1D(conv.pool, compiled_form=compiled_form, name=f"pool{number}")(x)
+        if conv.dropout:
+            # seeds 1000+ keep the dense layers' mask sequences what they were before conv dropout existed
+            x = layers.Dropout(dropout_rate, seed=seed_for(1000 + number), name=f"conv_dropout{number}")(x)
     x = layers.Flatten(name="flatten")(x)
     for number, width in enumerate(spec.fc_dims, start=1):
         x = layers.Dense(width, activation="relu", kernel_initializer="he_normal", bias_initializer="zeros",
                          name=f"fc{number}")(x)
-        seed = None if dropout_seed is None else int(dropout_seed) * 2 + number
-        x = layers.Dropout(dropout_rate, seed=seed, name=f"dropout{number}")(x)
+        x = layers.Dropout(dropout_rate, seed=seed_for(number), name=f"dropout{number}")(x)
     outputs = layers.Dense(spec.nout, name="labels")(x)
     if spec.heteroscedastic:
         # Predicted variance of each label = misfit part + noise part (linear error propagation: a label's error
@@ -205,6 +298,37 @@ class SpectrumConv1D(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "kernels": self.kernels, "width": self.width}
+
+
+class SpectrumMaxPool1D(keras.layers.Layer):
+    """Max-pooling over non-overlapping windows of ``pool`` pixels, (batch, n, channels) ->
+    (batch, n // pool, channels); a remainder shorter than a window is dropped ("valid", as Keras' MaxPooling1D).
+
+    Two implementations of the same function.  ``compiled_form="xla"``: the windows as an extra axis and a
+    max over it.  XLA's CPU gradient of the pooling op (select-and-scatter) made a StarNet-sized training step
+    several times slower than without XLA, and under op determinism TensorFlow refuses it outright ("MaxPool
+    gradient ops do not yet have a deterministic XLA implementation"); the gradient of a max over an axis is a
+    plain mask, fast and deterministic.  ``"graph"``: TensorFlow's pooling kernel, faster without XLA.
+    Outputs are identical; gradients differ only where a window holds tied maxima.
+    """
+
+    def __init__(self, pool, compiled_form="xla", **kwargs):
+        super().__init__(**kwargs)
+        self.pool = int(pool)
+        self.compiled_form = compiled_form
+
+    def call(self, x):
+        if self.compiled_form == "graph":
+            return tf.nn.max_pool1d(x, self.pool, self.pool, "VALID")
+        windows = x.shape[1] // self.pool
+        trimmed = x[:, :windows * self.pool, :]
+        return tf.reduce_max(tf.reshape(trimmed, [-1, windows, self.pool, x.shape[2]]), axis=2)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[1] // self.pool, input_shape[2])
+
+    def get_config(self):
+        return {**super().get_config(), "pool": self.pool, "compiled_form": self.compiled_form}
 
 
 class LogNoiseVariance(keras.layers.Layer):
@@ -335,7 +459,7 @@ class FrozenModel:
             self._mc_forward[key] = compile_mc_forward(self.network, self.spec, key)
         return self._mc_forward[key]
 
-    def predict_with_uncertainty(self, flux, samples=100, rows_per_call=MC_ROWS_PER_CALL):
+    def predict_with_uncertainty(self, flux, samples=100, rows_per_call=None):
         """MC-dropout prediction (Gal & Ghahramani; astroNN): ``samples`` stochastic passes with dropout on.
 
         Returns a dict of (n, nout) float64 arrays in physical units: ``value`` (mean of the passes),
@@ -362,30 +486,33 @@ class FrozenModel:
 def compile_mc_forward(network, spec, samples):
     """Graph function flux (n, npix) float32 -> (mean, var_model, var_pred), each (n, nout), normalised units.
 
-    Dropout acts only after the dense layers, so everything up to the first dense layer (centring, the
-    convolutions, fc1) is the same in every pass: it runs once per spectrum, and only the rest of the network
-    (dropout, the next dense layers, the output) runs ``samples`` times, on the tiled fc1 activations in ONE
-    call (dropout draws a fresh mask for every row).  The result equals sampling the whole network.
-    ``var_pred`` comes from one dropout-free pass (zeros without a variance head).
+    Everything before the first dropout layer (centring, the convolutions up to the first with dropout, or
+    fc1 when only the dense layers have dropout) is the same in every pass: it runs once per spectrum, and only
+    the rest of the network runs ``samples`` times, on the tiled activations in ONE call (dropout draws a fresh
+    mask for every row).  The result equals sampling the whole network.  ``var_pred`` comes from one
+    dropout-free pass (zeros without a variance head).  The function's ``rows_per_call`` attribute is the
+    number of sample-rows (spectra x passes) whose activations fit in :data:`MC_CALL_FLOATS`.
     """
     import keras
 
     nout, heteroscedastic = spec.nout, spec.heteroscedastic
-    trunk = keras.Model(network.input, network.get_layer("fc1").output)
-    activations = keras.Input(shape=(spec.fc_dims[0],), dtype="float32")
+    chain = spec.chain()
+    first_dropout = next(i for i, name in enumerate(chain) if "dropout" in name)
+    trunk = keras.Model(network.input, network.get_layer(chain[first_dropout - 1]).output)
+    activations = keras.Input(shape=trunk.output.shape[1:], dtype="float32")
     x = activations
-    for number in range(1, len(spec.fc_dims) + 1):
-        if number > 1:
-            x = network.get_layer(f"fc{number}")(x)
-        x = network.get_layer(f"dropout{number}")(x)
-    top = keras.Model(activations, network.get_layer("labels")(x))
+    for name in chain[first_dropout:]:
+        x = network.get_layer(name)(x)
+    top = keras.Model(activations, x)
+    floats_per_row = max(int(np.prod(layer.output.shape[1:])) for layer in top.layers)
 
     @tf.function(input_signature=[tf.TensorSpec([None, spec.npix], tf.float32)], reduce_retracing=True,
                  autograph=False)
     def mc_forward(flux):
         count = tf.shape(flux)[0]
         shared = trunk(flux, training=False)
-        pred = tf.reshape(top(tf.tile(shared, [samples, 1]), training=True), [samples, count, nout])
+        tiled = tf.tile(shared, [samples] + [1] * (len(shared.shape) - 1))
+        pred = tf.reshape(top(tiled, training=True), [samples, count, nout])
         mean = tf.reduce_mean(pred, axis=0)
         var_model = tf.math.reduce_variance(pred, axis=0)
         if heteroscedastic:
@@ -396,13 +523,16 @@ def compile_mc_forward(network, spec, samples):
             var_pred = tf.zeros_like(var_model)
         return mean, var_model, var_pred
 
+    mc_forward.rows_per_call = max(int(samples), MC_CALL_FLOATS // floats_per_row)
     return mc_forward
 
 
-def mc_moments(forward, flux, nout, samples, rows_per_call=MC_ROWS_PER_CALL):
+def mc_moments(forward, flux, nout, samples, rows_per_call=None):
     """Run :func:`compile_mc_forward`'s function over (n, npix) ``flux`` in groups of rows_per_call // samples
-    spectra; returns (mean, var_model, var_pred) as (n, nout) float64 arrays in normalised units."""
+    spectra (default: the function's own ``rows_per_call``); returns (mean, var_model, var_pred) as (n, nout)
+    float64 arrays in normalised units."""
     flux = np.asarray(flux)
+    rows_per_call = forward.rows_per_call if rows_per_call is None else rows_per_call
     per_call = max(1, int(rows_per_call) // int(samples))
     mean = np.empty((flux.shape[0], nout))
     var_model = np.empty_like(mean)
@@ -466,11 +596,12 @@ def load_frozen(location, dropout_seed=None):
                              path=path) from None
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_NAME:
         raise AnnaInputError("not an ANNA-TF frozen model (metadata has no ANNA-TF format tag)", path=path)
-    if metadata.get("format_version") != FORMAT_VERSION:
+    if metadata.get("format_version") not in READABLE_FORMAT_VERSIONS:
         from anna import __version__
         raise AnnaInputError(
             f"frozen model format {metadata.get('format_version')} written by ANNA-TF "
-            f"{metadata.get('anna_version')}; this ANNA-TF {__version__} reads format {FORMAT_VERSION}",
+            f"{metadata.get('anna_version')}; this ANNA-TF {__version__} reads formats "
+            f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}",
             path=path)
     missing = [key for key in REQUIRED_METADATA if key not in metadata]
     if missing:

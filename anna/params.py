@@ -287,6 +287,84 @@ class FilePattern:
         return _resolve_path(text, base_dir)
 
 
+@dataclasses.dataclass(frozen=True)
+class CountList:
+    """Comma-separated positive integers (layer widths)."""
+
+    description = "comma-separated positive integers"
+
+    def parse(self, text, base_dir):
+        values = []
+        for position, item in enumerate(_split_list(text), start=1):
+            try:
+                value = _parse_int(item)
+            except _Problem:
+                raise _Problem(f"expected {self.description}; item {position} {item!r} is not an integer") from None
+            if not 1 <= value <= _INT32_MAX:
+                raise _Problem(f"expected {self.description}; item {position} {item!r} is not positive")
+            values.append(value)
+        return tuple(values)
+
+
+_CONV_LAYER_PATTERN = re.compile(r"(?P<kernels>[0-9]+)x(?P<width>[0-9]+)(s(?P<stride>[0-9]+))?(p(?P<pool>[0-9]+))?"
+                                 r"(?P<dropout>d)?")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvLayerList:
+    """Convolutions in order, comma-separated, each ``KxW`` (K kernels W pixels wide) with optional suffixes
+    ``sS`` (stride S), ``pP`` (max-pooling over P pixels after it) and ``d`` (dropout after it), e.g.
+    ``4x8, 16x8p4`` (StarNet) or ``8x5d, 16x5d, 32x5p2``.  Parsed to a tuple of dicts (model.ConvLayer)."""
+
+    description = "convolutions 'KxW[sS][pP][d], ...' (K kernels of W pixels; stride S; pool P; d = dropout)"
+
+    def parse(self, text, base_dir):
+        layers = []
+        for position, item in enumerate(_split_list(text), start=1):
+            match = _CONV_LAYER_PATTERN.fullmatch(item.replace(" ", "").lower())
+            if not match or len(item) > 60:
+                raise _Problem(f"item {position} {item!r}: expected KxW[sS][pP][d], e.g. 16x8 or 16x8p4")
+            numbers = {key: int(match.group(key) or 1) for key in ("kernels", "width", "stride", "pool")}
+            bad = [key for key, value in numbers.items() if not 1 <= value <= _INT32_MAX]
+            if bad:
+                raise _Problem(f"item {position} {item!r}: {' and '.join(bad)} must be positive")
+            layers.append({**numbers, "dropout": bool(match.group("dropout"))})
+        return tuple(layers)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlagOrAuto:
+    """YES, NO (also TRUE/FALSE) or AUTO, any case; stored as "YES", "NO" or "AUTO"."""
+
+    description = "AUTO, YES or NO"
+
+    def parse(self, text, base_dir):
+        word = text.upper()
+        if word == "AUTO":
+            return "AUTO"
+        if word in ("YES", "TRUE"):
+            return "YES"
+        if word in ("NO", "FALSE"):
+            return "NO"
+        raise _Problem("expected AUTO, YES or NO (or TRUE/FALSE)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Fraction:
+    """A number strictly between 0 and 1 (factors that shrink something)."""
+
+    description = "a number between 0 and 1 (exclusive)"
+
+    def parse(self, text, base_dir):
+        try:
+            value = _parse_float(text)
+        except _Problem:
+            raise _Problem(f"expected {self.description}") from None
+        if not 0.0 < value < 1.0:
+            raise _Problem(f"must be {self.description}")
+        return value
+
+
 # --------------------------------------------------------------------------------------------- key table
 
 
@@ -381,10 +459,25 @@ KEY_TABLE = (
     # ---- ANNA-TF extensions: training
     KeySpec("SEED", Int(minimum=0, maximum=2**32 - 1), None, _TR, "random seed; empty = nondeterministic"),
     KeySpec("CONV2_SHAPE", ConvShape(), None, _TR, "second convolution '1, width, 1, kernels'; empty = none"),
-    KeySpec("POOL_SIZE", _COUNT, 1, _TR, "max-pooling width after the convolutions; 1 = no pooling"),
+    KeySpec("POOL_SIZE", _COUNT, 1, _TR, "max-pooling width after the last convolution; 1 = no pooling"),
+    KeySpec("CONV_LAYERS", ConvLayerList(), None, _TR,
+            "all convolutions 'KxW[sS][pP][d], ...' (replaces CONV1_SHAPE/CONV2_SHAPE), e.g. '4x8, 16x8p4'"),
+    KeySpec("FC_DIMS", CountList(), None, _TR, "widths of all dense layers (replaces FC1_OUTDIM/FC2_OUTDIM)"),
     KeySpec("INPUT_CENTERING", Choice(("ONE", "MEAN")), "ONE", _TR,
             "ONE: network sees flux - 1; MEAN: flux minus the training mean spectrum"),
-    KeySpec("JIT_COMPILE", Flag(), False, _TR, "compile the training step with XLA"),
+    KeySpec("JIT_COMPILE", FlagOrAuto(), "AUTO", _TR,
+            "XLA-compiled training steps: AUTO times both forms at the start and keeps the faster"),
+    KeySpec("OPTIMIZER", Choice(("ADAM", "ADAMW")), "ADAM", _TR, "ADAM, or ADAMW (Adam with decoupled weight decay)"),
+    KeySpec("WEIGHT_DECAY", Float(at_least=0), None, _TR, "ADAMW's weight decay per step (default 1e-4)"),
+    KeySpec("LR_SCHEDULE", Choice(("CONSTANT", "PLATEAU", "COSINE")), "CONSTANT", _TR,
+            "learning rate within a stage: CONSTANT, PLATEAU (cut by LR_FACTOR after LR_PATIENCE intervals "
+            "without improvement) or COSINE (decay to LR_MIN over the stage)"),
+    KeySpec("LR_PATIENCE", _COUNT, 5, _TR, "PLATEAU: sample intervals without improvement before a cut"),
+    KeySpec("LR_FACTOR", Fraction(), 0.5, _TR, "PLATEAU: factor applied to the learning rate at a cut"),
+    KeySpec("LR_MIN", Float(at_least=0), 0.0, _TR, "lowest learning rate PLATEAU cuts to, and COSINE's end"),
+    KeySpec("MAX_MINUTES1", Float(above=0), None, _TR,
+            "wall-clock limit of stage 1 (minutes); ends it as early stopping does; empty = none"),
+    KeySpec("MAX_MINUTES2", Float(above=0), None, _TR, "wall-clock limit of stage 2 (minutes); empty = none"),
     KeySpec("RESUME", Flag(), True, _TR, "continue from a checkpoint in SAVE_LOC if one exists"),
     KeySpec("MAGIC_NUMBER", Float(), -9999.0, _ALL, "value that marks a missing label or bad pixel"),
     KeySpec("UNCERTAINTY", Choice(("NONE", "MC_DROPOUT")), "NONE", _ALL, "per-star uncertainty estimate"),
@@ -898,13 +991,8 @@ def validate_for_stage(cfg, stage, *, check_paths=True):
             if reason:
                 problems.append(_missing(cfg, key, f"required for {stage_name} when {reason}"))
 
-    if stage == TRAIN and cfg.num_px is not None:
-        for key in ("CONV1_SHAPE", "CONV2_SHAPE"):
-            shape = getattr(cfg, key.lower())
-            if shape is not None and shape[1] > cfg.num_px:
-                problems.append(cfg.error(key, f"kernel width {shape[1]} exceeds NUM_PX {cfg.num_px}"))
-        if cfg.pool_size > cfg.num_px:
-            problems.append(cfg.error("POOL_SIZE", f"pool width exceeds NUM_PX {cfg.num_px}"))
+    if stage == TRAIN:
+        problems += _network_problems(cfg) + _optimiser_problems(cfg)
     if stage == TRAIN and cfg.uncertainty == "MC_DROPOUT":
         last_key = "KEEP_PROB2" if cfg.do_train2 else "KEEP_PROB1"
         if getattr(cfg, last_key.lower()) >= 1.0:
@@ -937,6 +1025,72 @@ def validate_for_stage(cfg, stage, *, check_paths=True):
                 problems.append(cfg.error(key, f"exists but is not a folder: {folder}"))
     if problems:
         _raise_all(problems, cfg.source)
+
+
+def network_layers(cfg):
+    """(convolutions, dense widths) of the network a parameter file describes: the one owner of how ANNA's
+    spellings (CONV1_SHAPE, CONV2_SHAPE, POOL_SIZE after the last convolution, FC1_OUTDIM, FC2_OUTDIM) and
+    ANNA-TF's lists (CONV_LAYERS, FC_DIMS) combine.  Convolutions are dicts with kernels, width, stride, pool
+    and dropout (:class:`anna.model.ConvLayer`'s fields)."""
+    if cfg.conv_layers is not None:
+        convs = [dict(layer) for layer in cfg.conv_layers]
+    else:
+        convs = [{"kernels": shape[3], "width": shape[1], "stride": 1, "pool": 1, "dropout": False}
+                 for shape in (cfg.conv1_shape, cfg.conv2_shape) if shape is not None]
+    if cfg.pool_size > 1 and convs and convs[-1]["pool"] == 1:
+        convs[-1]["pool"] = cfg.pool_size
+    fc_dims = tuple(cfg.fc_dims) if cfg.fc_dims is not None else (cfg.fc1_outdim, cfg.fc2_outdim)
+    return convs, fc_dims
+
+
+def _network_problems(cfg):
+    """The layer keys agree with each other, and every convolution and pooling fits what reaches it."""
+    problems = []
+    if cfg.conv_layers is not None:
+        for key in ("CONV1_SHAPE", "CONV2_SHAPE"):
+            if cfg.was_set(key):
+                problems.append(cfg.error("CONV_LAYERS", f"given together with {key}; CONV_LAYERS lists every "
+                                                         f"convolution, so give one or the other"))
+        if cfg.pool_size > 1 and cfg.conv_layers and cfg.conv_layers[-1]["pool"] > 1:
+            problems.append(cfg.error("POOL_SIZE", "pools after the last convolution, which CONV_LAYERS already "
+                                                   "pools (its 'p' suffix); give one or the other"))
+    if cfg.fc_dims is not None:
+        for key in ("FC1_OUTDIM", "FC2_OUTDIM"):
+            if cfg.was_set(key):
+                problems.append(cfg.error("FC_DIMS", f"given together with {key}; FC_DIMS lists every dense "
+                                                     f"layer, so give one or the other"))
+    if cfg.num_px is None or problems:
+        return problems
+    convs, _ = network_layers(cfg)
+    length = cfg.num_px
+    for number, conv in enumerate(convs, start=1):
+        key = "CONV_LAYERS" if cfg.conv_layers is not None else ("CONV1_SHAPE", "CONV2_SHAPE")[number - 1]
+        if conv["width"] > length:
+            problems.append(cfg.error(key, f"convolution {number}: kernel width {conv['width']} exceeds the "
+                                           f"{length} pixels that reach it (NUM_PX {cfg.num_px})"))
+            break
+        length = -(-length // conv["stride"])
+        if conv["pool"] > length:
+            pool_key = "CONV_LAYERS" if (cfg.conv_layers is not None and cfg.conv_layers[number - 1]["pool"] > 1) \
+                else "POOL_SIZE"
+            problems.append(cfg.error(pool_key, f"pooling width {conv['pool']} after convolution {number} exceeds "
+                                                f"the {length} pixels it receives (NUM_PX {cfg.num_px})"))
+            break
+        length //= conv["pool"]
+    return problems
+
+
+def _optimiser_problems(cfg):
+    problems = []
+    if cfg.weight_decay is not None and cfg.optimizer != "ADAMW":
+        problems.append(cfg.error("WEIGHT_DECAY", "is used by OPTIMIZER: ADAMW only (Adam has no decoupled weight "
+                                                  "decay); set OPTIMIZER: ADAMW or remove WEIGHT_DECAY"))
+    if cfg.lr_schedule != "CONSTANT" and cfg.lr_min > 0:
+        for key in ("LEARN_RATE1", "LEARN_RATE2") if cfg.do_train2 else ("LEARN_RATE1",):
+            if getattr(cfg, key.lower()) <= cfg.lr_min:
+                problems.append(cfg.error("LR_MIN", f"is not below {key} {getattr(cfg, key.lower()):g}, so "
+                                                    f"LR_SCHEDULE {cfg.lr_schedule} cannot lower the rate"))
+    return problems
 
 
 def _infer_mode_problems(cfg):

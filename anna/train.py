@@ -53,6 +53,10 @@ ACTIVATION_SAMPLE = 256
 # interval, every HISTOGRAM_EVERY intervals and at the end of a stage; scalars go out every interval.
 HISTOGRAM_EVERY = 10
 HISTOGRAM_BUCKETS = 30  # TensorBoard's default
+# JIT_COMPILE AUTO: seconds each compiled form is timed for (after its compiling call).
+TRIAL_SECONDS = 2.0
+# AdamW's weight decay when OPTIMIZER is ADAMW and WEIGHT_DECAY is not given.
+DEFAULT_WEIGHT_DECAY = 1e-4
 # Training spectra drawn (fixed seed) at the end of training for the training-domain statistics.
 DOMAIN_SAMPLE = 4000
 # Keys whose change does not alter what a resumed run computes: they may differ between run and resume.
@@ -62,7 +66,8 @@ RESUME_NEUTRAL_KEYS = {"TBOARD_OUTPUT", "TIMELINE_OUTPUT", "LOG_LOC", "PP_THREAD
                        "CORRECTION_DEGREE", "TEST_BATCH_SIZE", "DEBUG_MODE", "DEBUG_DATA", "SINGLE_MS_MODE",
                        "MS_FITS_IMAGE", "INFER_MODE", "TEXT_IMAGE", "INFER_FILES", "WAVE_TEMPLATE",
                        "INFER_MODEL_LOC", "INFER_SAVE_LOC", "APPLY_CORRECTION", "INFER_BATCH_SIZE",
-                       "RANGE_MARGIN", "MC_SAMPLES"}
+                       "RANGE_MARGIN", "MC_SAMPLES", "MAX_REL_SIGMA", "MAX_MINUTES1",
+                       "MAX_MINUTES2"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,12 +79,18 @@ class StagePlan:
     iterations: int
     batch_size: int
     keep_prob: float
+    max_seconds: float = None  # MAX_MINUTESn x 60; None = no time limit
 
 
 def stage_plans(cfg):
-    plans = [StagePlan(1, cfg.learn_rate1, cfg.num_train_iters1, cfg.batch_size1, cfg.keep_prob1)]
+    def seconds(minutes):
+        return None if minutes is None else 60.0 * minutes
+
+    plans = [StagePlan(1, cfg.learn_rate1, cfg.num_train_iters1, cfg.batch_size1, cfg.keep_prob1,
+                       seconds(cfg.max_minutes1))]
     if cfg.do_train2:
-        plans.append(StagePlan(2, cfg.learn_rate2, cfg.num_train_iters2, cfg.batch_size2, cfg.keep_prob2))
+        plans.append(StagePlan(2, cfg.learn_rate2, cfg.num_train_iters2, cfg.batch_size2, cfg.keep_prob2,
+                               seconds(cfg.max_minutes2)))
     return plans
 
 
@@ -108,6 +119,296 @@ class EarlyStopping:
     @property
     def should_stop(self):
         return self.enabled and self.bad_intervals >= self.patience
+
+
+class LearningRateSchedule:
+    """The learning rate within one stage (LR_SCHEDULE), a small pure object so it can be tested alone.
+
+    * CONSTANT: the stage's LEARN_RATEn throughout (ANNA).
+    * PLATEAU: multiply the rate by ``factor`` (not below ``minimum``) after ``patience`` sample intervals
+      without a new best of the monitored cost; the count restarts after each cut (Keras' ReduceLROnPlateau,
+      which astroNN uses).  Early stopping's ES_SAMPLE should be longer than the patience, or the stage ends
+      before a cut can help.
+    * COSINE: ``minimum + (base - minimum)·(1 + cos(π·p))/2`` with p the stage's progress: iterations done over
+      NUM_TRAIN_ITERSn, or, with a time limit, the elapsed share of it when that is further along.
+
+    The rate is set before each compiled call (a chunk of at most NUM_FETCH / BATCH_SIZE steps).  ``state()``
+    and ``restore()`` carry it through a checkpoint, so a resumed run continues the schedule where it stopped.
+    """
+
+    def __init__(self, kind, base_rate, iterations, max_seconds=None, patience=5, factor=0.5, minimum=0.0):
+        self.kind = kind
+        self.base_rate = float(base_rate)
+        self.iterations = int(iterations)
+        self.max_seconds = max_seconds
+        self.patience = int(patience)
+        self.factor = float(factor)
+        self.minimum = float(minimum)
+        self.current = self.base_rate
+        self.wait = 0
+        self.cuts = []
+
+    def rate(self, iteration, elapsed_seconds=0.0):
+        """The rate for steps starting at ``iteration``, ``elapsed_seconds`` into the stage."""
+        if self.kind != "COSINE":
+            return self.current
+        progress = iteration / max(self.iterations, 1)
+        if self.max_seconds:
+            progress = max(progress, elapsed_seconds / self.max_seconds)
+        progress = min(max(progress, 0.0), 1.0)
+        return self.minimum + (self.base_rate - self.minimum) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def after_interval(self, improved, iteration):
+        """Note one sample interval's outcome; returns the new rate when PLATEAU cut it, else None."""
+        if self.kind != "PLATEAU":
+            return None
+        if improved:
+            self.wait = 0
+            return None
+        self.wait += 1
+        if self.wait < self.patience or self.current <= self.minimum:
+            return None
+        self.current = max(self.minimum, self.current * self.factor)
+        self.wait = 0
+        self.cuts.append([int(iteration), self.current])
+        return self.current
+
+    def state(self):
+        return {"current": self.current, "wait": self.wait, "cuts": [list(c) for c in self.cuts]}
+
+    def restore(self, state):
+        self.current = float(state["current"])
+        self.wait = int(state["wait"])
+        self.cuts = [list(c) for c in state["cuts"]]
+
+
+def stage_schedule(cfg, plan):
+    """The :class:`LearningRateSchedule` of a stage, from LR_SCHEDULE, LR_PATIENCE, LR_FACTOR and LR_MIN."""
+    return LearningRateSchedule(cfg.lr_schedule, plan.learn_rate, plan.iterations, plan.max_seconds,
+                                cfg.lr_patience, cfg.lr_factor, cfg.lr_min)
+
+
+def make_optimizer(cfg, learn_rate):
+    """Adam (ANNA), or AdamW with WEIGHT_DECAY (default DEFAULT_WEIGHT_DECAY) when OPTIMIZER is ADAMW."""
+    import keras
+
+    if cfg.optimizer == "ADAMW":
+        decay = DEFAULT_WEIGHT_DECAY if cfg.weight_decay is None else cfg.weight_decay
+        return keras.optimizers.AdamW(learning_rate=learn_rate, weight_decay=decay)
+    return keras.optimizers.Adam(learning_rate=learn_rate)
+
+
+def make_train_steps(network, optimizer, spec, chunk_batches, batch_size, compiled_form):
+    """``train_steps(chunk, first, count) -> (costs, parts)``: optimiser steps on batches first ..
+    first+count-1 of a producer chunk (flux, labels, mask), each (chunk_batches, batch, ...).
+
+    ``compiled_form`` "xla": ONE XLA-compiled call runs all the steps (a while loop), so leaving and entering
+    Python is paid once per chunk.  "graph": one graph call per step (without XLA a graph while loop ran 1.4x
+    slower on the tutorial network).  Which is faster depends on the network and the machine: JIT_COMPILE AUTO
+    times both (:func:`choose_compiled_form`).  ``costs`` is (chunk_batches,) with each step's squared-error
+    cost (the reported cost, comparable with the xval cost); with a variance head ``parts`` holds the residual
+    terms its bias refit needs (:func:`refit_variance_biases`), else None.
+    """
+    import keras
+    import tensorflow as tf
+
+    from anna.losses import masked_squared_error, robust_heteroscedastic
+
+    nout = spec.nout
+    heteroscedastic = spec.heteroscedastic
+    if heteroscedastic:
+        # the same layers, also returning the two parts of the predicted variance (for the bias refit)
+        stepper = keras.Model(network.input, [network.outputs[0]] + [
+            network.get_layer(name).output for name in ("log_variance_fit", "log_noise_gain",
+                                                        "log_noise_variance")])
+
+    def train_step(flux, labels, mask):
+        with tf.GradientTape() as tape:
+            if heteroscedastic:
+                # The reported value is the mean of the dropout passes, which the dropout-free pass
+                # approximates (weight scaling); the variance head is fitted, in that dropout-free pass, to
+                # the residual of that value.  Fitted to a single dropout pass it would also learn the dropout
+                # jitter, which sigma_model already counts, and its own jitter would bias sigma upwards.
+                plain, log_var_fit, log_gain, log_noise_sq = stepper(flux, training=False)
+                reported = tf.stop_gradient(plain[:, :nout])
+                log_variance = plain[:, nout:]
+            out = network(flux, training=True)
+            cost = masked_squared_error(labels, out[:, :nout], mask)
+            if heteroscedastic:
+                # robust (astroNN) loss: labels weighted by the predicted inverse variance ...
+                loss = (robust_heteroscedastic(labels, out[:, :nout], tf.stop_gradient(log_variance), mask)
+                        # ... plus the variance head fitted to the residual of the reported value
+                        + robust_heteroscedastic(labels, reported, log_variance, mask))
+            else:
+                loss = cost
+        grads = tape.gradient(loss, network.trainable_variables)
+        optimizer.apply_gradients(zip(grads, network.trainable_variables))
+        if heteroscedastic:
+            parts = tf.stack([tf.square(labels - reported) * mask, tf.exp(log_var_fit),
+                              tf.exp(log_gain + log_noise_sq), mask])
+            return cost, parts
+        return cost, None
+
+    part_shape = [4, batch_size, nout]
+
+    @tf.function(jit_compile=True, autograph=False)
+    def compiled_steps(flux, labels, mask, first, count):
+        def body(index, costs, parts):
+            cost, step_parts = train_step(flux[index], labels[index], mask[index])
+            costs = tf.tensor_scatter_nd_update(costs, [[index - first]], [cost])
+            if heteroscedastic:
+                parts = tf.tensor_scatter_nd_update(parts, [[index - first]], [step_parts])
+            return index + 1, costs, parts
+
+        parts = tf.zeros([chunk_batches] + part_shape if heteroscedastic else [1])
+        _, costs, parts = tf.while_loop(lambda index, costs, parts: index < first + count, body,
+                                        [first, tf.zeros([chunk_batches]), parts])
+        return costs, parts
+
+    @tf.function(autograph=False)
+    def graph_step(flux, labels, mask, index):
+        return train_step(flux[index], labels[index], mask[index])
+
+    constants = {}
+
+    def as_tensor(value):  # one constant per distinct int, so the function is not retraced per value
+        if value not in constants:
+            constants[value] = tf.constant(value, dtype=tf.int32)
+        return constants[value]
+
+    def train_steps(chunk, first, count):
+        if compiled_form == "xla":
+            return compiled_steps(*chunk, as_tensor(first), as_tensor(count))
+        results = [graph_step(*chunk, as_tensor(index)) for index in range(first, first + count)]
+        costs = tf.concat([tf.stack([cost for cost, _ in results]), tf.zeros([chunk_batches - count])], 0)
+        parts = (tf.concat([tf.stack([p for _, p in results]), tf.zeros([chunk_batches - count] + part_shape)], 0)
+                 if heteroscedastic else None)
+        return costs, parts
+
+    return train_steps
+
+
+COMPILED_FORMS = ("xla", "graph")
+FORM_NAMES = {"xla": "XLA (one compiled call per chunk)", "graph": "graph (one call per step, no XLA)"}
+
+
+def compiled_form_cache_path():
+    """Where JIT_COMPILE AUTO remembers its choices: $ANNA_TF_CACHE_DIR, else ~/.cache/anna-tf."""
+    folder = os.environ.get("ANNA_TF_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "anna-tf")
+    return os.path.join(folder, "compiled-forms.json")
+
+
+def _machine_description():
+    import platform
+
+    import tensorflow as tf
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "tensorflow": tf.__version__,
+            "gpus": len(tf.config.list_physical_devices("GPU"))}
+
+
+def compiled_form_key(spec, batch_size, chunk_batches, keep_prob):
+    """The cache key of a choice: the network, the batch shape, dropout on/off and the machine."""
+    return json.dumps({"network": spec.to_dict(), "batch": int(batch_size), "chunk": int(chunk_batches),
+                       "dropout": keep_prob < 1.0, "machine": _machine_description()}, sort_keys=True)
+
+
+def time_compiled_form(form, spec, centre, chunk, batch_size, keep_prob, seconds=TRIAL_SECONDS):
+    """Examples/s of ``form`` on a throwaway copy of the network (the run's own network, optimiser and random
+    state are not touched), over at least ``seconds`` after one warm-up call that compiles; (rate, error)."""
+    import tensorflow as tf
+
+    from anna.model import build_network
+
+    chunk_batches = int(chunk[0].shape[0])
+    try:
+        network = build_network(spec, dropout_rate=1.0 - keep_prob, centre=centre, compiled_form=form)
+        optimizer = __import__("keras").optimizers.Adam(learning_rate=1e-12)
+        optimizer.build(network.trainable_variables)
+        steps = make_train_steps(network, optimizer, spec, chunk_batches, batch_size, form)
+        steps(chunk, 0, chunk_batches)[0].numpy()
+        done, start = 0, time.perf_counter()
+        while True:
+            costs, _ = steps(chunk, 0, chunk_batches)
+            costs.numpy()
+            done += chunk_batches
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds and done >= 2 * chunk_batches:
+                return done * batch_size / elapsed, None
+    except (tf.errors.OpError, ValueError, RuntimeError, TypeError) as error:
+        return None, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+def choose_compiled_form(setting, spec, centre, chunk, batch_size, keep_prob, cache_path=None, report=print):
+    """The compiled form of the training steps and how it was chosen (a dict for the frozen model).
+
+    JIT_COMPILE YES/NO pin "xla"/"graph".  AUTO times both on a throwaway copy of the network
+    (:func:`time_compiled_form`) and keeps the faster; a form that fails to compile or run is skipped.  The
+    choice is remembered per network, batch shape and machine in ``cache_path``
+    (:func:`compiled_form_cache_path`), so a repeated run uses the same form without timing again: two forms
+    round differently, and with SEED a run must repeat bit for bit.
+    """
+    if setting in ("YES", "NO"):
+        form = "xla" if setting == "YES" else "graph"
+        return {"setting": setting, "form": form, "source": "JIT_COMPILE"}
+    chunk_batches = int(chunk[0].shape[0])
+    key = compiled_form_key(spec, batch_size, chunk_batches, keep_prob)
+    cache_path = cache_path or compiled_form_cache_path()
+    cache = _read_json(cache_path)
+    if key in cache and cache[key].get("form") in COMPILED_FORMS:
+        entry = cache[key]
+        report(f"JIT_COMPILE AUTO: {FORM_NAMES[entry['form']]}, as timed on this machine on {entry['when']} "
+               f"({_rates_text(entry['rates'])}; remembered in {cache_path})")
+        return {"setting": "AUTO", "form": entry["form"], "source": "cache", "rates": entry["rates"],
+                "timed_utc": entry["when"]}
+    rates, errors = {}, {}
+    for form in COMPILED_FORMS:
+        rate, error = time_compiled_form(form, spec, centre, chunk, batch_size, keep_prob)
+        if rate is not None:
+            rates[form] = rate
+        else:
+            errors[form] = error
+    if not rates:
+        raise AnnaInputError("neither compiled form of the training step runs on this machine ("
+                             + "; ".join(f"{form}: {error}" for form, error in errors.items()) + ")",
+                             key="JIT_COMPILE")
+    form = max(rates, key=rates.get)
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    skipped = "".join(f"; {form_} failed ({error})" for form_, error in errors.items())
+    report(f"JIT_COMPILE AUTO: {FORM_NAMES[form]} ({_rates_text(rates)}, timed over {TRIAL_SECONDS:g} s each"
+           f"{skipped})")
+    cache[key] = {"form": form, "rates": rates, "when": when}
+    try:
+        os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+        with atomic_output(cache_path, "w") as handle:
+            json.dump(cache, handle, indent=1)
+    except OSError as error:
+        report(f"JIT_COMPILE AUTO: could not remember the choice in {cache_path} ({error.strerror or error}); "
+               f"later runs will time again")
+    return {"setting": "AUTO", "form": form, "source": "timed", "rates": rates, "timed_utc": when,
+            "failed": errors}
+
+
+def _rates_text(rates):
+    return ", ".join(f"{form} {rate:,.0f} ex/s" for form, rate in sorted(rates.items(), key=lambda kv: -kv[1]))
+
+
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 class StopRequest:
@@ -466,21 +767,25 @@ class Trainer:
         if arrays is not None:
             previous_weights = arrays.get("stage_start_weights")
         stage_results = self.state.setdefault("stage_results", [])
+        self.compiled = self.state.get("compiled") or self._choose_compiled_form(plans[0])
+        self.state["compiled"] = self.compiled
         interrupted = None
         with StopRequest() as stop:
             for stage_index in range(self.state["stage_index"], len(plans)):
                 plan = plans[stage_index]
-                network = build_network(self.spec, dropout_rate=1.0 - plan.keep_prob, centre=self.centre)
+                network = build_network(self.spec, dropout_rate=1.0 - plan.keep_prob, centre=self.centre,
+                                        compiled_form=self.compiled["form"])
                 resuming_here = arrays is not None and stage_index == self.state["stage_index"]
                 if resuming_here:
                     network.set_weights(arrays["weights"])
                 elif previous_weights is not None:
                     network.set_weights(previous_weights)
                 stage_start_weights = [np.array(w) for w in network.get_weights()]
-                optimizer = __import__("keras").optimizers.Adam(learning_rate=plan.learn_rate)
+                optimizer = make_optimizer(cfg, plan.learn_rate)
                 optimizer.build(network.trainable_variables)
                 stopper = EarlyStopping(cfg.es_sample, enabled=cfg.early_stop)
-                start_iteration = 0
+                schedule = stage_schedule(cfg, plan)
+                start_iteration, elapsed_before = 0, 0.0
                 if resuming_here:
                     for variable, value in zip(optimizer.variables, arrays["optimizer"]):
                         variable.assign(value)
@@ -490,10 +795,13 @@ class Trainer:
                     stopper.best_iteration = es["best_iteration"]
                     stopper.bad_intervals = es["bad_intervals"]
                     stopper.best_weights = arrays.get("best_weights")
+                    schedule.restore(self.state["schedule"])
                     start_iteration = self.state["iteration"]
+                    elapsed_before = float(self.state.get("stage_elapsed", 0.0))
                     arrays = None
-                result = self._run_stage(plan, network, optimizer, stopper, start_iteration, stage_start_weights,
-                                         stage_index, stop, BatchProducer, final_stage=stage_index == len(plans) - 1)
+                result = self._run_stage(plan, network, optimizer, stopper, schedule, start_iteration,
+                                         elapsed_before, stage_start_weights, stage_index, stop, BatchProducer,
+                                         final_stage=stage_index == len(plans) - 1)
                 stage_results.append(result)
                 if stopper.best_weights is not None:
                     network.set_weights(stopper.best_weights)
@@ -505,6 +813,25 @@ class Trainer:
         if interrupted is None:
             self._describe_for_inference()
         return self._finish(stage_results, interrupted)
+
+    def _choose_compiled_form(self, plan):
+        """JIT_COMPILE: the compiled form of the training steps (timed on a throwaway network for AUTO).  The
+        trial draws from the random state, so the run's seeds are set again afterwards: whether a trial ran or
+        the choice came from the cache, training starts from the same state."""
+        from anna.augment import BatchProducer
+
+        chunk = None
+        if self.cfg.jit_compile == "AUTO":
+            producer = BatchProducer(self.rows, self.scaler, None, batch_size=plan.batch_size, seed=self.seed,
+                                     stage=0, threads=1, fetch=self.cfg.num_fetch, depth=self.cfg.num_fetch,
+                                     missing_value=self.missing_value)
+            chunk = next(iter(producer.chunk_dataset(0, prefetch=False)))
+        else:
+            chunk = (np.zeros((1,)),)
+        compiled = choose_compiled_form(self.cfg.jit_compile, self.spec, self.centre, chunk, plan.batch_size,
+                                        plan.keep_prob, report=self.report)
+        self._seed_everything()
+        return compiled
 
     def _training_sample(self, count=DOMAIN_SAMPLE):
         """Up to ``count`` training spectra (fixed seed), noised as in training; (flux, normalised labels, mask)."""
@@ -543,120 +870,44 @@ class Trainer:
             self.report(f"variance head calibrated on the {source} ({len(flux)} spectra, "
                         f"{self.cfg.mc_samples} MC passes): mean d^2/sigma_total^2 {ratio}")
 
-    def _run_stage(self, plan, network, optimizer, stopper, start_iteration, stage_start_weights, stage_index,
-                   stop, producer_class, final_stage):
-        from anna.losses import masked_squared_error, robust_heteroscedastic
-
+    def _run_stage(self, plan, network, optimizer, stopper, schedule, start_iteration, elapsed_before,
+                   stage_start_weights, stage_index, stop, producer_class, final_stage):
         tf = self.tf
         cfg = self.cfg
         nout = self.spec.nout
         heteroscedastic = self.spec.heteroscedastic
         evaluate = self._make_eval(network)
-
-        if heteroscedastic:
-            import keras
-
-            # the same layers, also returning the two parts of the predicted variance (for the bias refit)
-            stepper = keras.Model(network.input, [network.outputs[0]] + [
-                network.get_layer(name).output for name in ("log_variance_fit", "log_noise_gain",
-                                                            "log_noise_variance")])
-        else:
-            stepper = network
-
-        def train_step(flux, labels, mask):
-            with tf.GradientTape() as tape:
-                if heteroscedastic:
-                    # The reported value is the mean of the dropout passes, which the dropout-free pass
-                    # approximates (weight scaling); the variance head is fitted, in that dropout-free pass, to
-                    # the residual of that value.  Fitted to a single dropout pass it would also learn the dropout
-                    # jitter, which sigma_model already counts, and its own jitter would bias sigma upwards.
-                    plain, log_var_fit, log_gain, log_noise_sq = stepper(flux, training=False)
-                    reported = tf.stop_gradient(plain[:, :nout])
-                    log_variance = plain[:, nout:]
-                out = network(flux, training=True)
-                cost = masked_squared_error(labels, out[:, :nout], mask)
-                if heteroscedastic:
-                    # robust (astroNN) loss: labels weighted by the predicted inverse variance ...
-                    loss = (robust_heteroscedastic(labels, out[:, :nout], tf.stop_gradient(log_variance), mask)
-                            # ... plus the variance head fitted to the residual of the reported value
-                            + robust_heteroscedastic(labels, reported, log_variance, mask))
-                else:
-                    loss = cost
-            grads = tape.gradient(loss, network.trainable_variables)
-            optimizer.apply_gradients(zip(grads, network.trainable_variables))
-            if heteroscedastic:
-                parts = tf.stack([tf.square(labels - reported) * mask, tf.exp(log_var_fit),
-                                  tf.exp(log_gain + log_noise_sq), mask])
-                return cost, parts
-            return cost, None  # reported cost is always the squared error, comparable with the xval cost
-
         producer = producer_class(self.rows, self.scaler, self.noise, batch_size=plan.batch_size,
                                   seed=self.seed, stage=plan.number, threads=cfg.pp_threads, fetch=cfg.num_fetch,
                                   depth=cfg.max_pp_depth, missing_value=self.missing_value)
         chunk_batches = producer.batches_per_chunk
-        part_shape = [4, plan.batch_size, nout]
-
-        @tf.function(jit_compile=True, autograph=False)
-        def compiled_steps(flux, labels, mask, first, count):
-            """Batches first .. first+count-1 of one producer chunk, one optimiser step each, in ONE XLA call:
-            the per-call cost of leaving and re-entering Python is paid once per chunk, not once per step.
-            Returns every step's cost (chunk_batches,) and, with a variance head, its residual parts."""
-            def body(index, costs, parts):
-                cost, step_parts = train_step(flux[index], labels[index], mask[index])
-                costs = tf.tensor_scatter_nd_update(costs, [[index - first]], [cost])
-                if heteroscedastic:
-                    parts = tf.tensor_scatter_nd_update(parts, [[index - first]], [step_parts])
-                return index + 1, costs, parts
-
-            parts = tf.zeros([chunk_batches] + part_shape if heteroscedastic else [1])
-            _, costs, parts = tf.while_loop(lambda index, costs, parts: index < first + count, body,
-                                            [first, tf.zeros([chunk_batches]), parts])
-            return costs, parts
-
-        @tf.function(autograph=False)
-        def graph_step(flux, labels, mask, index):
-            return train_step(flux[index], labels[index], mask[index])
-
-        constants = {}
-
-        def as_tensor(value):  # one constant per distinct int, so the function is not retraced per value
-            if value not in constants:
-                constants[value] = tf.constant(value, dtype=tf.int32)
-            return constants[value]
-
-        def train_steps(chunk, first, count):
-            """Steps first .. first+count-1 of ``chunk``: one XLA call, or (JIT_COMPILE NO) one graph call per
-            step, since without XLA a graph while-loop ran 1.4x slower (benchmarks/).  Returns compiled_steps'
-            (costs, parts)."""
-            if cfg.jit_compile:
-                return compiled_steps(*chunk, as_tensor(first), as_tensor(count))
-            results = [graph_step(*chunk, as_tensor(index)) for index in range(first, first + count)]
-            costs = tf.concat([tf.stack([cost for cost, _ in results]), tf.zeros([chunk_batches - count])], 0)
-            parts = (tf.concat([tf.stack([p for _, p in results]), tf.zeros([chunk_batches - count] + part_shape)], 0)
-                     if heteroscedastic else None)
-            return costs, parts
-
+        train_steps = make_train_steps(network, optimizer, self.spec, chunk_batches, plan.batch_size,
+                                       self.compiled["form"])
         first_chunk, offset = divmod(start_iteration, chunk_batches)
         chunks = iter(producer.chunk_dataset(first_chunk))
         chunk = None
         progress = _Progress(self.report, plan.iterations, plan.number)
-        progress.line(f"stage {plan.number}: learning rate {plan.learn_rate:g}, batch {plan.batch_size}, "
-                      f"keep probability {plan.keep_prob:g}, up to {plan.iterations} iterations"
-                      + (f" (resuming at {start_iteration})" if start_iteration else ""))
+        limit = f", at most {plan.max_seconds / 60:g} min" if plan.max_seconds else ""
+        progress.line(f"stage {plan.number}: learning rate {plan.learn_rate:g} ({cfg.lr_schedule.lower()}), "
+                      f"batch {plan.batch_size}, keep probability {plan.keep_prob:g}, up to {plan.iterations} "
+                      f"iterations{limit}" + (f" (resuming at {start_iteration})" if start_iteration else ""))
         if stopper.best_weights is None and self.xval is not None and start_iteration == 0:
             cost, _ = evaluate(self.xval.flux, self.xval.labels, self.xval.mask)
             stopper.update(cost, 0, network.get_weights())
             stopper.bad_intervals = 0
         interval_costs = []
         interval_residuals = []
-        interval_start = time.perf_counter()
+        stage_clock = time.perf_counter() - elapsed_before  # elapsed = perf_counter() - stage_clock
+        interval_start = wall_mark = time.perf_counter()
         wait_time = 0.0
         iteration = start_iteration
         profiling = False
-        stopped_early = False
+        stopped_by = "iterations"
         trace_graph = self.writer is not None and self.global_step == 0
+        rate = None
         while iteration < plan.iterations:
             if stop.requested:
+                stopped_by = stop.signal_name
                 break
             if cfg.timeline_output and not profiling and final_stage and iteration % cfg.sample_interval == 0:
                 last_planned = iteration + cfg.sample_interval >= plan.iterations
@@ -672,6 +923,10 @@ class Trainer:
             # up to the end of the chunk, the end of the SAMPLE_INTERVAL and the end of the stage
             count = min(chunk_batches - offset, plan.iterations - iteration,
                         cfg.sample_interval - iteration % cfg.sample_interval)
+            new_rate = schedule.rate(iteration, time.perf_counter() - stage_clock)
+            if new_rate != rate:
+                optimizer.learning_rate.assign(new_rate)
+                rate = new_rate
             if trace_graph:
                 tf.summary.trace_on(graph=True)
             costs, parts = train_steps(chunk, offset, count)
@@ -688,12 +943,17 @@ class Trainer:
             self.global_step += count
             if iteration // 10 != ticks_before:
                 progress.tick(iteration)
-            if iteration % cfg.sample_interval == 0 or iteration == plan.iterations:
+            out_of_time = plan.max_seconds is not None and time.perf_counter() - stage_clock >= plan.max_seconds
+            if iteration % cfg.sample_interval == 0 or iteration == plan.iterations or out_of_time:
                 batch_cost = float(np.mean(np.concatenate([c.numpy()[:n] for c, n in interval_costs])))
                 steps = sum(n for _, n in interval_costs)
-                elapsed = time.perf_counter() - interval_start
-                examples_per_s = steps * plan.batch_size / max(elapsed, 1e-9)
-                wait_fraction = wait_time / max(elapsed, 1e-9)
+                now = time.perf_counter()
+                # the headline rate counts the whole interval, the last one's evaluation, logging and
+                # checkpoint included; the step rate stops the clock around them
+                examples_per_s = steps * plan.batch_size / max(now - wall_mark, 1e-9)
+                step_examples_per_s = steps * plan.batch_size / max(now - interval_start, 1e-9)
+                wait_fraction = wait_time / max(now - interval_start, 1e-9)
+                wall_mark = now
                 if profiling:
                     tf.profiler.experimental.stop()
                     profiling = False
@@ -713,28 +973,43 @@ class Trainer:
                 record = {"stage": plan.number, "iteration": iteration, "global_step": self.global_step,
                           "batch_cost": batch_cost, "xval_cost": xval_cost,
                           "rms": {n: float(r) for n, r in zip(self.cfg.output_names, rms)},
-                          "examples_per_s": examples_per_s, "input_wait_fraction": wait_fraction}
+                          "learning_rate": rate, "examples_per_s": examples_per_s,
+                          "step_examples_per_s": step_examples_per_s, "input_wait_fraction": wait_fraction,
+                          "elapsed_s": now - stage_clock}
                 self.history.append(record)
-                last = iteration >= plan.iterations or stopper.should_stop or stop.requested
-                self._log_interval(record, network, plan,
-                                   histograms=last or len(self.history) % HISTOGRAM_EVERY == 1)
+                cut = schedule.after_interval(improved, iteration)
+                last = iteration >= plan.iterations or stopper.should_stop or stop.requested or out_of_time
+                self._log_interval(record, network, histograms=last or len(self.history) % HISTOGRAM_EVERY == 1)
                 progress.line(self._format_record(record, improved))
+                if cut is not None:
+                    progress.line(f"stage {plan.number}: no improvement in {cfg.lr_patience} intervals; learning "
+                                  f"rate cut to {cut:.3g}")
                 interval_costs = []
                 interval_residuals = []
                 wait_time = 0.0
-                self._write_checkpoint(stage_index, iteration, network, optimizer, stopper, stage_start_weights)
+                self._write_checkpoint(stage_index, iteration, network, optimizer, stopper, schedule,
+                                       time.perf_counter() - stage_clock, stage_start_weights)
                 interval_start = time.perf_counter()
                 if stopper.should_stop:
-                    stopped_early = True
+                    stopped_by = "early_stopping"
                     progress.line(f"stage {plan.number}: early stop at iteration {iteration}: no improvement in "
                                   f"{cfg.es_sample} intervals; restoring the best weights (iteration "
                                   f"{stopper.best_iteration}, cost {stopper.best_cost:.6g})")
                     break
+                if out_of_time and iteration < plan.iterations:
+                    stopped_by = "time_limit"
+                    progress.line(f"stage {plan.number}: time limit of {plan.max_seconds / 60:g} min reached at "
+                                  f"iteration {iteration}; restoring the best weights (iteration "
+                                  f"{stopper.best_iteration}, cost {stopper.best_cost:.6g})")
+                    break
         if profiling:
             tf.profiler.experimental.stop()
-        return {"stage": plan.number, "iterations": iteration, "stopped_early": stopped_early,
-                "best_cost": stopper.best_cost, "best_iteration": stopper.best_iteration,
-                "monitored": "xval" if self.xval is not None else "batch"}
+        return {"stage": plan.number, "iterations": iteration, "stopped_early": stopped_by == "early_stopping",
+                "stopped_by": stopped_by, "best_cost": stopper.best_cost, "best_iteration": stopper.best_iteration,
+                "monitored": "xval" if self.xval is not None else "batch",
+                "seconds": time.perf_counter() - stage_clock, "learning_rate": {
+                    "schedule": schedule.kind, "initial": plan.learn_rate, "final": rate, "cuts": schedule.cuts}}
+
 
     def _batch_rms(self, evaluate, flux, labels, mask):
         _, rms = evaluate(flux.numpy(), labels.numpy(), mask.numpy())
@@ -743,10 +1018,11 @@ class Trainer:
     def _format_record(self, record, improved):
         rms = " ".join(f"{name}={value:.4g}" for name, value in record["rms"].items())
         xval = f" xval cost {record['xval_cost']:.6g}" if record["xval_cost"] is not None else ""
+        rate = f" | lr {record['learning_rate']:.3g}" if self.cfg.lr_schedule != "CONSTANT" else ""
         return (f"stage {record['stage']} iter {record['iteration']:>6}: batch cost {record['batch_cost']:.6g}"
-                f"{xval}{' *' if improved else '  '} | RMS {rms} | {record['examples_per_s']:.0f} ex/s")
+                f"{xval}{' *' if improved else '  '} | RMS {rms}{rate} | {record['examples_per_s']:.0f} ex/s")
 
-    def _log_interval(self, record, network, plan, histograms):
+    def _log_interval(self, record, network, histograms):
         if self.writer is None:
             return
         tf = self.tf
@@ -757,8 +1033,9 @@ class Trainer:
                 tf.summary.scalar("cost/xval", record["xval_cost"])
             for name, value in record["rms"].items():
                 tf.summary.scalar(f"rms/{name}", value)
-            tf.summary.scalar("learning_rate", plan.learn_rate)
+            tf.summary.scalar("learning_rate", record["learning_rate"])
             tf.summary.scalar("examples_per_second", record["examples_per_s"])
+            tf.summary.scalar("step_examples_per_second", record["step_examples_per_s"])
             tf.summary.scalar("input_wait_fraction", record["input_wait_fraction"])
             if histograms:
                 self._log_histograms(network)
@@ -793,9 +1070,11 @@ class Trainer:
             shutil.rmtree(profile_root)  # keep only the latest interval's trace
         tf.profiler.experimental.start(self.run_dir)
 
-    def _write_checkpoint(self, stage_index, iteration, network, optimizer, stopper, stage_start_weights):
+    def _write_checkpoint(self, stage_index, iteration, network, optimizer, stopper, schedule, stage_elapsed,
+                          stage_start_weights):
         state = {key: value for key, value in self.state.items() if key != "arrays"}
         state.update({"stage_index": stage_index, "iteration": iteration, "global_step": self.global_step,
+                      "schedule": schedule.state(), "stage_elapsed": stage_elapsed,
                       "early_stopping": {"best_cost": stopper.best_cost, "best_iteration": stopper.best_iteration,
                                          "bad_intervals": stopper.bad_intervals}})
         arrays = {"weights": network.get_weights(), "optimizer": [v.numpy() for v in optimizer.variables],
@@ -833,6 +1112,14 @@ class Trainer:
             "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             # the final stage's dropout rate: the weights are tuned to it, so MC-dropout inference samples with it
             "mc_dropout_rate": 1.0 - stage_plans(self.cfg)[-1].keep_prob,
+            "network_description": self.spec.description,
+            "compiled_form": getattr(self, "compiled", None),
+            "optimizer": {"name": self.cfg.optimizer, "weight_decay": (
+                (DEFAULT_WEIGHT_DECAY if self.cfg.weight_decay is None else self.cfg.weight_decay)
+                if self.cfg.optimizer == "ADAMW" else None)},
+            "lr_schedule": {"kind": self.cfg.lr_schedule, "patience": self.cfg.lr_patience,
+                            "factor": self.cfg.lr_factor, "minimum": self.cfg.lr_min},
+            "time_limits_minutes": [self.cfg.max_minutes1, self.cfg.max_minutes2],
             "training_domain": getattr(self, "training_domain", None),
             "variance_calibration": getattr(self, "variance_calibration", None),
         }

@@ -8,6 +8,19 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+
+@pytest.fixture(autouse=True, scope="session")
+def compiled_form_cache(tmp_path_factory):
+    """JIT_COMPILE AUTO remembers its timings per network and machine; the suite keeps its own cache (shared by
+    its tests, so a network is timed once) instead of the user's ~/.cache/anna-tf."""
+    previous = os.environ.get("ANNA_TF_CACHE_DIR")
+    os.environ["ANNA_TF_CACHE_DIR"] = str(tmp_path_factory.mktemp("anna-tf-cache"))
+    yield os.environ["ANNA_TF_CACHE_DIR"]
+    if previous is None:
+        os.environ.pop("ANNA_TF_CACHE_DIR", None)
+    else:
+        os.environ["ANNA_TF_CACHE_DIR"] = previous
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 

@@ -371,7 +371,8 @@ def test_no_log_loc_needed_without_logging_or_sn_template_without_preprocessing(
 def test_kernel_wider_than_spectrum(tmp_path):
     cfg = load_text(tmp_path, TRAIN_MINIMAL + "CONV1_SHAPE: 1, 60, 1, 4\n")
     message = stage_error(cfg, "train", check_paths=False)
-    assert message == f"{tmp_path / 'run.param'}:10: CONV1_SHAPE: kernel width 60 exceeds NUM_PX 50 (got '1, 60, 1, 4')"
+    assert message == (f"{tmp_path / 'run.param'}:10: CONV1_SHAPE: convolution 1: kernel width 60 exceeds the 50 "
+                       f"pixels that reach it (NUM_PX 50) (got '1, 60, 1, 4')")
 
 
 def test_test_stage_requirements(tmp_path):

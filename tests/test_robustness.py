@@ -550,7 +550,7 @@ def test_frozen_model_of_another_format_version_says_which(tmp_path, frozen_mode
     _rewrite_archive(model / "frozen.model", lambda meta: {**meta, "format_version": 7, "anna_version": "9.1.0"})
     message = one_message(fails_in_subprocess("test_main", anna_test_param(tmp_path, model, test_pack)))
     assert message == (f"{model / 'frozen.model'}: frozen model format 7 written by ANNA-TF 9.1.0; this ANNA-TF "
-                       f"{__version__} reads format 1")
+                       f"{__version__} reads formats 1, 2")
     assert files_under(tmp_path / "results") == []
 
 

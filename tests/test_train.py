@@ -283,8 +283,8 @@ def test_starnet_like_network_is_one_config_away(tmp_path, toy_packs):
     result = run_training(cfg, report=QUIET)
     model = load_frozen(cfg.save_loc)
     layer_names = [layer.name for layer in model.network.layers]
-    assert {"conv1", "conv2", "pool"} <= set(layer_names)
-    assert model.network.get_layer("pool").output.shape[1] == 64 // 4
+    assert {"conv1", "conv2", "pool2"} <= set(layer_names)
+    assert model.network.get_layer("pool2").output.shape[1] == 64 // 4
     history = result["history"]
     assert history[-1]["xval_cost"] < 0.5 * history[0]["xval_cost"]
 
