@@ -264,11 +264,10 @@ def test_multispec_header_follows_iraf_convention(example):
 
 
 def test_multispec_reads_back_with_the_project_reader(example):
-    fits_io = pytest.importorskip("anna.fits_io")
-    if not hasattr(fits_io, "read_spectra"):
-        pytest.skip("anna.fits_io.read_spectra is not available")
+    from anna.fits_io import read_spectra
+
     specs = _wat2_specs(example["multispec"])
-    spectra = fits_io.read_spectra(example["multispec"])
+    spectra = read_spectra(example["multispec"])
     assert len(spectra) == 7
     for row, spectrum in enumerate(spectra):
         fields = specs[str(row + 1)].split()
@@ -373,9 +372,6 @@ def test_build_pack_reports_csv_problems(tmp_path):
 
 
 def test_build_pack_reads_one_dimensional_fits_and_refuses_multispec(tmp_path, example):
-    fits_io = pytest.importorskip("anna.fits_io")
-    if not hasattr(fits_io, "read_spectra"):
-        pytest.skip("anna.fits_io.read_spectra is not available")
     from astropy.io import fits
 
     wave = 6600.0 + 0.1 * np.arange(2500)
