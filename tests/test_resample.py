@@ -51,3 +51,26 @@ def test_rows_equal_one_spectrum_at_a_time():
         expected = cubic_resample(wavelength[row, first[row]:last[row] + 1], flux[row, first[row]:last[row] + 1],
                                   grids)
         np.testing.assert_array_equal(got[row], expected)
+
+
+def test_error_between_samples_within_the_cubic_interpolation_bound():
+    """Targets between irregular samples (spacing 0.12-0.17 A) of f = 1 + A sin(2 pi x / P): the four-point
+    interpolation error is at most max|f''''| / 4! * |prod (x - x_i)|, and with x between the middle two of
+    four samples no more than h apart, |prod| <= (h/2)^2 * (2h)^2 = h^4, so |error| <= A (2 pi / P)^4 h^4 / 24
+    (3.3e-4 here).  Linear interpolation's error reaches A (2 pi / P)^2 h^2 / 8 (3.6e-3), ten times that, so
+    the bound tells the two apart; the error is not zero either (the targets are not on samples)."""
+    amplitude, period = 0.1, 2.0
+
+    def f(x):
+        return 1.0 + amplitude * np.sin(2 * np.pi * (x - 6600.0) / period)
+
+    rng = np.random.default_rng(8)
+    x = 6600.0 + np.cumsum(rng.uniform(0.12, 0.17, 2000))
+    h = np.diff(x).max()
+    grid = np.arange(6625.0, 6825.0, 0.2)
+    assert np.abs(grid[:, None] - x[None, :]).min() > 1e-4  # every target lies between samples
+    bound = amplitude * (2 * np.pi / period) ** 4 * h**4 / 24
+    error = np.abs(cubic_resample(x, f(x), grid) - f(grid))
+    assert error.max() <= bound, (error.max(), bound)
+    assert error.max() > bound / 100
+    assert np.abs(np.interp(grid, x, f(x)) - f(grid)).max() > 3 * bound  # linear would fail the bound
