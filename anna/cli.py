@@ -126,10 +126,19 @@ def synth_main(argv=None):
                                                  "spectra): training, cross-validation and test packs, templates "
                                                  "and a multispec FITS file of one star.")
     parser.add_argument("outdir", nargs="?", default="example_data", help="output folder (default example_data)")
+    parser.add_argument("--grid", choices=("tutorial", "apogee", "lamost"), default="tutorial",
+                        help="wavelength grid: tutorial (1001 px, 6625-6825 A, R=11000; default), apogee (7214 px "
+                             "on three chips, 15168-16937 A, R=22500) or lamost (3909 px, 3700-9100 A, R=1800); "
+                             "the survey grids use the survey line list and make about 100 spectra a second per "
+                             "core")
+    parser.add_argument("--resolution", type=float, default=None,
+                        help="resolving power R (default: the grid's)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--n-train", type=int, default=5000)
     parser.add_argument("--n-xval", type=int, default=500)
     parser.add_argument("--n-test", type=int, default=1000)
+    parser.add_argument("--n-apertures", type=int, default=90,
+                        help="spectra of the example star in star_multispec.fits (default 90)")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
 
@@ -137,7 +146,8 @@ def synth_main(argv=None):
         from anna.synth import make_example_data
 
         written = make_example_data(args.outdir, seed=args.seed, n_train=args.n_train, n_xval=args.n_xval,
-                                    n_test=args.n_test)
+                                    n_test=args.n_test, n_apertures=args.n_apertures, grid=args.grid,
+                                    resolution=args.resolution)
         for kind, path in written.items():
             print(f"{kind:>10}: {path}")
 
