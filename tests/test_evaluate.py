@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from anna.errors import AnnaInputError
-from anna.evaluate import (apply_correction, fit_correction, load_correction, residual_statistics, run_test,
-                           sn_binned_statistics)
+from anna.evaluate import (apply_correction, coverage_statistics, fit_correction, load_correction,
+                           residual_statistics, run_test, sn_binned_statistics)
 from anna.packs import write_pack
 
 from toy_model import NAMES, MINIMA, MAXIMA, WAVE, SHARED, toy_flux, toy_stars, train_tiny_model, make_config
@@ -88,6 +88,43 @@ def test_residual_statistics_by_hand():
     assert np.isnan(residual_statistics([np.nan])["std"])
 
 
+def test_coverage_statistics_of_gaussian_residuals_with_known_sigma():
+    """Residuals drawn as d = sigma * N(0, 1), sigma log-uniform over 0.1-10 (median 1): the fractions within
+    1, 2, 3 sigma are erf(k / sqrt 2) = 68.27, 95.45, 99.73 % within 4 binomial standard deviations and
+    std(d / sigma) is 1 within 4 / sqrt(2n); with every sigma reported half as large they are
+    erf(k / (2 sqrt 2)) = 38.29, 68.27, 86.64 % and std(d / sigma) is 2.  For one common sigma, the scatter
+    (std) and 1.4826 MAD estimate it within 4 standard errors (sigma / sqrt(2n), 1.166 sigma / sqrt(n)).
+    Pairs with NaN d, NaN sigma or sigma <= 0 are left out."""
+    import math
+
+    rng = np.random.default_rng(12)
+    n = 200000
+    sigma = 10.0 ** rng.uniform(-1.0, 1.0, n)
+    d = sigma * rng.standard_normal(n)
+    for reported, scale in ((sigma, 1.0), (0.5 * sigma, 2.0)):
+        stats = coverage_statistics(d, reported)
+        assert stats["n"] == n
+        for k, fraction in zip((1, 2, 3), stats["coverage"]):
+            expected = math.erf(k / (scale * math.sqrt(2.0)))
+            assert abs(fraction - expected) <= 4.0 * math.sqrt(expected * (1 - expected) / n), (k, scale, fraction)
+        assert abs(stats["z_std"] - scale) <= 4.0 * scale / math.sqrt(2 * n), (scale, stats["z_std"])
+    # log-uniform sigma: median 1, density 1 / (ln 100) at 1, so the sample median's standard error is
+    # ln(100) / (2 sqrt n)
+    assert abs(stats["median_sigma"] / 0.5 - 1.0) <= 4.0 * math.log(100.0) / (2.0 * math.sqrt(n))
+
+    common = 2.5
+    d = common * rng.standard_normal(n)
+    stats = coverage_statistics(d, np.full(n, common))
+    assert abs(stats["scatter"] - common) <= 4.0 * common / math.sqrt(2 * n)
+    assert abs(stats["mad_scatter"] - common) <= 4.0 * 1.166 * common / math.sqrt(n)
+    assert stats["median_sigma"] == common
+
+    gappy_d, gappy_sigma = d[:10].copy(), np.full(10, common)
+    gappy_d[1], gappy_sigma[4], gappy_sigma[7] = np.nan, np.nan, 0.0
+    assert coverage_statistics(gappy_d, gappy_sigma)["n"] == 7
+    assert coverage_statistics([np.nan], [1.0])["n"] == 0
+
+
 def test_sn_bins_partition_the_stars():
     rng = np.random.default_rng(0)
     true, inferred, sn = rng.normal(size=(100, 1)), rng.normal(size=(100, 1)), rng.uniform(10, 50, 100)
@@ -152,15 +189,102 @@ def test_fit_correction_pure_function():
         fit_correction(true[:2], inferred[:2], ["a", "b"], degree=2)
 
 
+def test_correction_inverts_an_exact_linear_distortion():
+    """inferred = a * true + b exactly: whatever the degree, the least-squares correction is true =
+    (inferred - b) / a (worked out by hand), so its power-series coefficients are -b/a, 1/a and zeros and it
+    returns the true values to rounding (1e-10 of the label range), also between the fitted points; values
+    outside the fitted inferred range, and only those, are marked."""
+    rng = np.random.default_rng(6)
+    slope, offset = np.array([0.9, 1.1, 0.8]), np.array([300.0, -0.2, 0.05])
+    true = MINIMA + rng.uniform(0, 1, size=(250, 3)) * (MAXIMA - MINIMA)
+    inferred = slope * true + offset
+    span = MAXIMA - MINIMA
+    for degree in (1, 2, 3):
+        polynomials = fit_correction(true, inferred, NAMES, degree)
+        for k, name in enumerate(NAMES):
+            coef = polynomials[name].convert().coef  # power series in the inferred value
+            assert coef[0] == pytest.approx(-offset[k] / slope[k], abs=1e-10 * span[k]), (degree, name)
+            assert coef[1] == pytest.approx(1.0 / slope[k], rel=1e-10), (degree, name)
+            scale = np.abs(inferred[:, k]).max()
+            assert (np.abs(coef[2:]) * scale ** np.arange(2, degree + 1) <= 1e-10 * span[k]).all(), (degree, name)
+        corrected, outside = apply_correction(polynomials, inferred, NAMES)
+        np.testing.assert_allclose((corrected - true) / span, 0.0, atol=1e-10)
+        assert not outside.any()
+        between = MINIMA + rng.uniform(0.01, 0.99, size=(50, 3)) * span
+        corrected, _ = apply_correction(polynomials, slope * between + offset, NAMES)
+        np.testing.assert_allclose((corrected - between) / span, 0.0, atol=1e-10)
+    beyond = inferred[:4].copy()
+    beyond[1, 0] = inferred[:, 0].max() + 1.0
+    beyond[3, 2] = inferred[:, 2].min() - 0.01
+    assert apply_correction(polynomials, beyond, NAMES)[1].tolist() == [False, True, False, True]
+
+
+def test_anna_test_fits_the_inverse_of_a_planted_linear_distortion(tmp_path, model_dir):
+    """End to end: labels planted as an exact linear function of the network's own values (inferred = a * true
+    + b), so anna-test's FIT_CORRECTION must save true = (inferred - b) / a, read here straight from
+    correction.json with numpy, and report zero scatter after correction; the "before" statistics are those
+    of d = true - inferred computed here."""
+    model_dir = shutil.copytree(model_dir, tmp_path / "model")
+    pack, _ = write_test_pack(tmp_path / "test.pack")
+    run_test(make_test_config(tmp_path, model_dir, pack), report=lambda line: None)
+    header, rows = read_csv(tmp_path / "out" / "test_stats.out")
+    first = header.index(f"inferred_{NAMES[0]}")
+    inferred = np.array([[float(v) for v in row[first:first + 3]] for row in rows])
+    slope, offset = np.array([0.9, 1.1, 0.8]), np.array([300.0, -0.2, 0.05])
+    planted_true = (inferred - offset) / slope
+    _, flux, _ = toy_stars(300, 2)  # write_test_pack's spectra
+    write_pack(tmp_path / "planted.pack", WAVE, np.arange(300), planted_true, flux)
+    summary = run_test(make_test_config(tmp_path, model_dir, tmp_path / "planted.pack", fit_correction="YES",
+                                        correction_degree=2), report=lambda line: None)
+    stored = json.loads((Path(model_dir) / "correction.json").read_text())
+    span = MAXIMA - MINIMA
+    for k, name in enumerate(NAMES):
+        entry = stored["labels"][name]
+        polynomial = np.polynomial.Polynomial(entry["coef"], domain=entry["domain"], window=entry["window"])
+        assert entry["domain"] == [inferred[:, k].min(), inferred[:, k].max()]
+        x = np.linspace(*entry["domain"], 101)
+        np.testing.assert_allclose((polynomial(x) - (x - offset[k]) / slope[k]) / span[k], 0.0, atol=1e-10)
+        after, before = summary["correction"]["labels"][name]["after"], summary["correction"]["labels"][name]["before"]
+        assert after["std"] <= 1e-10 * span[k] and abs(after["bias_mean"]) <= 1e-10 * span[k]
+        d = planted_true[:, k] - inferred[:, k]
+        assert before["std"] == pytest.approx(d.std(), rel=1e-9) and before["bias_mean"] == pytest.approx(d.mean())
+
+
+def drawn_pixels(image):
+    """(dark, coloured) pixel counts of an RGBA image in 0..1 on a white background: dark for axes and text,
+    coloured (channels differing by > 0.15) for the plotted data."""
+    rgb = image[..., :3]
+    return int((rgb.max(axis=2) < 0.5).sum()), int((np.ptp(rgb, axis=2) > 0.15).sum())
+
+
 def test_plots_and_tensorboard_images(tmp_path, model_dir):
+    """Each PNG decodes to the figure's size (9 x 4 in at 90 dpi) and shows axes and the plotted stars (pixels
+    in the data colour; a figure with empty axes has none); the TensorBoard event file holds one image per
+    label under its tag, whose pixels are the PNG's."""
+    import matplotlib.image
+    import tensorflow as tf
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     pack, _ = write_test_pack(tmp_path / "test.pack", n=100)
     summary = run_test(make_test_config(tmp_path, model_dir, pack, log_loc=tmp_path / "logs"), report=lambda l: None)
     plots = summary["files"]["plots"]
     assert [Path(p).name for p in plots] == ["Teff_test.png", "logg_test.png", "Fe_H_test.png"]
     for plot in plots:
-        assert Path(plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    events = list((tmp_path / "logs" / "test").glob("events.out.tfevents.*"))
-    assert events and events[0].stat().st_size > 1000
+        image = matplotlib.image.imread(plot)
+        assert image.shape == (360, 810, 4)
+        dark, coloured = drawn_pixels(image)
+        assert dark > 2000 and coloured > 400, (plot, dark, coloured)
+    [events] = (tmp_path / "logs" / "test").glob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    assert sorted(accumulator.Tags()["tensors"]) == ["Fe_H", "Teff", "logg"]
+    for tag, plot in zip(("Teff", "logg", "Fe_H"), plots):
+        [event] = accumulator.Tensors(tag)
+        width, height, png = tf.make_ndarray(event.tensor_proto)  # the image summary: width, height, PNG
+        assert (int(width), int(height)) == (810, 360)
+        logged = tf.image.decode_png(png, channels=4).numpy()
+        on_disk = tf.image.decode_png(Path(plot).read_bytes(), channels=4).numpy()
+        np.testing.assert_array_equal(logged, on_disk)
 
 
 def test_grid_and_label_mismatches_are_refused(tmp_path, model_dir):

@@ -15,7 +15,7 @@ import pytest
 from astropy.io import fits
 
 from anna.errors import AnnaInputError
-from anna.evaluate import apply_correction, load_correction, run_test
+from anna.evaluate import run_test
 from anna.infer import FATAL_FLAGS, output_path, run_infer, spectra_onto_grid, spectrum_onto_grid
 from anna.packs import write_pack
 
@@ -254,24 +254,36 @@ def test_wave_template_must_match_model_grid(tmp_path, model_dir):
 
 
 def test_apply_correction_uses_the_saved_correction(tmp_path, model_dir):
+    """The planted labels are an exact affine map of the network's own values (anna-test's inferred column),
+    so the degree-2 correction fitted to them is that map, and the corrected outputs must equal it applied to
+    the raw outputs, worked out here by hand, to rounding."""
     model_dir = str(shutil.copytree(model_dir, tmp_path / "model"))
     labels, flux, _ = toy_stars(150, seed=4)
-    planted = tmp_path / "planted.pack"
-    write_pack(planted, WAVE, np.arange(150), MINIMA + 0.1 * SPAN + 0.8 * (labels - MINIMA), flux)
-    run_test(make_config(tmp_path, test_model_loc=model_dir, test_save_loc=tmp_path / "test", testing_data=planted,
-                         fit_correction="YES", correction_degree=2), report=lambda line: None)
     pack = tmp_path / "stars.pack"
     write_pack(pack, WAVE, np.arange(150), labels, flux)
+    run_test(make_config(tmp_path, test_model_loc=model_dir, test_save_loc=tmp_path / "plain", testing_data=pack,
+                         test_batch_size=64), report=lambda line: None)  # anna-infer's batches: same float32 sums
+    header, tested = read_csv(tmp_path / "plain" / "test_stats.out")
+    inferred = values_of(tested, header.index(f"inferred_{NAMES[0]}"))
+
+    def planted_map(values):
+        return MINIMA + 0.1 * SPAN + 0.8 * (values - MINIMA)
+
+    planted = tmp_path / "planted.pack"
+    write_pack(planted, WAVE, np.arange(150), planted_map(inferred), flux)
+    run_test(make_config(tmp_path, test_model_loc=model_dir, test_save_loc=tmp_path / "test", testing_data=planted,
+                         fit_correction="YES", correction_degree=2, test_batch_size=64), report=lambda line: None)
     raw = run_infer(infer_config(tmp_path, model_dir, infer_mode="DEBUG", debug_data=pack),
                     report=lambda line: None)
     corrected = run_infer(make_config(tmp_path, infer_model_loc=model_dir, infer_save_loc=tmp_path / "corrected",
-                                      infer_mode="DEBUG", debug_data=pack, apply_correction="YES"),
-                          report=lambda line: None)
+                                      infer_mode="DEBUG", debug_data=pack, apply_correction="YES",
+                                      infer_batch_size=64), report=lambda line: None)
     raw_values = values_of(read_csv(raw[0])[1], 1)
     corrected_values = values_of(read_csv(corrected[0])[1], 1)
-    expected, _ = apply_correction(load_correction(model_dir, NAMES), raw_values, NAMES)
-    np.testing.assert_array_equal(corrected_values, expected)
-    assert_close_to_truth(corrected_values, MINIMA + 0.1 * SPAN + 0.8 * (labels - MINIMA))
+    np.testing.assert_array_equal(raw_values, inferred)
+    np.testing.assert_allclose((corrected_values - planted_map(raw_values)) / SPAN, 0.0, rtol=0, atol=1e-10)
+    assert [row[-1] for row in read_csv(corrected[0])[1]] == [""] * 150  # all inside the fitted range
+    assert_close_to_truth(corrected_values, planted_map(labels))
 
     correction = Path(model_dir) / "correction.json"
     data = json.loads(correction.read_text())
