@@ -587,8 +587,8 @@ MOLECULES = {
 # Real lines outside the tutorial window, air wavelengths (A), species, lower excitation potential (eV),
 # log gf: the strong lines that shape survey spectra (Ca II H, K and the infrared triplet, Mg I b, Na D,
 # K I, Ca I 4227, the O I triplet, strong Fe I/Fe II, Sr II, Ba II...) and well-known H-band lines of APOGEE
-# elements (K, Mn, Na, Al, Ca, Mg, Si, Ti, C, S, Cr, Co, Ni, Fe).  Atomic data are approximate (a few
-# hundredths of an A, a few tenths of a dex), which a teaching model does not notice.
+# elements (K, Mn, Na, Al, Ca, Mg, Si, Ti, C, S, Cr, Co, Ni, Fe).  Atomic data are approximate literature
+# values, not taken from a line database: good enough for a teaching model, not for analysing real spectra.
 STRONG_LINES = (
     # optical
     (3820.425, "Fe I", 0.859, 0.119), (3829.355, "Mg I", 2.709, -0.227), (3832.304, "Mg I", 2.712, 0.270),
@@ -728,15 +728,16 @@ CONTINUUM_SHAPE = ((3500.0, -0.05), (4500.0, -0.07), (5500.0, -0.04), (6700.0, 0
 """log10 of the continuous opacity (H- bound-free plus free-free) relative to 6700 A, roughly: it peaks near
 8500 A and has its minimum at the 1.64 micron H- threshold, so H-band lines are stronger for their gf."""
 TAIL_FLOOR = 1e-5
+"""Survey mode: depth below which the far Lorentz wings of lines beyond a segment's margin are neglected."""
 WING_CUTOFF_KMS = 0.1 * SPEED_OF_LIGHT_KMS
 """Survey mode: Lorentz wings end smoothly 10 % of the wavelength from their line (a real line's far wing falls
 faster than a Lorentzian); this also keeps a pixel's flux independent of how far the grid extends."""
-"""Depth below which the far Lorentz wings of lines beyond a segment's margin are neglected."""
 SEGMENT_MARGINS = 2.83
 """Survey-mode pixel segments span this many margins (sqrt(8) minimises the cost of the Fourier boxes)."""
 SOFT_FLOOR_START, SOFT_FLOOR_FLUX = 0.2, 0.02
 """Survey mode: below flux 0.2 blended depths saturate smoothly towards 0.02 instead of clipping at 0."""
 SURVEY_CHUNK_STARS = 512
+"""Survey mode: stars whose line parameters are computed together (bounds the (stars, lines) arrays)."""
 SURVEY_VSINI_ALLOWANCE, SURVEY_SHIFT_ALLOWANCE = 40.0, 10.0
 """km/s: survey mode sizes its Fourier boxes for at least these vsini and |radial velocity|, so that which lines
 a box holds, and hence a star's spectrum, does not depend on the other stars synthesized with it."""
@@ -744,12 +745,11 @@ TERM_BUCKET = 6
 """Survey mode: lines whose Chebyshev series need term counts in the same bucket of this size share a basis."""
 BROAD_LINE_MARGIN = 0.05
 """Survey mode: lines with Lorentz half widths above this fraction of the margin (Balmer lines, Ca II H and K,
-Na D in cool dwarfs), or whose wings 2 margins away exceed :data:`TAIL_FLOOR`, are added in closed form rather
+Na D in cool dwarfs), or whose wings 3 margins away exceed :data:`TAIL_FLOOR`, are added in closed form rather
 than in the periodic Fourier box, whose images of their far wings would otherwise fold back onto the pixels."""
 ROTATION_KERNEL_VARIANCE = ((1.0 - LIMB_DARKENING) / 4.0 + 2.0 * LIMB_DARKENING / 15.0) / (1.0 - LIMB_DARKENING / 3.0)
 """Variance of Gray's rotation kernel in units of vsini^2 (0.225 for epsilon = 0.6): the Gaussian stand-in for
 rotation in the closed-form line profiles."""
-"""Survey mode: lines whose Chebyshev series need term counts in the same bucket of this size share a basis."""
 
 
 def air_wavelength(vacuum):
