@@ -55,6 +55,8 @@ HISTOGRAM_EVERY = 10
 HISTOGRAM_BUCKETS = 30  # TensorBoard's default
 # JIT_COMPILE AUTO: seconds each compiled form is timed for (after its compiling call).
 TRIAL_SECONDS = 2.0
+# ... in calls of at most this many steps, so that a slow form is measured without running whole chunks.
+TRIAL_STEPS_PER_CALL = 3
 # AdamW's weight decay when OPTIMIZER is ADAMW and WEIGHT_DECAY is not given.
 DEFAULT_WEIGHT_DECAY = 1e-4
 # Training spectra drawn (fixed seed) at the end of training for the training-domain statistics.
@@ -203,9 +205,11 @@ def make_train_steps(network, optimizer, spec, chunk_batches, batch_size, compil
     first+count-1 of a producer chunk (flux, labels, mask), each (chunk_batches, batch, ...).
 
     ``compiled_form`` "xla": ONE XLA-compiled call runs all the steps (a while loop), so leaving and entering
-    Python is paid once per chunk.  "graph": one graph call per step (without XLA a graph while loop ran 1.4x
-    slower on the tutorial network).  Which is faster depends on the network and the machine: JIT_COMPILE AUTO
-    times both (:func:`choose_compiled_form`).  ``costs`` is (chunk_batches,) with each step's squared-error
+    Python is paid once per chunk; fastest for the tutorial network.  "xla_step": one XLA-compiled call per
+    step: XLA's CPU code for convolutions with several channels inside a while loop ran a StarNet-shaped step
+    about 7x slower than the same step compiled alone.  "graph": one graph call per step, no XLA (without XLA
+    a graph while loop ran 1.4x slower on the tutorial network).  Which is fastest depends on the network and
+    the machine: JIT_COMPILE AUTO times them (:func:`choose_compiled_form`).  ``costs`` is (chunk_batches,) with each step's squared-error
     cost (the reported cost, comparable with the xval cost); with a variance head ``parts`` holds the residual
     terms its bias refit needs (:func:`refit_variance_biases`), else None.
     """
@@ -269,6 +273,12 @@ def make_train_steps(network, optimizer, spec, chunk_batches, batch_size, compil
     def graph_step(flux, labels, mask, index):
         return train_step(flux[index], labels[index], mask[index])
 
+    @tf.function(jit_compile=True, autograph=False)
+    def xla_step(flux, labels, mask, index):
+        return train_step(flux[index], labels[index], mask[index])
+
+    one_step = xla_step if compiled_form == "xla_step" else graph_step
+
     constants = {}
 
     def as_tensor(value):  # one constant per distinct int, so the function is not retraced per value
@@ -279,7 +289,7 @@ def make_train_steps(network, optimizer, spec, chunk_batches, batch_size, compil
     def train_steps(chunk, first, count):
         if compiled_form == "xla":
             return compiled_steps(*chunk, as_tensor(first), as_tensor(count))
-        results = [graph_step(*chunk, as_tensor(index)) for index in range(first, first + count)]
+        results = [one_step(*chunk, as_tensor(index)) for index in range(first, first + count)]
         costs = tf.concat([tf.stack([cost for cost, _ in results]), tf.zeros([chunk_batches - count])], 0)
         parts = (tf.concat([tf.stack([p for _, p in results]), tf.zeros([chunk_batches - count] + part_shape)], 0)
                  if heteroscedastic else None)
@@ -288,8 +298,11 @@ def make_train_steps(network, optimizer, spec, chunk_batches, batch_size, compil
     return train_steps
 
 
-COMPILED_FORMS = ("xla", "graph")
-FORM_NAMES = {"xla": "XLA (one compiled call per chunk)", "graph": "graph (one call per step, no XLA)"}
+COMPILED_FORMS = ("xla", "xla_step", "graph")
+FORM_NAMES = {"xla": "XLA, one compiled call per chunk of steps", "xla_step": "XLA, one compiled call per step",
+              "graph": "graph, one call per step, no XLA"}
+# The forms JIT_COMPILE may choose from: AUTO all, YES the XLA ones, NO the plain graph.
+FORMS_OF_SETTING = {"AUTO": COMPILED_FORMS, "YES": ("xla", "xla_step"), "NO": ("graph",)}
 
 
 def compiled_form_cache_path():
@@ -316,10 +329,11 @@ def _machine_description():
             "gpus": len(tf.config.list_physical_devices("GPU"))}
 
 
-def compiled_form_key(spec, batch_size, chunk_batches, keep_prob):
-    """The cache key of a choice: the network, the batch shape, dropout on/off and the machine."""
+def compiled_form_key(spec, batch_size, chunk_batches, keep_prob, candidates=COMPILED_FORMS):
+    """The cache key of a choice: the network, the batch shape, dropout on/off, the forms timed, the machine."""
     return json.dumps({"network": spec.to_dict(), "batch": int(batch_size), "chunk": int(chunk_batches),
-                       "dropout": keep_prob < 1.0, "machine": _machine_description()}, sort_keys=True)
+                       "dropout": keep_prob < 1.0, "forms": list(candidates), "machine": _machine_description()},
+                      sort_keys=True)
 
 
 def time_compiled_form(form, spec, centre, chunk, batch_size, keep_prob, seconds=TRIAL_SECONDS):
@@ -335,14 +349,15 @@ def time_compiled_form(form, spec, centre, chunk, batch_size, keep_prob, seconds
         optimizer = __import__("keras").optimizers.Adam(learning_rate=1e-12)
         optimizer.build(network.trainable_variables)
         steps = make_train_steps(network, optimizer, spec, chunk_batches, batch_size, form)
-        steps(chunk, 0, chunk_batches)[0].numpy()
+        steps(chunk, 0, 1)[0].numpy()  # compiles (the step count is a tensor: one compilation serves all)
+        per_call = min(chunk_batches, TRIAL_STEPS_PER_CALL)
         done, start = 0, time.perf_counter()
         while True:
-            costs, _ = steps(chunk, 0, chunk_batches)
+            costs, _ = steps(chunk, 0, per_call)
             costs.numpy()
-            done += chunk_batches
+            done += per_call
             elapsed = time.perf_counter() - start
-            if elapsed >= seconds and done >= 2 * chunk_batches:
+            if elapsed >= seconds and done >= 2 * per_call:
                 return done * batch_size / elapsed, None
     except (tf.errors.OpError, ValueError, RuntimeError, TypeError) as error:
         return None, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
@@ -351,27 +366,27 @@ def time_compiled_form(form, spec, centre, chunk, batch_size, keep_prob, seconds
 def choose_compiled_form(setting, spec, centre, chunk, batch_size, keep_prob, cache_path=None, report=print):
     """The compiled form of the training steps and how it was chosen (a dict for the frozen model).
 
-    JIT_COMPILE YES/NO pin "xla"/"graph".  AUTO times both on a throwaway copy of the network
-    (:func:`time_compiled_form`) and keeps the faster; a form that fails to compile or run is skipped.  The
-    choice is remembered per network, batch shape and machine in ``cache_path``
-    (:func:`compiled_form_cache_path`), so a repeated run uses the same form without timing again: two forms
-    round differently, and with SEED a run must repeat bit for bit.
+    JIT_COMPILE NO pins "graph"; YES times the two XLA forms ("xla", "xla_step"), AUTO all three
+    (:data:`FORMS_OF_SETTING`), each on a throwaway copy of the network (:func:`time_compiled_form`), and keeps
+    the fastest; a form that fails to compile or run is skipped.  The choice is remembered per network, batch
+    shape, forms and machine in ``cache_path`` (:func:`compiled_form_cache_path`), so a repeated run uses the
+    same form without timing again: forms round differently, and with SEED a run must repeat bit for bit.
     """
-    if setting in ("YES", "NO"):
-        form = "xla" if setting == "YES" else "graph"
-        return {"setting": setting, "form": form, "source": "JIT_COMPILE"}
+    candidates = FORMS_OF_SETTING[setting]
+    if len(candidates) == 1:
+        return {"setting": setting, "form": candidates[0], "source": "JIT_COMPILE"}
     chunk_batches = int(chunk[0].shape[0])
-    key = compiled_form_key(spec, batch_size, chunk_batches, keep_prob)
+    key = compiled_form_key(spec, batch_size, chunk_batches, keep_prob, candidates)
     cache_path = cache_path or compiled_form_cache_path()
     cache = _read_json(cache_path)
     if key in cache and cache[key].get("form") in COMPILED_FORMS:
         entry = cache[key]
-        report(f"JIT_COMPILE AUTO: {FORM_NAMES[entry['form']]}, as timed on this machine on {entry['when']} "
+        report(f"JIT_COMPILE {setting}: {FORM_NAMES[entry['form']]}, as timed on this machine on {entry['when']} "
                f"({_rates_text(entry['rates'])}; remembered in {cache_path})")
-        return {"setting": "AUTO", "form": entry["form"], "source": "cache", "rates": entry["rates"],
+        return {"setting": setting, "form": entry["form"], "source": "cache", "rates": entry["rates"],
                 "timed_utc": entry["when"]}
     rates, errors = {}, {}
-    for form in COMPILED_FORMS:
+    for form in candidates:
         rate, error = time_compiled_form(form, spec, centre, chunk, batch_size, keep_prob)
         if rate is not None:
             rates[form] = rate
@@ -384,7 +399,7 @@ def choose_compiled_form(setting, spec, centre, chunk, batch_size, keep_prob, ca
     form = max(rates, key=rates.get)
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     skipped = "".join(f"; {form_} failed ({error})" for form_, error in errors.items())
-    report(f"JIT_COMPILE AUTO: {FORM_NAMES[form]} ({_rates_text(rates)}, timed over {TRIAL_SECONDS:g} s each"
+    report(f"JIT_COMPILE {setting}: {FORM_NAMES[form]} ({_rates_text(rates)}, timed over {TRIAL_SECONDS:g} s each"
            f"{skipped})")
     cache[key] = {"form": form, "rates": rates, "when": when}
     try:
@@ -392,9 +407,9 @@ def choose_compiled_form(setting, spec, centre, chunk, batch_size, keep_prob, ca
         with atomic_output(cache_path, "w") as handle:
             json.dump(cache, handle, indent=1)
     except OSError as error:
-        report(f"JIT_COMPILE AUTO: could not remember the choice in {cache_path} ({error.strerror or error}); "
+        report(f"JIT_COMPILE {setting}: could not remember the choice in {cache_path} ({error.strerror or error}); "
                f"later runs will time again")
-    return {"setting": "AUTO", "form": form, "source": "timed", "rates": rates, "timed_utc": when,
+    return {"setting": setting, "form": form, "source": "timed", "rates": rates, "timed_utc": when,
             "failed": errors}
 
 
@@ -815,13 +830,13 @@ class Trainer:
         return self._finish(stage_results, interrupted)
 
     def _choose_compiled_form(self, plan):
-        """JIT_COMPILE: the compiled form of the training steps (timed on a throwaway network for AUTO).  The
+        """JIT_COMPILE: the compiled form of the training steps (timed on a throwaway network unless NO).  The
         trial draws from the random state, so the run's seeds are set again afterwards: whether a trial ran or
         the choice came from the cache, training starts from the same state."""
         from anna.augment import BatchProducer
 
         chunk = None
-        if self.cfg.jit_compile == "AUTO":
+        if len(FORMS_OF_SETTING[self.cfg.jit_compile]) > 1:
             producer = BatchProducer(self.rows, self.scaler, None, batch_size=plan.batch_size, seed=self.seed,
                                      stage=0, threads=1, fetch=self.cfg.num_fetch, depth=self.cfg.num_fetch,
                                      missing_value=self.missing_value)
