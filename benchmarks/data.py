@@ -1,6 +1,9 @@
 """Inputs the benchmarks run on, generated on the spot inside the workspace.
 
 * the example data set of :mod:`anna.synth` (the tutorial's training, cross-validation and test packs);
+* survey-sized packs: anna.synth's APOGEE-like spectra (7214 pixels, the H band), or for other lengths a
+  log-linear grid over 15100-17000 A, for the training rows of other networks (:meth:`DataStore.example`
+  with ``npix`` other than 1001);
 * large packs made by repeating the example spectra (speed and memory do not depend on what the spectra
   show, and synthesising a million spectra would dominate the run);
 * frozen models of untrained networks (prediction cost does not depend on the weights);
@@ -8,6 +11,7 @@
 * small parameter files.
 """
 
+import inspect
 import math
 import os
 
@@ -20,11 +24,43 @@ LABEL_NAMES = ("teff", "logg", "feh", "vmic", "vsini")
 LABEL_UNITS = ("K", "dex", "dex", "km/s", "km/s")
 # Bytes one star takes in a pack: id, labels, dummy and flux, float64.
 PACK_VALUE_BYTES = 8
+# Survey-sized spectra: log-linear grid over APOGEE's H band, at APOGEE's resolving power.
+SURVEY_GRID_RANGE = (15100.0, 17000.0)
+SURVEY_RESOLUTION = 22500.0
+# The tutorial line list covers 6590-6860 A only; without a survey line list in anna.synth the survey grid's
+# log spacing is moved to start here, where the tutorial lines are (see survey_flux).
+TUTORIAL_LINES_START = 6450.0
 
 
 def pack_stars_for_bytes(nbytes, npix=1001, nout=5):
     """Number of stars that make a pack of about ``nbytes`` bytes."""
     return max(1, int(nbytes // ((npix + nout + 2) * PACK_VALUE_BYTES)))
+
+
+def survey_grid(npix):
+    """``npix`` wavelengths (A) spaced evenly in log wavelength over :data:`SURVEY_GRID_RANGE`."""
+    low, high = SURVEY_GRID_RANGE
+    return np.exp(np.linspace(math.log(low), math.log(high), int(npix)))
+
+
+def survey_flux(wavelengths, labels, rv_kms):
+    """(flux (n, npix), how) of teaching-model spectra on a survey grid.
+
+    With the survey line list of :func:`anna.synth.synthesize` (``line_list="survey"``, lines over the H band)
+    the spectra are synthesised on ``wavelengths`` at :data:`SURVEY_RESOLUTION`.  Without it (older
+    anna.synth), the tutorial's lines would leave the H band bare continuum, so the same log-spaced grid is
+    moved to start at :data:`TUTORIAL_LINES_START` (same pixels per resolution element, lines present) and the
+    pack carries the H-band wavelengths; ``how`` says which was done.
+    """
+    from anna.synth import synthesize
+
+    if "line_list" in inspect.signature(synthesize).parameters:
+        return (synthesize(wavelengths, labels, resolution=SURVEY_RESOLUTION, rv_kms=rv_kms, line_list="survey"),
+                f"anna.synth survey line list on the H-band grid, R = {SURVEY_RESOLUTION:g}")
+    moved = np.asarray(wavelengths) * (TUTORIAL_LINES_START / float(wavelengths[0]))
+    return (synthesize(moved, labels, resolution=SURVEY_RESOLUTION, rv_kms=rv_kms),
+            f"tutorial line list on the same log grid moved to {moved[0]:.0f}-{moved[-1]:.0f} A (anna.synth has "
+            f"no H-band lines), R = {SURVEY_RESOLUTION:g}")
 
 
 # spectra describing the training domain of the benchmark's models (anna-train uses up to 4000)
@@ -38,36 +74,89 @@ class DataStore:
         self.ws = workspace
         self.sizes = sizes
         self.log = log
-        self._example = None
+        self._examples = {}
         self._packs = {}
         self._models = {}
 
-    # ----- the example data set (anna.synth) -----------------------------------------------------------
-    def example(self):
-        """Paths of make_example_data's products: train, xval, test packs, sn_template, ..."""
-        if self._example is None:
-            from anna.synth import make_example_data
+    # ----- the example data set (anna.synth), and survey-sized packs ------------------------------------
+    def example(self, npix=1001):
+        """Paths of the training data for ``npix``-pixel spectra: train, xval, sn_template (and, for 1001,
+        every product of make_example_data: test, multispec, ...)."""
+        if npix not in self._examples:
+            if npix == 1001:
+                from anna.synth import make_example_data
 
-            self.log(f"generating example data ({self.sizes.n_train} training stars)")
-            self._example = make_example_data(self.ws.sub("example", "x"), seed=1, n_train=self.sizes.n_train,
-                                              n_xval=500, n_test=self.sizes.n_test)
-        return self._example
+                self.log(f"generating example data ({self.sizes.n_train} training stars)")
+                self._examples[npix] = make_example_data(self.ws.sub("example", "x"), seed=1,
+                                                         n_train=self.sizes.n_train, n_xval=500,
+                                                         n_test=self.sizes.n_test)
+            else:
+                self._examples[npix] = self._survey_example(npix)
+        return self._examples[npix]
 
-    def example_flux(self, kind="train"):
-        """(wavelengths (npix,), labels (n, 5), flux (n, npix) float64) of an example pack."""
+    def _survey_example(self, npix, n_xval=500):
+        """Training and cross-validation packs of ``npix``-pixel survey spectra, and their S/N template.
+
+        ``survey_base_stars`` spectra are synthesised (a fifth of them for the cross-validation pack) and
+        repeated to ``survey_train_stars`` and ``n_xval`` stars, each copy scaled by its own factor within
+        +-0.2 %: synthesis on survey grids is slow, and training speed does not depend on the spectra.  For 7214
+        pixels the spectra are anna.synth's APOGEE-like example data (``make_example_data(grid="apogee")``:
+        its grid, line list, resolving power and S/N profile); for other lengths, or an anna.synth without
+        that grid, :func:`survey_grid` with :func:`survey_flux` and a flat S/N template."""
+        import anna.synth as synth
+
+        sizes = self.sizes
+        n_base = max(10, sizes.survey_base_stars)
+        n_train_base = n_base - n_base // 5
+        folder = os.path.join("survey", f"npix{npix}")
+        if "apogee" in getattr(synth, "GRIDS", ()) and npix == len(synth.apogee_grid()):
+            self.log(f"synthesising {n_base} APOGEE-like spectra of {npix} pixels (anna.synth, grid 'apogee')")
+            made = synth.make_example_data(os.path.dirname(self.ws.sub(folder, "base", "x")), seed=21,
+                                           grid="apogee", n_train=n_train_base, n_xval=n_base - n_train_base,
+                                           n_test=1, n_apertures=1)
+            sources = {kind: self._pack_arrays(made[kind]) for kind in ("train", "xval")}
+            wave = sources["train"][0]
+            paths = {"synthesis": f"anna.synth APOGEE-like example data, {wave[0]:.0f}-{wave[-1]:.0f} A on "
+                                  "three chips, its S/N profile", "sn_template": made["sn_template"]}
+        else:
+            wave = survey_grid(npix)
+            rng = np.random.default_rng(21)
+            labels = synth.draw_labels(n_base, rng)
+            rv = rng.uniform(-synth.RESIDUAL_RV_KMS, synth.RESIDUAL_RV_KMS, n_base)
+            self.log(f"synthesising {n_base} spectra of {npix} pixels ({wave[0]:.0f}-{wave[-1]:.0f} A, log-linear)")
+            flux, how = survey_flux(wave, labels, rv)
+            sources = {"train": (wave, labels[:n_train_base], flux[:n_train_base]),
+                       "xval": (wave, labels[n_train_base:], flux[n_train_base:])}
+            # the example spectrograph's S/N profile (6450-6850 A) is zero in the H band: a flat relative S/N
+            template = np.round(np.arange(math.floor(wave[0]) - 25.0, math.ceil(wave[-1]) + 25.0, 0.2), 6)
+            paths = {"synthesis": f"{how}, flat S/N template", "sn_template": self.ws.sub(folder, "sn.template")}
+            synth.write_sn_template(paths["sn_template"], template, np.ones_like(template))
+        paths["n_base"] = n_base
+        for kind, count, seed in (("train", sizes.survey_train_stars, 11), ("xval", n_xval, 12)):
+            wave, labels, flux = sources[kind]
+            paths[kind] = write_tiled_pack(self.ws.sub(folder, f"{kind}.pack"), wave, labels, flux, count, seed=seed)
+        return paths
+
+    @staticmethod
+    def _pack_arrays(path):
         from anna.packs import open_pack
 
-        pack = open_pack(self.example()[kind])
+        pack = open_pack(path)
         return np.array(pack.wavelengths), np.array(pack.labels), np.array(pack.flux)
 
-    def noisy_spectra(self, n, seed=3, sn=100.0):
-        """``n`` example training spectra (repeated as needed) with noise at S/N ``sn``, float32 (n, 1001)."""
-        from anna.synth import fibre_relative_sn
+    def example_flux(self, kind="train", npix=1001):
+        """(wavelengths (npix,), labels (n, 5), flux (n, npix) float64) of an example pack."""
+        return self._pack_arrays(self.example(npix)[kind])
 
-        wave, _, flux = self.example_flux("train")
+    def noisy_spectra(self, n, seed=3, sn=100.0, npix=1001):
+        """``n`` example training spectra (repeated as needed) with noise at S/N ``sn`` times the S/N template,
+        float32 (n, npix)."""
+        from anna.templates import relative_sn_on_grid
+
+        wave, _, flux = self.example_flux("train", npix)
         rng = np.random.default_rng(seed)
         rows = flux[np.arange(n) % len(flux)]
-        sigma = 1.0 / (sn * fibre_relative_sn(wave))
+        sigma = 1.0 / (sn * relative_sn_on_grid(self.example(npix)["sn_template"], wave))
         return (rows + sigma * rng.standard_normal(rows.shape)).astype(np.float32)
 
     # ----- large packs ------------------------------------------------------------------------------------
@@ -99,11 +188,10 @@ class DataStore:
             folder = self.ws.sub("models", f"untrained_{npix}_{mc_dropout_rate:g}", "frozen.model")
             folder = os.path.dirname(folder)
             # a trained model carries its training-domain description, and anna-infer scores every spectrum
-            # against it: so does this one, from noisy example spectra (1001 px) or flat noise (other lengths)
-            if npix == 1001:
-                domain_flux = self.noisy_spectra(DOMAIN_SPECTRA, seed=4)
-            else:
-                domain_flux = 1.0 + 0.01 * np.random.default_rng(4).standard_normal((DOMAIN_SPECTRA, npix))
+            # against it: so does the 1001-pixel one, from noisy example spectra.  The other lengths serve only
+            # FrozenModel.predict (row 7), which does not use it, and describing the domain costs npix^3 (an
+            # eigen-decomposition of the npix x npix scatter matrix per fold): they go without.
+            domain_flux = self.noisy_spectra(DOMAIN_SPECTRA, seed=4) if npix == 1001 else None
             write_untrained_model(folder, npix, mc_dropout_rate=mc_dropout_rate, domain_flux=domain_flux)
             self._models[key] = folder
         return self._models[key]

@@ -92,23 +92,30 @@ class Row:
 @dataclasses.dataclass(frozen=True)
 class Sizes:
     """How big each benchmark is.  :func:`full_sizes` is the real benchmark, :func:`quick_sizes` a smoke run
-    (< 3 minutes on a 2-core machine) that still produces every row."""
+    (a few minutes on a 2-core machine) that still produces every row."""
 
     quick: bool
     n_train: int            # example-data training pack (the tutorial uses 5000)
     n_test: int             # test stars per S/N in the accuracy row
-    train_rounds: int       # row 1: rounds of (plain loop, anna-train ON, anna-train OFF)
-    train_iterations: int   # row 1: iterations per anna-train run
-    train_interval: int     # row 1: SAMPLE_INTERVAL, i.e. steps per timed chunk
-    warmup_intervals: int   # row 1: leading intervals discarded (graph tracing, pipeline filling)
+    train_rounds: int       # row 1: rounds of (baselines, anna-train ON[, OFF]) per network
+    train_iterations: int   # row 1, 1001-pixel networks: iterations per anna-train run
+    train_interval: int     # row 1, 1001 px: SAMPLE_INTERVAL, i.e. steps per timed interval and baseline chunk
+    warmup_intervals: int   # row 1, 1001 px: leading intervals discarded (graph tracing, pipeline filling)
+    survey_train_iterations: int  # row 1, survey-sized (7214-pixel) networks: the same three
+    survey_train_interval: int
+    survey_warmup_intervals: int
+    survey_npix: int        # pixels of the survey-sized rows (7214; quick runs fewer, see README)
+    survey_base_stars: int  # survey-sized packs: spectra synthesised (then repeated) ...
+    survey_train_stars: int  # ... to this many training stars
     tutorial_iterations: int  # row 2: iterations actually run (split 13:2 between the stages), then scaled
-    baseline_chunks: int    # plain-loop chunks of ``train_interval`` steps timed per baseline measurement
+    baseline_chunks: int    # baseline chunks of one interval's steps timed per baseline measurement
     infer_pack_stars: int   # row 3
     repeats: int            # inference rows: repeats of each timing
     predict_spectra: int    # in-memory predict baselines
     fits_spectra: int       # row 4 (90 apertures per file)
-    mc_spectra: int         # row 5
-    rss_pack_stars: int     # row 6: 1,000,000 stars of 1001 pixels = 8.06 GB
+    mc_pack_stars: int      # row 5: anna-infer input (DEBUG pack)
+    mc_train_iterations: int  # row 5: training of the MC-dropout model (stage 1 only)
+    rss_pack_stars: tuple   # row 6: pack sizes (stars of 1001 pixels; 1,000,000 = 8.06 GB)
     rss_iterations: int     # row 6
     scaling_npix: tuple     # row 7
     scaling_train_steps: int
@@ -119,21 +126,37 @@ class Sizes:
     # Quick runs only: overrides that let a few dozen iterations reach steady state (documented in the notes).
     tutorial_interval: int = None  # SAMPLE_INTERVAL for row 2 (None: the tutorial's 50)
 
+    def train_schedule(self, npix):
+        """(iterations, SAMPLE_INTERVAL, warm-up intervals) of a row-1 anna-train run on ``npix`` pixels."""
+        if npix < 1500:
+            return self.train_iterations, self.train_interval, self.warmup_intervals
+        return self.survey_train_iterations, self.survey_train_interval, self.survey_warmup_intervals
+
+
+def _stars(gigabytes, npix=1001, nout=5):
+    """Stars of a pack of ``gigabytes`` GB (float64 id, labels, dummy and flux per star)."""
+    return int(gigabytes * 1e9 // ((npix + nout + 2) * 8))
+
 
 def full_sizes(accuracy_iterations=TUTORIAL_ITERATIONS[0]):
     return Sizes(quick=False, n_train=5000, n_test=2000, train_rounds=2, train_iterations=700,
-                 train_interval=50, warmup_intervals=6, tutorial_iterations=1500, baseline_chunks=4,
-                 infer_pack_stars=100_000, repeats=3, predict_spectra=20_000, fits_spectra=100_080,
-                 mc_spectra=1000, rss_pack_stars=1_000_000, rss_iterations=300,
-                 scaling_npix=(1001, 4001, 8001), scaling_train_steps=10, scaling_predict_spectra=4096,
-                 scaling_pack_stars=(10_000, 100_000, 1_000_000), accuracy_iterations=accuracy_iterations)
+                 train_interval=50, warmup_intervals=6, survey_train_iterations=300, survey_train_interval=50,
+                 survey_warmup_intervals=2, survey_npix=7214, survey_base_stars=500, survey_train_stars=5000,
+                 tutorial_iterations=1500, baseline_chunks=4, infer_pack_stars=100_000, repeats=3,
+                 predict_spectra=20_000, fits_spectra=100_080, mc_pack_stars=20_000, mc_train_iterations=200,
+                 rss_pack_stars=(_stars(0.1), _stars(0.5), _stars(1.0), _stars(2.0), 1_000_000),
+                 rss_iterations=300, scaling_npix=(1001, 4001, 8001), scaling_train_steps=10,
+                 scaling_predict_spectra=4096, scaling_pack_stars=(10_000, 100_000, 1_000_000),
+                 accuracy_iterations=accuracy_iterations)
 
 
 def quick_sizes(accuracy_iterations=100):
-    return Sizes(quick=True, n_train=2000, n_test=300, train_rounds=1, train_iterations=125,
-                 train_interval=25, warmup_intervals=2, tutorial_iterations=115, baseline_chunks=2,
-                 infer_pack_stars=10_000, repeats=2, predict_spectra=4096, fits_spectra=1800,
-                 mc_spectra=500, rss_pack_stars=62_000, rss_iterations=30,
+    return Sizes(quick=True, n_train=2000, n_test=300, train_rounds=1, train_iterations=120,
+                 train_interval=20, warmup_intervals=2, survey_train_iterations=40, survey_train_interval=10,
+                 survey_warmup_intervals=2, survey_npix=2000, survey_base_stars=100, survey_train_stars=1000,
+                 tutorial_iterations=115, baseline_chunks=2, infer_pack_stars=10_000, repeats=2,
+                 predict_spectra=4096, fits_spectra=1800, mc_pack_stars=2000, mc_train_iterations=20,
+                 rss_pack_stars=(_stars(0.1), _stars(0.3), _stars(0.8)), rss_iterations=30,
                  scaling_npix=(1001, 4001, 8001), scaling_train_steps=3, scaling_predict_spectra=1024,
                  scaling_pack_stars=(2000, 6000, 20_000), accuracy_iterations=accuracy_iterations)
 

@@ -34,7 +34,7 @@ GROUP_TITLES = {
     "infer_pack": "3. inference from a pack",
     "infer_fits": "4. inference from multispec FITS",
     "mc_dropout": "5. MC-dropout inference",
-    "rss": "6. peak memory, training on a large pack",
+    "rss": "6. peak memory against the pack size",
     "scaling": "7. scaling with spectrum length and pack size",
     "accuracy": "8. accuracy against classical baselines",
 }
@@ -43,10 +43,12 @@ STAR_BYTES = (1001 + 5 + 2) * 8
 
 
 class Context:
-    """What every benchmark group gets: sizes, workspace, data store, log."""
+    """What every benchmark group gets: sizes, workspace, data store, log; ``keep_packs``: sizes (stars) of
+    the tiled packs that later groups still need (a group may delete the others as soon as it is done)."""
 
     def __init__(self, sizes, workspace, data, log):
         self.sizes, self.ws, self.data, self.log = sizes, workspace, data, log
+        self.keep_packs = set()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -77,20 +79,20 @@ def machine_description():
     def git(*args):
         try:
             return subprocess.run(["git", "-C", REPO_ROOT, *args], capture_output=True, text=True,
-                                  timeout=20).stdout.strip()
+                                  timeout=20).stdout.rstrip()  # rstrip: status lines start with a space
         except (OSError, subprocess.SubprocessError):
             return ""
 
     import numpy
     import tensorflow as tf
 
-    revision = git("rev-parse", "--short", "HEAD") or "unknown"
-    if git("status", "--porcelain", "--untracked-files=no"):
-        revision += " (with uncommitted changes)"
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines() if line[3:]]
+    revision = commit + (f" (with uncommitted changes in {len(changed)} file(s))" if changed else "")
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "nproc": os.cpu_count(), "cpu": cpu_model(),
             "memory_gb": memory_gb(), "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
             "python": platform.python_version(), "tensorflow": tf.__version__, "numpy": numpy.__version__,
-            "git": revision, "platform": platform.platform()}
+            "commit": commit, "uncommitted_files": changed, "git": revision, "platform": platform.platform()}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -100,6 +102,8 @@ def machine_description():
 def format_number(value):
     if value is None:
         return "-"
+    if isinstance(value, int):  # counts
+        return f"{value:,d}"
     magnitude = abs(value)
     if magnitude >= 1000:
         return f"{value:,.0f}"
@@ -181,13 +185,13 @@ def run_group(name, ctx):
 
 
 def pack_sizes_used(name, sizes):
-    return {"infer_pack": {sizes.infer_pack_stars}, "rss": {sizes.rss_pack_stars},
-            "scaling": set(sizes.scaling_pack_stars)}.get(name, set())
+    return {"infer_pack": {sizes.infer_pack_stars}, "mc_dropout": {sizes.mc_pack_stars},
+            "rss": set(sizes.rss_pack_stars), "scaling": set(sizes.scaling_pack_stars)}.get(name, set())
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description="ANNA-TF benchmarks (see benchmarks/README.md).")
-    parser.add_argument("--quick", action="store_true", help="small sizes and fewer repeats (< 3 min on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="small sizes and fewer repeats (a few minutes)")
     parser.add_argument("--only", default="", help=f"comma-separated groups to run: {', '.join(GROUPS)}")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--tmpdir", metavar="DIR", help="parent folder of the scratch workspace (default: system temp)")
@@ -232,9 +236,14 @@ def main(argv=None):
     rows, details, durations, failures = [], {}, {}, {}
     started = time.perf_counter()
     with harness.Workspace(args.tmpdir) as ws:
+        # anna-train's JIT_COMPILE AUTO remembers its choices in a cache folder: one of the run's own, so that
+        # a run neither depends on nor changes what earlier runs or the user's trainings left there
+        os.environ["ANNA_TF_CACHE_DIR"] = ws.fresh_dir("anna-tf-cache")
         ctx = Context(sizes, ws, DataStore(ws, sizes, log), log)
         for index, name in enumerate(args.groups):
             log(f"== {GROUP_TITLES[name]}")
+            later = set().union(*[pack_sizes_used(other, sizes) for other in args.groups[index + 1:]])
+            ctx.keep_packs = later
             group_started = time.perf_counter()
             try:
                 group_rows, group_details = run_group(name, ctx)
@@ -246,7 +255,6 @@ def main(argv=None):
             durations[name] = time.perf_counter() - group_started
             rows += group_rows
             details[name] = group_details
-            later = set().union(*[pack_sizes_used(other, sizes) for other in args.groups[index + 1:]])
             for n_stars in pack_sizes_used(name, sizes):
                 if n_stars * STAR_BYTES > LARGE_PACK_BYTES and n_stars not in later:
                     ctx.data.drop_pack(n_stars)
@@ -257,6 +265,8 @@ def main(argv=None):
              f"{machine['nproc']} x {machine['cpu']}, TensorFlow {machine['tensorflow']}, git {machine['git']}, "
              f"{total / 60:.1f} min")
     print(title)
+    print(f"commit {machine['commit']}" + (f" + uncommitted changes: {', '.join(machine['uncommitted_files'])}"
+                                           if machine["uncommitted_files"] else ""))
     print()
     for line in table_lines(rows):
         print(line)
@@ -267,7 +277,8 @@ def main(argv=None):
     if args.json:
         from anna.atomic import atomic_output
 
-        report = {"title": title, "mode": "quick" if sizes.quick else "full", "machine": machine,
+        report = {"title": title, "commit": machine["commit"], "mode": "quick" if sizes.quick else "full",
+                  "machine": machine,
                   "sizes": {k: v for k, v in vars(sizes).items()}, "seconds": durations, "total_seconds": total,
                   "rows": [row.as_dict() for row in rows], "details": details, "failures": failures,
                   "command": sys.argv}
