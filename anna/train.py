@@ -363,7 +363,8 @@ def time_compiled_form(form, spec, centre, chunk, batch_size, keep_prob, seconds
         return None, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
 
 
-def choose_compiled_form(setting, spec, centre, chunk, batch_size, keep_prob, cache_path=None, report=print):
+def choose_compiled_form(setting, spec, centre, chunk, batch_size, keep_prob, cache_path=None, report=print,
+                         trial_seconds=TRIAL_SECONDS):
     """The compiled form of the training steps and how it was chosen (a dict for the frozen model).
 
     JIT_COMPILE NO pins "graph"; YES times the two XLA forms ("xla", "xla_step"), AUTO all three
@@ -387,7 +388,7 @@ def choose_compiled_form(setting, spec, centre, chunk, batch_size, keep_prob, ca
                 "timed_utc": entry["when"]}
     rates, errors = {}, {}
     for form in candidates:
-        rate, error = time_compiled_form(form, spec, centre, chunk, batch_size, keep_prob)
+        rate, error = time_compiled_form(form, spec, centre, chunk, batch_size, keep_prob, trial_seconds)
         if rate is not None:
             rates[form] = rate
         else:
@@ -399,7 +400,7 @@ def choose_compiled_form(setting, spec, centre, chunk, batch_size, keep_prob, ca
     form = max(rates, key=rates.get)
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     skipped = "".join(f"; {form_} failed ({error})" for form_, error in errors.items())
-    report(f"JIT_COMPILE {setting}: {FORM_NAMES[form]} ({_rates_text(rates)}, timed over {TRIAL_SECONDS:g} s each"
+    report(f"JIT_COMPILE {setting}: {FORM_NAMES[form]} ({_rates_text(rates)}, timed over {trial_seconds:g} s each"
            f"{skipped})")
     cache[key] = {"form": form, "rates": rates, "when": when}
     try:

@@ -219,17 +219,20 @@ def test_auto_times_both_forms_keeps_the_faster_and_remembers(tmp_path):
                   for shape in ((4, 16, 64), (4, 16, 2), (4, 16, 2)))
     lines = []
     cache = tmp_path / "forms.json"
-    first = choose_compiled_form("AUTO", spec, None, chunk, 16, 0.9, cache_path=str(cache), report=lines.append)
+    first = choose_compiled_form("AUTO", spec, None, chunk, 16, 0.9, cache_path=str(cache), report=lines.append,
+                                 trial_seconds=0.3)
     assert first["source"] == "timed" and set(first["rates"]) == {"xla", "xla_step", "graph"}
     assert first["form"] == max(first["rates"], key=first["rates"].get)
     assert "JIT_COMPILE AUTO" in lines[0] and "ex/s" in lines[0]
-    second = choose_compiled_form("AUTO", spec, None, chunk, 16, 0.9, cache_path=str(cache), report=lines.append)
+    second = choose_compiled_form("AUTO", spec, None, chunk, 16, 0.9, cache_path=str(cache), report=lines.append,
+                                 trial_seconds=0.3)
     assert second["source"] == "cache" and second["form"] == first["form"]
     # another network is timed afresh
     other = NetworkSpec(npix=64, nout=2, conv_layers=((7, 4),), fc_dims=(16,))
-    assert choose_compiled_form("AUTO", other, None, chunk, 16, 0.9, cache_path=str(cache),
-                                report=lines.append)["source"] == "timed"
-    pinned = choose_compiled_form("YES", spec, None, chunk, 16, 0.9, cache_path=str(cache), report=lines.append)
+    assert choose_compiled_form("AUTO", other, None, chunk, 16, 0.9, cache_path=str(cache), report=lines.append,
+                                trial_seconds=0.3)["source"] == "timed"
+    pinned = choose_compiled_form("YES", spec, None, chunk, 16, 0.9, cache_path=str(cache), report=lines.append,
+                                 trial_seconds=0.3)
     assert set(pinned["rates"]) == {"xla", "xla_step"} and pinned["form"] in ("xla", "xla_step")
     assert choose_compiled_form("NO", spec, None, chunk, 16, 0.9, report=lines.append)["form"] == "graph"
 
