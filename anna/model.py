@@ -138,7 +138,8 @@ class NetworkSpec:
     @property
     def description(self):
         """One line for logs: '4x8, 16x8p4 | 256, 128'."""
-        return f"{', '.join(c.text for c in self.conv_layers) or 'no convolution'} | {', '.join(map(str, self.fc_dims))}"
+        convs = ", ".join(c.text for c in self.conv_layers) or "no convolution"
+        return f"{convs} | {', '.join(map(str, self.fc_dims))}"
 
     def to_dict(self):
         return {"npix": self.npix, "nout": self.nout, "conv_layers": [c.to_dict() for c in self.conv_layers],

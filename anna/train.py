@@ -209,9 +209,9 @@ def make_train_steps(network, optimizer, spec, chunk_batches, batch_size, compil
     step: XLA's CPU code for convolutions with several channels inside a while loop ran a StarNet-shaped step
     about 7x slower than the same step compiled alone.  "graph": one graph call per step, no XLA (without XLA
     a graph while loop ran 1.4x slower on the tutorial network).  Which is fastest depends on the network and
-    the machine: JIT_COMPILE AUTO times them (:func:`choose_compiled_form`).  ``costs`` is (chunk_batches,) with each step's squared-error
-    cost (the reported cost, comparable with the xval cost); with a variance head ``parts`` holds the residual
-    terms its bias refit needs (:func:`refit_variance_biases`), else None.
+    the machine: JIT_COMPILE AUTO times them (:func:`choose_compiled_form`).  ``costs`` is (chunk_batches,)
+    with each step's squared-error cost (the reported cost, comparable with the xval cost); with a variance
+    head ``parts`` holds the residual terms its bias refit needs (:func:`refit_variance_biases`), else None.
     """
     import keras
     import tensorflow as tf
