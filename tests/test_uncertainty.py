@@ -392,3 +392,17 @@ def test_der_snr_recovers_the_sigma_of_gaussian_noise(npix):
     holed[1, 10:14] = np.nan  # a run of four NaN pixels
     result = der_snr_noise(holed)
     assert np.isnan(result[1]) and np.isfinite(result[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("n, npix", [(300, 100), (200, 500)])
+def test_domain_components_are_the_principal_components_with_more_or_fewer_pixels_than_spectra(n, npix):
+    """The scatter-matrix route (npix <= n) and the Gram-matrix route (survey spectra: npix > n) both give the
+    leading right singular vectors of the centred flux (up to sign)."""
+    from anna.infer import DOMAIN_COMPONENTS, _domain_description
+
+    rng = np.random.default_rng(n + npix)
+    flux = 1.0 + rng.normal(size=(n, npix)) * np.linspace(0.3, 0.01, npix)[None, :]
+    components = np.array(_domain_description(flux)["components"])
+    _, _, vt = np.linalg.svd(flux - flux.mean(axis=0), full_matrices=False)
+    assert components.shape == (DOMAIN_COMPONENTS, npix)
+    np.testing.assert_allclose(np.abs(np.sum(components * vt[:DOMAIN_COMPONENTS], axis=1)), 1.0, atol=1e-9)
