@@ -27,7 +27,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up noti
 
 import harness  # noqa: E402  (needs the path set above)
 
-GROUPS = ("train", "tutorial", "infer_pack", "infer_fits", "mc_dropout", "rss", "scaling", "accuracy")
+GROUPS = ("train", "tutorial", "infer_pack", "infer_fits", "mc_dropout", "rss", "scaling", "accuracy", "survey")
 GROUP_TITLES = {
     "train": "1. training throughput",
     "tutorial": "2. tutorial wall time",
@@ -37,6 +37,7 @@ GROUP_TITLES = {
     "rss": "6. peak memory against the pack size",
     "scaling": "7. scaling with spectrum length and pack size",
     "accuracy": "8. accuracy against classical baselines",
+    "survey": "9. survey spectra: accuracy at a fixed time budget against a plain Keras loop",
 }
 LARGE_PACK_BYTES = 10**9  # tiled packs above this size are deleted as soon as no remaining row needs them
 STAR_BYTES = (1001 + 5 + 2) * 8
@@ -46,9 +47,10 @@ class Context:
     """What every benchmark group gets: sizes, workspace, data store, log; ``keep_packs``: sizes (stars) of
     the tiled packs that later groups still need (a group may delete the others as soon as it is done)."""
 
-    def __init__(self, sizes, workspace, data, log):
+    def __init__(self, sizes, workspace, data, log, survey_data=None):
         self.sizes, self.ws, self.data, self.log = sizes, workspace, data, log
         self.keep_packs = set()
+        self.survey_data = survey_data  # --survey-data: APOGEE-like example data made earlier (row 9)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -150,6 +152,7 @@ def table_lines(rows):
 def run_group(name, ctx):
     import rows_accuracy
     import rows_inference
+    import rows_survey
     import rows_training
 
     sizes = ctx.sizes
@@ -181,6 +184,8 @@ def run_group(name, ctx):
         return rows + more_rows, {"train": details, "infer": more_details}
     if name == "accuracy":
         return rows_accuracy.accuracy(ctx)
+    if name == "survey":
+        return rows_survey.survey_budget(ctx)
     raise ValueError(name)
 
 
@@ -195,6 +200,9 @@ def parse_args(argv):
     parser.add_argument("--only", default="", help=f"comma-separated groups to run: {', '.join(GROUPS)}")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--tmpdir", metavar="DIR", help="parent folder of the scratch workspace (default: system temp)")
+    parser.add_argument("--survey-data", metavar="DIR",
+                        help="row 9: APOGEE-like example data made earlier (anna-synth DIR --grid apogee --n-train "
+                             "20000 --n-xval 2000 --n-test 2000); default: made in the workspace (~5 CPU-minutes)")
     parser.add_argument("--accuracy-iterations", type=int, metavar="N",
                         help="stage-1 iterations of the accuracy training (stage 2 gets 2000/13000 of it); "
                              "default 13000 (the tutorial), 100 with --quick")
@@ -239,7 +247,7 @@ def main(argv=None):
         # anna-train's JIT_COMPILE AUTO remembers its choices in a cache folder: one of the run's own, so that
         # a run neither depends on nor changes what earlier runs or the user's trainings left there
         os.environ["ANNA_TF_CACHE_DIR"] = ws.fresh_dir("anna-tf-cache")
-        ctx = Context(sizes, ws, DataStore(ws, sizes, log), log)
+        ctx = Context(sizes, ws, DataStore(ws, sizes, log), log, survey_data=args.survey_data)
         for index, name in enumerate(args.groups):
             log(f"== {GROUP_TITLES[name]}")
             later = set().union(*[pack_sizes_used(other, sizes) for other in args.groups[index + 1:]])

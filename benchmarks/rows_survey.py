@@ -1,0 +1,215 @@
+"""Survey row: accuracy at a fixed wall-clock budget on APOGEE-size spectra (group ``survey``).
+
+ANNA-TF's recommended survey set-up (``configs/apogee.param``: a StarNet2017-shaped network, the cosine
+schedule over the stage time limits, JIT_COMPILE AUTO) trains through the real ``anna-train`` command for a
+budget of wall-clock minutes.  The baseline is what a Keras user would write for the same job in the same
+time: the same layers in plain Keras, the same augmentation (S/N drawn per spectrum from the same range, the
+same relative-S/N profile, the same continuum errors) as tf.data operations, the same mean-spectrum centring,
+Adam at a constant 7e-4 (StarNet's rate), ``model.fit`` with ``steps_per_execution`` and whichever
+``jit_compile`` setting ran faster in a short timing, stopped when the budget is spent.  Both models then
+infer the same test stars, noised once at S/N 60 and at S/N 120 (fixed seeds, +-1 % continuum errors as in
+training); the figure is the scatter (standard deviation of inferred - true) per label.  Target: ANNA-TF's
+scatter <= 0.8x the plain loop's on every label.
+
+The data are the APOGEE-like example set (``anna-synth --grid apogee``: 7214 pixels, 20,000 training stars
+in the full run).  Making it takes about 5 CPU-minutes, so ``--survey-data DIR`` may point at a folder made
+earlier with ``anna-synth DIR --grid apogee --n-train 20000 --n-xval 2000 --n-test 2000``.
+"""
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from harness import REPO_ROOT, Row, Target
+
+APOGEE_CONFIG = os.path.join(REPO_ROOT, "configs", "apogee.param")
+PLAIN_RATE = 7e-4
+SURVEY_SETUP_MINUTES = 0.8
+TEST_SN = (60.0, 120.0)
+LABELS = ("teff", "logg", "feh", "vmic", "vsini")
+UNITS = {"teff": "K", "logg": "dex", "feh": "dex", "vmic": "km/s", "vsini": "km/s"}
+
+
+def survey_data(ctx):
+    """The folder of the APOGEE-like example data: ``ctx.survey_data`` when given, else made in the workspace."""
+    given = getattr(ctx, "survey_data", None)
+    if given:
+        return given
+    from anna.synth import make_example_data
+
+    folder = ctx.ws.fresh_dir("apogee")
+    counts = (1500, 300, 300) if ctx.sizes.quick else (20000, 2000, 2000)
+    ctx.log(f"survey: synthesising {counts[0]} + {counts[1]} + {counts[2]} APOGEE-like spectra (7214 px)")
+    make_example_data(folder, grid="apogee", n_train=counts[0], n_xval=counts[1], n_test=counts[2],
+                      n_apertures=2)
+    return folder
+
+
+def budget_minutes(ctx):
+    return 1.5 if ctx.sizes.quick else 15.0
+
+
+def run_anna_train(ctx, data, minutes):
+    """anna-train on configs/apogee.param with the paths pointed at ``data`` and the stage limits set so that
+    the whole command takes about ``minutes`` of wall clock: SURVEY_SETUP_MINUTES are kept for what runs outside
+    the stages (reading the pack for its mean spectrum, the JIT_COMPILE AUTO timing, the training-domain
+    description and freezing; measured ~0.8 min with the 20,000-star pack), the rest split 12.5 : 1.5 between
+    the stages as in the file.  Returns (frozen model path, wall seconds of the command, its output lines)."""
+    run = ctx.ws.fresh_dir("survey-anna")
+    stages = max(minutes - SURVEY_SETUP_MINUTES, 0.2)
+    overrides = {"TRAINING_DATA": os.path.join(data, "train.pack"), "XVAL_DATA": os.path.join(data, "xval.pack"),
+                 "SAVE_LOC": os.path.join(run, "model"), "LOG_LOC": os.path.join(run, "logs"),
+                 "MAX_MINUTES1": f"{stages * 12.5 / 14:.4g}", "MAX_MINUTES2": f"{stages * 1.5 / 14:.4g}",
+                 "RESUME": "NO", "TBOARD_OUTPUT": "YES"}
+    if ctx.sizes.quick:
+        overrides.update({"SAMPLE_INTERVAL": "20", "XVAL_SIZE": "300"})
+    command = [sys.executable, "-c",
+               "import sys; from anna.cli import train_main; sys.exit(train_main(sys.argv[1:]))", APOGEE_CONFIG] + [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"anna-train failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
+    for line in done.stdout.splitlines():
+        if line.startswith(("JIT_COMPILE", "stage")) and ("time limit" in line or "learning rate" in line
+                                                            or "JIT" in line):
+            ctx.log(f"    | {line}")
+    return os.path.join(run, "model"), wall, done.stdout.splitlines()
+
+
+def plain_keras_network(npix, nout, centre):
+    """StarNet2017 in plain Keras layers (what a user writes), with the training mean spectrum subtracted."""
+    import keras
+
+    flux = keras.Input(shape=(npix,))
+    x = keras.layers.Reshape((npix, 1))(flux - keras.ops.convert_to_tensor(centre.astype(np.float32)))
+    x = keras.layers.Conv1D(4, 8, padding="same", activation="relu")(x)
+    x = keras.layers.Conv1D(16, 8, padding="same", activation="relu")(x)
+    x = keras.layers.MaxPooling1D(4)(x)
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.Dense(256, activation="relu")(x)
+    x = keras.layers.Dense(128, activation="relu")(x)
+    return keras.Model(flux, keras.layers.Dense(nout)(x))
+
+
+def augmented_dataset(flux, labels, rel_sn, sn_range, cont_range, batch, seed):
+    """tf.data stream of noisy batches: the training noise model written with TensorFlow ops."""
+    import tensorflow as tf
+
+    rel = tf.constant(rel_sn.astype(np.float32))
+    generator = tf.random.Generator.from_seed(seed)
+
+    def noise(x, y):
+        n = tf.shape(x)[0]
+        sn = generator.uniform([n, 1], sn_range[0], sn_range[1])
+        delta = generator.uniform([n, 1], cont_range[0], cont_range[1])
+        noisy = (x + generator.normal(tf.shape(x)) / (sn * rel)) * (1.0 + delta)
+        return noisy, y
+
+    data = tf.data.Dataset.from_tensor_slices((flux, labels)).shuffle(len(flux), seed=seed).repeat()
+    return data.batch(batch, drop_remainder=True).map(noise, num_parallel_calls=1).prefetch(4)
+
+
+class TimeLimit:
+    """Keras callback: stop training once ``seconds`` of wall clock have passed since ``started``."""
+
+    def __new__(cls, started, seconds):
+        import keras
+
+        class _TimeLimit(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                if time.perf_counter() - started >= seconds:
+                    self.model.stop_training = True
+
+        return _TimeLimit()
+
+
+def run_plain_loop(ctx, data, minutes, rel_sn, scaler_min, scaler_span):
+    """The plain Keras baseline for ``minutes`` of wall clock (data loading, compiling and the jit timing
+    included); returns (model, wall seconds, steps, jit_compile used)."""
+    import keras
+
+    from anna.packs import open_pack
+
+    started = time.perf_counter()
+    pack = open_pack(os.path.join(data, "train.pack"))
+    flux = np.asarray(pack.flux, dtype=np.float32)
+    labels = ((np.asarray(pack.labels) - scaler_min) / scaler_span).astype(np.float32)
+    centre = flux.mean(axis=0)
+    timings = {}
+    for jit in (False, True):  # the faster of the two settings, as a user trying both would find
+        keras.utils.set_random_seed(1)
+        model = plain_keras_network(pack.npix, pack.nout, centre)
+        model.compile(optimizer=keras.optimizers.Adam(PLAIN_RATE), loss="mse", steps_per_execution=10,
+                      jit_compile=jit)
+        stream = augmented_dataset(flux, labels, rel_sn, (30.0, 200.0), (-0.01, 0.01), 100, seed=1)
+        model.fit(stream, steps_per_epoch=10, epochs=1, verbose=0)   # compile
+        tic = time.perf_counter()
+        model.fit(stream, steps_per_epoch=20, epochs=1, verbose=0)
+        timings[jit] = 2000 / (time.perf_counter() - tic)
+    jit = max(timings, key=timings.get)
+    keras.utils.set_random_seed(1)
+    model = plain_keras_network(pack.npix, pack.nout, centre)
+    model.compile(optimizer=keras.optimizers.Adam(PLAIN_RATE), loss="mse", steps_per_execution=10, jit_compile=jit)
+    stream = augmented_dataset(flux, labels, rel_sn, (30.0, 200.0), (-0.01, 0.01), 100, seed=1)
+    history = model.fit(stream, steps_per_epoch=100, epochs=10**6, verbose=0,
+                        callbacks=[TimeLimit(started, minutes * 60.0)])
+    steps = 100 * len(history.history["loss"])
+    ctx.log(f"survey: plain loop ran ~{steps} steps (jit_compile={jit}; {timings[False]:.0f} vs "
+            f"{timings[True]:.0f} ex/s without/with XLA)")
+    return model, time.perf_counter() - started, steps, jit, timings
+
+
+def noised_tests(data, rel_sn):
+    """{S/N: (flux, labels)} of the test pack noised once at each TEST_SN (fixed seeds)."""
+    from anna.augment import noisy_copy
+    from anna.packs import open_pack
+
+    pack = open_pack(os.path.join(data, "test.pack"))
+    flux, labels = np.asarray(pack.flux), np.asarray(pack.labels)
+    return {sn: (noisy_copy(flux, rel_sn, (sn, sn), (-0.01, 0.01), seed=(2024, int(sn)))[0].astype(np.float32),
+                 labels) for sn in TEST_SN}
+
+
+def survey_budget(ctx):
+    from anna.model import load_frozen
+    from anna.packs import open_pack
+    from anna.templates import relative_sn_on_grid
+
+    data = survey_data(ctx)
+    minutes = budget_minutes(ctx)
+    grid = open_pack(os.path.join(data, "train.pack")).wavelengths
+    rel_sn = relative_sn_on_grid(os.path.join(REPO_ROOT, "templates", "sn.apogee.template"), grid)
+    ctx.log(f"survey: anna-train configs/apogee.param for {minutes:g} min")
+    model_path, anna_wall, lines = run_anna_train(ctx, data, minutes)
+    frozen = load_frozen(model_path)
+    scaler = frozen.scaler
+    ctx.log(f"survey: plain Keras loop for {minutes:g} min")
+    plain, plain_wall, plain_steps, jit, timings = run_plain_loop(ctx, data, minutes, rel_sn, scaler.minimum,
+                                                                  scaler.span)
+    tests = noised_tests(data, rel_sn)
+    rows, details = [], {"anna_wall_s": anna_wall, "plain_wall_s": plain_wall, "plain_steps": plain_steps,
+                         "plain_jit_compile": jit, "plain_timing_ex_s": {str(k): v for k, v in timings.items()},
+                         "anna_stages": frozen.metadata.get("stages"),
+                         "anna_compiled_form": frozen.metadata.get("compiled_form"), "scatter": {}}
+    for sn, (flux, truth) in tests.items():
+        ours = frozen.predict(flux, batch_size=512)
+        theirs = scaler.physical(plain.predict(flux, batch_size=512, verbose=0))
+        for k, name in enumerate(frozen.output_names):
+            figure = float(np.std(ours[:, k] - truth[:, k]))
+            baseline = float(np.std(theirs[:, k] - truth[:, k]))
+            details["scatter"][f"{name}@{sn:g}"] = {"anna": figure, "plain": baseline}
+            note = ""
+            if not rows:
+                form = frozen.metadata["compiled_form"]["form"]
+                note = (f"{minutes:g}-minute budget, {len(truth)} test stars per S/N; anna-train command "
+                        f"{anna_wall / 60:.1f} min wall (configs/apogee.param, {form} form, "
+                        f"{sum(s['iterations'] for s in frozen.metadata['stages'])} iterations); plain Keras fit "
+                        f"{plain_wall / 60:.1f} min, {plain_steps} steps, Adam 7e-4 constant, jit_compile={jit}")
+            rows.append(Row("survey", f"scatter S/N {sn:g} {name}: anna-train vs plain Keras, same budget",
+                            figure, UNITS.get(name, ""), baseline, Target("ratio", "<=", 0.8, "<= 0.8x"),
+                            note=note, higher_is_better=False))
+    return rows, details
