@@ -67,7 +67,8 @@ def run_anna_train(ctx, data, minutes):
     if ctx.sizes.quick:
         overrides.update({"SAMPLE_INTERVAL": "20", "XVAL_SIZE": "300"})
     command = [sys.executable, "-c",
-               "import sys; from anna.cli import train_main; sys.exit(train_main(sys.argv[1:]))", APOGEE_CONFIG] + [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
+               "import sys; from anna.cli import train_main; sys.exit(train_main(sys.argv[1:]))", APOGEE_CONFIG]
+    command += [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     wall = time.perf_counter() - started
