@@ -339,6 +339,7 @@ def compiled_form_key(spec, batch_size, chunk_batches, keep_prob, candidates=COM
 def time_compiled_form(form, spec, centre, chunk, batch_size, keep_prob, seconds=TRIAL_SECONDS):
     """Examples/s of ``form`` on a throwaway copy of the network (the run's own network, optimiser and random
     state are not touched), over at least ``seconds`` after one warm-up call that compiles; (rate, error)."""
+    import keras
     import tensorflow as tf
 
     from anna.model import build_network
@@ -346,7 +347,7 @@ def time_compiled_form(form, spec, centre, chunk, batch_size, keep_prob, seconds
     chunk_batches = int(chunk[0].shape[0])
     try:
         network = build_network(spec, dropout_rate=1.0 - keep_prob, centre=centre, compiled_form=form)
-        optimizer = __import__("keras").optimizers.Adam(learning_rate=1e-12)
+        optimizer = keras.optimizers.Adam(learning_rate=1e-12)
         optimizer.build(network.trainable_variables)
         steps = make_train_steps(network, optimizer, spec, chunk_batches, batch_size, form)
         steps(chunk, 0, 1)[0].numpy()  # compiles (the step count is a tensor: one compilation serves all)
@@ -836,14 +837,12 @@ class Trainer:
         the choice came from the cache, training starts from the same state."""
         from anna.augment import BatchProducer
 
-        chunk = None
+        chunk = None  # only a timing needs one: a single candidate form is returned without it
         if len(FORMS_OF_SETTING[self.cfg.jit_compile]) > 1:
             producer = BatchProducer(self.rows, self.scaler, None, batch_size=plan.batch_size, seed=self.seed,
                                      stage=0, threads=1, fetch=self.cfg.num_fetch, depth=self.cfg.num_fetch,
                                      missing_value=self.missing_value)
             chunk = next(iter(producer.chunk_dataset(0, prefetch=False)))
-        else:
-            chunk = (np.zeros((1,)),)
         compiled = choose_compiled_form(self.cfg.jit_compile, self.spec, self.centre, chunk, plan.batch_size,
                                         plan.keep_prob, report=self.report)
         self._seed_everything()
