@@ -115,18 +115,22 @@ class Int:
 
 @dataclasses.dataclass(frozen=True)
 class Float:
-    """A finite float, optionally bounded below (``above``: strictly greater; ``at_least``: greater or equal)."""
+    """A finite float, optionally bounded below (``above``: strictly greater; ``at_least``: greater or equal)
+    and above (``below``: strictly smaller)."""
 
     above: float = None
     at_least: float = None
+    below: float = None
 
     @property
     def description(self):
         if self.above is not None:
-            return f"a number > {self.above:g}"
-        if self.at_least is not None:
-            return f"a number >= {self.at_least:g}"
-        return "a number"
+            text = f"a number > {self.above:g}"
+        elif self.at_least is not None:
+            text = f"a number >= {self.at_least:g}"
+        else:
+            text = "a number"
+        return text if self.below is None else f"{text} and < {self.below:g}"
 
     def parse(self, text, base_dir):
         try:
@@ -134,7 +138,8 @@ class Float:
         except _Problem as problem:
             raise _Problem(f"expected {self.description} ({problem})") from None
         if (self.above is not None and not value > self.above) or \
-                (self.at_least is not None and not value >= self.at_least):
+                (self.at_least is not None and not value >= self.at_least) or \
+                (self.below is not None and not value < self.below):
             raise _Problem(f"must be {self.description}")
         return value
 
@@ -475,6 +480,8 @@ KEY_TABLE = (
     KeySpec("LR_PATIENCE", _COUNT, 5, _TR, "PLATEAU: sample intervals without improvement before a cut"),
     KeySpec("LR_FACTOR", Fraction(), 0.5, _TR, "PLATEAU: factor applied to the learning rate at a cut"),
     KeySpec("LR_MIN", Float(at_least=0), 0.0, _TR, "lowest learning rate PLATEAU cuts to, and COSINE's end"),
+    KeySpec("LR_DECAY_START", Float(at_least=0, below=1), 0.0, _TR,
+            "COSINE: share of the stage (0 to below 1) run at the full rate before the cosine decay begins"),
     KeySpec("MAX_MINUTES1", Float(above=0), None, _TR,
             "wall-clock limit of stage 1 (minutes); ends it as early stopping does; empty = none"),
     KeySpec("MAX_MINUTES2", Float(above=0), None, _TR, "wall-clock limit of stage 2 (minutes); empty = none"),
@@ -1085,6 +1092,10 @@ def _optimiser_problems(cfg):
     if cfg.weight_decay is not None and cfg.optimizer != "ADAMW":
         problems.append(cfg.error("WEIGHT_DECAY", "is used by OPTIMIZER: ADAMW only (Adam has no decoupled weight "
                                                   "decay); set OPTIMIZER: ADAMW or remove WEIGHT_DECAY"))
+    if cfg.lr_decay_start > 0 and cfg.lr_schedule != "COSINE":
+        problems.append(cfg.error("LR_DECAY_START", f"is used by LR_SCHEDULE: COSINE only (here "
+                                                    f"{cfg.lr_schedule}); set LR_SCHEDULE: COSINE or remove "
+                                                    "LR_DECAY_START"))
     if cfg.lr_schedule != "CONSTANT" and cfg.lr_min > 0:
         for key in ("LEARN_RATE1", "LEARN_RATE2") if cfg.do_train2 else ("LEARN_RATE1",):
             if getattr(cfg, key.lower()) <= cfg.lr_min:

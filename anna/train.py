@@ -132,14 +132,19 @@ class LearningRateSchedule:
       which astroNN uses).  Early stopping's ES_SAMPLE should be longer than the patience, or the stage ends
       before a cut can help.
     * COSINE: ``minimum + (base - minimum)·(1 + cos(π·p))/2`` with p the stage's progress: iterations done over
-      NUM_TRAIN_ITERSn, or, with a time limit, the elapsed share of it when that is further along.
+      NUM_TRAIN_ITERSn, or, with a time limit, the elapsed share of it when that is further along.  With
+      ``decay_start`` s > 0 (LR_DECAY_START) the rate stays at ``base`` for the first share s of the stage and
+      the cosine runs over the rest, p = (progress - s) / (1 - s): a network far from convergence keeps
+      learning at the full rate, and the decay at the end still settles the weights.
 
     The rate is set before each compiled call (a chunk of at most NUM_FETCH / BATCH_SIZE steps).  ``state()``
     and ``restore()`` carry it through a checkpoint, so a resumed run continues the schedule where it stopped.
     """
 
-    def __init__(self, kind, base_rate, iterations, max_seconds=None, patience=5, factor=0.5, minimum=0.0):
+    def __init__(self, kind, base_rate, iterations, max_seconds=None, patience=5, factor=0.5, minimum=0.0,
+                 decay_start=0.0):
         self.kind = kind
+        self.decay_start = float(decay_start)
         self.base_rate = float(base_rate)
         self.iterations = int(iterations)
         self.max_seconds = max_seconds
@@ -157,7 +162,7 @@ class LearningRateSchedule:
         progress = iteration / max(self.iterations, 1)
         if self.max_seconds:
             progress = max(progress, elapsed_seconds / self.max_seconds)
-        progress = min(max(progress, 0.0), 1.0)
+        progress = min(max((progress - self.decay_start) / (1.0 - self.decay_start), 0.0), 1.0)
         return self.minimum + (self.base_rate - self.minimum) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def after_interval(self, improved, iteration):
@@ -185,9 +190,10 @@ class LearningRateSchedule:
 
 
 def stage_schedule(cfg, plan):
-    """The :class:`LearningRateSchedule` of a stage, from LR_SCHEDULE, LR_PATIENCE, LR_FACTOR and LR_MIN."""
+    """The :class:`LearningRateSchedule` of a stage, from LR_SCHEDULE, LR_PATIENCE, LR_FACTOR, LR_MIN and
+    LR_DECAY_START."""
     return LearningRateSchedule(cfg.lr_schedule, plan.learn_rate, plan.iterations, plan.max_seconds,
-                                cfg.lr_patience, cfg.lr_factor, cfg.lr_min)
+                                cfg.lr_patience, cfg.lr_factor, cfg.lr_min, cfg.lr_decay_start)
 
 
 def make_optimizer(cfg, learn_rate):
@@ -335,11 +341,17 @@ def _machine_description():
             "gpus": len(tf.config.list_physical_devices("GPU"))}
 
 
+# Raised whenever the code of a compiled form changes its speed, so that AUTO times again rather than reuse a
+# choice made for the old code.  2: the per-step forms gather their batch (see make_train_steps).
+COMPILED_FORMS_REVISION = 2
+
+
 def compiled_form_key(spec, batch_size, chunk_batches, keep_prob, candidates=COMPILED_FORMS):
-    """The cache key of a choice: the network, the batch shape, dropout on/off, the forms timed, the machine."""
+    """The cache key of a choice: the network, the batch shape, dropout on/off, the forms timed, their code's
+    revision, the machine."""
     return json.dumps({"network": spec.to_dict(), "batch": int(batch_size), "chunk": int(chunk_batches),
-                       "dropout": keep_prob < 1.0, "forms": list(candidates), "machine": _machine_description()},
-                      sort_keys=True)
+                       "dropout": keep_prob < 1.0, "forms": list(candidates), "revision": COMPILED_FORMS_REVISION,
+                       "machine": _machine_description()}, sort_keys=True)
 
 
 def time_compiled_form(form, spec, centre, chunk, batch_size, keep_prob, seconds=TRIAL_SECONDS):
@@ -1139,7 +1151,8 @@ class Trainer:
                 (DEFAULT_WEIGHT_DECAY if self.cfg.weight_decay is None else self.cfg.weight_decay)
                 if self.cfg.optimizer == "ADAMW" else None)},
             "lr_schedule": {"kind": self.cfg.lr_schedule, "patience": self.cfg.lr_patience,
-                            "factor": self.cfg.lr_factor, "minimum": self.cfg.lr_min},
+                            "factor": self.cfg.lr_factor, "minimum": self.cfg.lr_min,
+                            "decay_start": self.cfg.lr_decay_start},
             "time_limits_minutes": [self.cfg.max_minutes1, self.cfg.max_minutes2],
             "training_domain": getattr(self, "training_domain", None),
             "variance_calibration": getattr(self, "variance_calibration", None),

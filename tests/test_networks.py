@@ -66,6 +66,9 @@ def test_anna_spellings_still_describe_the_same_network(tmp_path):
     ("LR_PATIENCE: 0", "LR_PATIENCE: must be a positive integer"),
     ("LR_FACTOR: 1", "LR_FACTOR: must be a number between 0 and 1 (exclusive)"),
     ("LR_MIN: -1e-6", "LR_MIN: must be a number >= 0"),
+    ("LR_DECAY_START: 1", "LR_DECAY_START: must be a number >= 0 and < 1"),
+    ("LR_DECAY_START: -0.2", "LR_DECAY_START: must be a number >= 0 and < 1"),
+    ("LR_DECAY_START: late", "LR_DECAY_START: expected a number >= 0 and < 1"),
     ("OPTIMIZER: sgd", "OPTIMIZER: expected one of ADAM, ADAMW"),
     ("WEIGHT_DECAY: -0.1", "WEIGHT_DECAY: must be a number >= 0"),
     ("MAX_MINUTES1: 0", "MAX_MINUTES1: must be a number > 0"),
@@ -88,6 +91,7 @@ def test_new_keys_refuse_bad_values_with_file_line_key_value(tmp_path, line, exp
     ("CONV_LAYERS: 4x8p4, 16x40\n", "CONV_LAYERS", "convolution 2: kernel width 40 exceeds the 25 pixels"),
     ("CONV_LAYERS: 4x8s4, 16x3p30\n", "CONV_LAYERS", "pooling width 30 after convolution 2 exceeds the 25"),
     ("WEIGHT_DECAY: 0.01\n", "WEIGHT_DECAY", "OPTIMIZER: ADAMW only"),
+    ("LR_SCHEDULE: PLATEAU\nLR_DECAY_START: 0.5\n", "LR_DECAY_START", "LR_SCHEDULE: COSINE only"),
     ("LR_SCHEDULE: COSINE\nLR_MIN: 1e-5\nLEARN_RATE2: 1e-6\n", "LR_MIN", "not below LEARN_RATE2"),
 ])
 def test_layer_and_optimiser_keys_are_checked_against_each_other(tmp_path, text, key, expected):

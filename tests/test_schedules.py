@@ -44,6 +44,20 @@ def test_cosine_follows_the_formula_by_iterations_or_time():
     assert timed.rate(0, elapsed_seconds=500.0) == 0.0
 
 
+def test_cosine_with_decay_start_holds_the_rate_then_decays_over_the_rest():
+    schedule = LearningRateSchedule("COSINE", 1e-3, 1000, minimum=1e-5, decay_start=0.6)
+    assert [schedule.rate(i) for i in (0, 300, 600)] == [1e-3, 1e-3, 1e-3]
+    for iteration in (700, 800, 900, 1000):
+        p = (iteration / 1000 - 0.6) / 0.4
+        assert schedule.rate(iteration) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi * p)),
+                                                         rel=1e-12)
+    assert schedule.rate(800) == pytest.approx(0.5 * (1e-3 + 1e-5), rel=1e-12)  # halfway through the decay
+    timed = LearningRateSchedule("COSINE", 1e-3, 10**6, max_seconds=100.0, decay_start=0.5)
+    assert timed.rate(10, elapsed_seconds=49.0) == 1e-3
+    assert timed.rate(10, elapsed_seconds=75.0) == pytest.approx(0.5e-3, rel=1e-12)
+    assert timed.rate(10, elapsed_seconds=100.0) == 0.0
+
+
 def test_schedule_state_round_trips():
     schedule = LearningRateSchedule("PLATEAU", 1e-3, 1000, patience=1)
     schedule.after_interval(False, 50)
@@ -90,7 +104,7 @@ def test_cosine_and_adamw_through_training_reach_tensorboard_and_the_model(tmp_p
         assert rate == pytest.approx(1e-5 + (2e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi * start / 200)), rel=1e-6)
     metadata = load_frozen(cfg.save_loc).metadata
     assert metadata["optimizer"] == {"name": "ADAMW", "weight_decay": 1e-3}
-    assert metadata["lr_schedule"]["kind"] == "COSINE"
+    assert metadata["lr_schedule"]["kind"] == "COSINE" and metadata["lr_schedule"]["decay_start"] == 0.0
     assert metadata["stages"][0]["learning_rate"]["final"] < 0.1 * 2e-3
 
 
