@@ -81,19 +81,12 @@ def run_anna_train(ctx, data, minutes):
     return os.path.join(run, "model"), wall, done.stdout.splitlines()
 
 
-def plain_keras_network(npix, nout, centre):
-    """StarNet2017 in plain Keras layers (what a user writes), with the training mean spectrum subtracted."""
-    import keras
+def plain_keras_network(spec, centre):
+    """The network of ``spec`` (StarNet2017 here) in Keras' own layers, as a user writes it, with the training
+    mean spectrum subtracted: the training rows' :func:`rows_training.keras_layers_network`, no dropout."""
+    from rows_training import keras_layers_network
 
-    flux = keras.Input(shape=(npix,))
-    x = keras.layers.Reshape((npix, 1))(flux - keras.ops.convert_to_tensor(centre.astype(np.float32)))
-    x = keras.layers.Conv1D(4, 8, padding="same", activation="relu")(x)
-    x = keras.layers.Conv1D(16, 8, padding="same", activation="relu")(x)
-    x = keras.layers.MaxPooling1D(4)(x)
-    x = keras.layers.Flatten()(x)
-    x = keras.layers.Dense(256, activation="relu")(x)
-    x = keras.layers.Dense(128, activation="relu")(x)
-    return keras.Model(flux, keras.layers.Dense(nout)(x))
+    return keras_layers_network(spec, 0.0, centre)
 
 
 def augmented_dataset(flux, labels, rel_sn, sn_range, cont_range, batch, seed):
@@ -128,7 +121,7 @@ class TimeLimit:
         return _TimeLimit()
 
 
-def run_plain_loop(ctx, data, minutes, rel_sn, scaler_min, scaler_span):
+def run_plain_loop(ctx, data, minutes, rel_sn, scaler_min, scaler_span, spec):
     """The plain Keras baseline for ``minutes`` of wall clock (data loading, compiling and the jit timing
     included); returns (model, wall seconds, steps, jit_compile used)."""
     import keras
@@ -143,7 +136,7 @@ def run_plain_loop(ctx, data, minutes, rel_sn, scaler_min, scaler_span):
     timings = {}
     for jit in (False, True):  # the faster of the two settings, as a user trying both would find
         keras.utils.set_random_seed(1)
-        model = plain_keras_network(pack.npix, pack.nout, centre)
+        model = plain_keras_network(spec, centre)
         model.compile(optimizer=keras.optimizers.Adam(PLAIN_RATE), loss="mse", steps_per_execution=10,
                       jit_compile=jit)
         stream = augmented_dataset(flux, labels, rel_sn, (30.0, 200.0), (-0.01, 0.01), 100, seed=1)
@@ -153,7 +146,7 @@ def run_plain_loop(ctx, data, minutes, rel_sn, scaler_min, scaler_span):
         timings[jit] = 2000 / (time.perf_counter() - tic)
     jit = max(timings, key=timings.get)
     keras.utils.set_random_seed(1)
-    model = plain_keras_network(pack.npix, pack.nout, centre)
+    model = plain_keras_network(spec, centre)
     model.compile(optimizer=keras.optimizers.Adam(PLAIN_RATE), loss="mse", steps_per_execution=10, jit_compile=jit)
     stream = augmented_dataset(flux, labels, rel_sn, (30.0, 200.0), (-0.01, 0.01), 100, seed=1)
     history = model.fit(stream, steps_per_epoch=100, epochs=10**6, verbose=0,
@@ -190,7 +183,7 @@ def survey_budget(ctx):
     scaler = frozen.scaler
     ctx.log(f"survey: plain Keras loop for {minutes:g} min")
     plain, plain_wall, plain_steps, jit, timings = run_plain_loop(ctx, data, minutes, rel_sn, scaler.minimum,
-                                                                  scaler.span)
+                                                                  scaler.span, frozen.spec)
     tests = noised_tests(data, rel_sn)
     rows, details = [], {"anna_wall_s": anna_wall, "plain_wall_s": plain_wall, "plain_steps": plain_steps,
                          "plain_jit_compile": jit, "plain_timing_ex_s": {str(k): v for k, v in timings.items()},

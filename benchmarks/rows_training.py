@@ -64,19 +64,48 @@ def premade_batches(ctx, npix=1001, count=PLAIN_BATCHES, batch_size=BATCH_SIZE, 
              tf.constant(mask[i:i + batch_size])) for i in range(0, n, batch_size)]
 
 
-def make_network(spec, dropout_rate, centre=None, dtype_policy=None):
-    """:func:`anna.model.build_network`, optionally under a Keras dtype policy (set for this network only:
-    layers take the global policy when they are made)."""
+def keras_layers_network(spec, dropout_rate, centre=None):
+    """The network of ``spec`` written as a Keras user writes it, with Keras' own layers and their default
+    initialisers: ``Conv1D`` on (batch, npix, 1) for every convolution ("same" padding, ReLU, the layer's
+    stride), ``MaxPooling1D`` after a convolution that pools, ``Dropout`` where the spec has it, ``Dense``
+    layers.  ``centre`` (npix,) is subtracted from the input (1.0 when None, the continuum), as anna-train does.
+    Same function and weight shapes as :func:`anna.model.build_network`; none of ANNA-TF's own layers
+    (the banded first convolution, the reshape-max pooling), so a figure against it includes them."""
+    import keras
+
+    centre = np.ones(spec.npix, np.float32) if centre is None else np.asarray(centre, np.float32)
+    flux = keras.Input(shape=(spec.npix,), dtype="float32")
+    x = keras.layers.Reshape((spec.npix, 1))(flux - keras.ops.convert_to_tensor(centre.reshape(spec.npix)))
+    for conv in spec.conv_layers:
+        x = keras.layers.Conv1D(conv.kernels, conv.width, strides=conv.stride, padding="same", activation="relu")(x)
+        if conv.pool > 1:
+            x = keras.layers.MaxPooling1D(conv.pool)(x)
+        if conv.dropout:
+            x = keras.layers.Dropout(dropout_rate)(x)
+    x = keras.layers.Flatten()(x)
+    for width in spec.fc_dims:
+        x = keras.layers.Dropout(dropout_rate)(keras.layers.Dense(width, activation="relu")(x))
+    return keras.Model(flux, keras.layers.Dense(spec.nout)(x))
+
+
+def make_network(spec, dropout_rate, centre=None, dtype_policy=None, keras_layers=False):
+    """:func:`anna.model.build_network` (``keras_layers``: :func:`keras_layers_network`), optionally under a
+    Keras dtype policy (set for this network only: layers take the global policy when they are made)."""
     import keras
 
     from anna.model import build_network
 
-    if dtype_policy is None:
+    def build():
+        if keras_layers:
+            return keras_layers_network(spec, dropout_rate, centre)
         return build_network(spec, dropout_rate=dropout_rate, centre=centre)
+
+    if dtype_policy is None:
+        return build()
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(dtype_policy)
     try:
-        return build_network(spec, dropout_rate=dropout_rate, centre=centre)
+        return build()
     finally:
         keras.config.set_dtype_policy(previous)
 
@@ -85,12 +114,13 @@ class PlainLoop:
     """Minimal training loop: one tf.function step (forward, masked squared error, gradients, Adam) cycling
     over pre-made tensors.  ``chunk_rates`` times chunks of steps, synchronising once per chunk as anna-train
     does once per SAMPLE_INTERVAL.  ``spec`` (:class:`anna.model.NetworkSpec`) defaults to the tutorial
-    network for ``npix`` pixels."""
+    network for ``npix`` pixels; ``keras_layers`` builds it from Keras' own layers (:func:`keras_layers_network`)
+    instead of ANNA-TF's."""
 
     name = "plain tf.function loop"
 
     def __init__(self, batches, npix=1001, dropout_rate=0.2, learn_rate=5e-5, jit=False, dtype_policy=None,
-                 spec=None, centre=None):
+                 spec=None, centre=None, keras_layers=False):
         import keras
         import tensorflow as tf
 
@@ -98,7 +128,7 @@ class PlainLoop:
         from anna.model import NetworkSpec
 
         spec = spec or NetworkSpec(npix=npix, nout=5)
-        network = make_network(spec, dropout_rate, centre, dtype_policy)
+        network = make_network(spec, dropout_rate, centre, dtype_policy, keras_layers)
         optimizer = keras.optimizers.Adam(learning_rate=learn_rate)
         optimizer.build(network.trainable_variables)
         nout = spec.nout
@@ -151,11 +181,11 @@ class KerasFit:
     name = "Keras fit"
 
     def __init__(self, spec, flux, labels, batch_size, learn_rate, dropout_rate, steps_per_execution, jit,
-                 centre=None, seed=8):
+                 centre=None, seed=8, keras_layers=True):
         import keras
         import tensorflow as tf
 
-        self.network = make_network(spec, dropout_rate, centre)
+        self.network = make_network(spec, dropout_rate, centre, keras_layers=keras_layers)
         self.network.compile(optimizer=keras.optimizers.Adam(learning_rate=learn_rate), loss="mse",
                              steps_per_execution=int(steps_per_execution), jit_compile=bool(jit))
         order = np.random.default_rng(seed).permutation(len(flux))
@@ -312,7 +342,9 @@ def training_throughput(ctx):
 
 def throughput_case(ctx, case, explain=True):
     """anna-train's wall-clock and pure-step examples/s for one network, against the faster of the plain loop
-    and Keras fit of that network.
+    and Keras fit of that network, both written with Keras' own layers as a user would write them (each with
+    the faster jit_compile setting).  The plain loop on ANNA-TF's own layers is timed beside them, not as a
+    baseline: the ratio to it is the loop's own cost, the layers being the same.
 
     Runs alternate with baseline measurements (baselines, ON, baselines[, OFF, baselines], ...), and each run
     is compared with the baseline chunks just before and after it (the faster baseline's median over them),
@@ -339,8 +371,14 @@ def throughput_case(ctx, case, explain=True):
     batches = premade_batches(ctx, npix=npix, batch_size=batch, from_pack=True)
     plain, plain_trials = faster_of(
         ctx, "plain loop", lambda jit: PlainLoop(batches, spec=spec, centre=centre, dropout_rate=dropout,
-                                                 learn_rate=learn_rate, jit=jit),
-        jit_settings(cfg.jit_compile), interval)
+                                                 learn_rate=learn_rate, jit=jit, keras_layers=True),
+        (True, False), interval)
+    # not a baseline: the same loop on ANNA-TF's own layers, to show the layers' share apart from the loop's
+    own_layers, own_trials = faster_of(
+        ctx, "plain loop on ANNA-TF's layers", lambda jit: PlainLoop(batches, spec=spec, centre=centre,
+                                                                     dropout_rate=dropout, learn_rate=learn_rate,
+                                                                     jit=jit),
+        (True, False), interval)
     keras_fit, keras_trials = faster_of(
         ctx, f"Keras fit, steps_per_execution {chunk_steps}",
         lambda jit: KerasFit(spec, flux, normalised, batch, learn_rate, dropout, chunk_steps, jit, centre=centre),
@@ -350,11 +388,13 @@ def throughput_case(ctx, case, explain=True):
     def baseline_chunks():
         with without_op_determinism():
             return {"plain": plain.chunk_rates(interval, sizes.baseline_chunks),
-                    "keras": keras_fit.chunk_rates(interval, sizes.baseline_chunks)}
+                    "keras": keras_fit.chunk_rates(interval, sizes.baseline_chunks),
+                    "own_layers": own_layers.chunk_rates(interval, sizes.baseline_chunks)}
 
-    samples = {"plain": [], "keras": []}
+    samples = {"plain": [], "keras": [], "own_layers": []}
     runs = {augment: {"wall": [], "step": [], "wait": [], "wall_from_lines": [], "ratio_wall": [],
-                      "ratio_step": [], "warmup_wall": [], "jit_lines": [], "end_seconds": []}
+                      "ratio_step": [], "ratio_own_layers": [], "warmup_wall": [], "jit_lines": [],
+                      "end_seconds": []}
             for augment in case.augment}
     before = baseline_chunks()
     for name in samples:
@@ -390,6 +430,8 @@ def throughput_case(ctx, case, explain=True):
                 run["end_seconds"].append(finished - last_line)
             run["ratio_wall"].append(median(wall[warmup:]) / pair)
             run["ratio_step"].append(median(step[warmup:]) / pair)
+            run["ratio_own_layers"].append(median(wall[warmup:])
+                                           / median(before["own_layers"] + after["own_layers"]))
             for name in samples:
                 samples[name] += after[name]
             before = after
@@ -404,16 +446,21 @@ def throughput_case(ctx, case, explain=True):
     title = f"{case.title}, {npix} px"
     quick_note = (f"; QUICK: {npix} px instead of {SURVEY_NPIX} (anna-train's end of run grows steeply with the "
                   "pixel count)" if npix != case.npix else "")
+    own_rate = median(samples["own_layers"])
     rows = [
         Row("train", f"baseline: plain tf.function loop, {title}", plain_rate, "ex/s",
-            note=f"one compiled call per step over {PLAIN_BATCHES} pre-made batches of {batch}; XLA "
-                 f"{jit_words[plain.jit]} (parameter file JIT_COMPILE {cfg.jit_compile}"
-                 + (f"; tried {trial_text(plain_trials)} ex/s" if len(plain_trials) > 1 else "") + ")"),
+            note=f"Keras' own layers (Conv1D, MaxPooling1D, Dense; their default initialisers), one compiled call "
+                 f"per step over {PLAIN_BATCHES} pre-made batches of {batch}; XLA {jit_words[plain.jit]} kept as "
+                 f"the faster (tried {trial_text(plain_trials)} ex/s)"),
         Row("train", f"baseline: Keras fit, {title}", keras_rate, "ex/s", plain_rate,
-            note=f"model.fit, Adam, mse, steps_per_execution {chunk_steps} (= NUM_FETCH / BATCH_SIZE), "
-                 f"jit_compile {keras_fit.jit} kept as the faster ({trial_text(keras_trials)} ex/s, one chunk "
-                 f"each); in-memory tf.data of the {len(labels)}-star training pack, no augmentation; baseline "
-                 "column = the plain loop"),
+            note=f"Keras' own layers, model.fit, Adam, mse, steps_per_execution {chunk_steps} (= NUM_FETCH / "
+                 f"BATCH_SIZE), jit_compile {keras_fit.jit} kept as the faster ({trial_text(keras_trials)} ex/s, "
+                 f"one chunk each); in-memory tf.data of the {len(labels)}-star training pack, no augmentation; "
+                 "baseline column = the plain loop"),
+        Row("train", f"  not a baseline: the plain loop on ANNA-TF's layers, {title}", own_rate, "ex/s", baseline,
+            note=f"the plain tf.function loop above built by anna.model.build_network (banded first convolution, "
+                 f"reshape-max pooling), XLA {jit_words[own_layers.jit]} kept as the faster (tried "
+                 f"{trial_text(own_trials)} ex/s); ratio to the baseline = what ANNA-TF's layers alone gain"),
     ]
     note = (f"{sizes.train_rounds} run(s) of {iterations} iterations; median of their SAMPLE_INTERVALs ({interval} "
             f"steps of batch {batch}, cross-validation after each) but the first {warmup}; wall clock: whole "
@@ -430,6 +477,10 @@ def throughput_case(ctx, case, explain=True):
         rows += [
             Row("train", f"train throughput, {title}, augmentation {word}", median(run["wall"]), "ex/s", baseline,
                 ratio_at_least(1.0), note, ratio_value=median(run["ratio_wall"])),
+            Row("train", f"  the same against the plain loop on ANNA-TF's layers, {title}, augmentation {word}",
+                median(run["wall"]), "ex/s", own_rate, ratio_value=median(run["ratio_own_layers"]),
+                note="" if explained else "ratio = median over runs of (run / that loop's chunks just before "
+                "and after it): the loop's own cost, the layers being the same"),
             Row("train", f"  pure-step rate (overhead excluded), {title}, augmentation {word}",
                 median(run["step"]), "ex/s", baseline, ratio_value=median(run["ratio_step"]),
                 note="" if explained else "the clock stopped around cross-validation, logging and checkpoint"),
