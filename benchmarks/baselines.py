@@ -26,7 +26,10 @@ class RidgeRegression:
 
     def fit(self, flux, labels, val_flux, val_labels, relative_alphas=10.0 ** np.arange(-9.0, 1.0)):
         """Fit on (n, npix) ``flux`` and (n, nout) ``labels``; choose ``a`` (relative to the mean eigenvalue of
-        X'X) with the lowest mean squared scaled error on the validation set.  Returns self."""
+        X'X) for each label separately, the one with the lowest squared error of that label on the validation
+        set (what scikit-learn's RidgeCV does with ``alpha_per_target``: a label that the noise hides, such as
+        log g at low S/N, wants far more regularisation than T_eff, and one ``a`` for all of them left that
+        label worse than predicting the training mean).  Returns self; ``alpha`` is (nout,)."""
         flux = np.asarray(flux, dtype=np.float64)
         self.flux_mean = flux.mean(axis=0)
         self.labels_mean = labels.mean(axis=0)
@@ -36,14 +39,18 @@ class RidgeRegression:
         projected = eigenvectors.T @ (x.T @ y)
         val_x = np.asarray(val_flux, dtype=np.float64) - self.flux_mean
         val_y = (val_labels - self.labels_mean) / self.span
-        best = None
+        nout = y.shape[1]
+        best_error = np.full(nout, np.inf)
+        self.alpha = np.zeros(nout)
+        self.weights = np.zeros((x.shape[1], nout))
         for relative in relative_alphas:
             alpha = relative * max(float(eigenvalues.mean()), 1e-300)
             weights = eigenvectors @ (projected / (eigenvalues + alpha)[:, None])
-            error = float(np.mean((val_x @ weights - val_y) ** 2))
-            if best is None or error < best[0]:
-                best = (error, alpha, weights)
-        _, self.alpha, self.weights = best
+            error = np.mean((val_x @ weights - val_y) ** 2, axis=0)
+            better = error < best_error
+            best_error[better] = error[better]
+            self.alpha[better] = alpha
+            self.weights[:, better] = weights[:, better]
         return self
 
     def predict(self, flux):

@@ -49,7 +49,7 @@ def accuracy(ctx):
                                                                           xval_labels)
     floor = TrainingMean().fit(train_labels)
 
-    rows, details = [], {"trained_iterations": trained, "ridge_alpha": ridge.alpha,
+    rows, details = [], {"trained_iterations": trained, "ridge_alpha": ridge.alpha.tolist(),
                          "quadratic_alpha": quadratic.alpha, "sn": {}, "below_floor": {}}
     note = (f"scatter = std(inferred - true), {len(test_labels)} test stars; network trained {trained} "
             f"iterations (tutorial: {TUTORIAL_ITERATIONS[0]}+{TUTORIAL_ITERATIONS[1]})")
