@@ -1,7 +1,11 @@
 """Atomic file output: results appear whole under their final name or not at all."""
 
+import json
+import math
 import os
 import tempfile
+
+import numpy as np
 
 
 class atomic_output:
@@ -85,3 +89,24 @@ def _process_alive(pid):
     except PermissionError:
         return True
     return True
+
+
+def jsonable(value):
+    """Nested structure with numpy scalars/arrays turned into Python values and NaN/inf into None."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+def write_json(path, data):
+    with atomic_output(path, "w", encoding="utf-8") as handle:
+        json.dump(jsonable(data), handle, indent=1)
+        handle.write("\n")

@@ -35,9 +35,7 @@ reproduces the same noise.  Only the true/inferred label table (n_stars x nout) 
 """
 
 import csv
-import hashlib
 import io
-import json
 import math
 import os
 import re
@@ -45,18 +43,17 @@ import time
 
 import numpy as np
 
-from anna.atomic import atomic_output
+from anna.atomic import atomic_output, jsonable, write_json
 from anna.errors import AnnaInputError
-from anna.model import load_frozen, resolve_model_path
+from anna.correction import (apply_correction, correction_location, fit_correction, model_fingerprint,
+                             save_correction)
+from anna.model import load_frozen, mc_samples_for, resolve_model_path
 from anna.packs import open_pack
+from anna.resample import check_same_grid
+from anna.tables import format_star_id, format_value
 
 STATS_FILE = "test_stats.out"
 SUMMARY_FILE = "test_summary.json"
-CORRECTION_FILE = "correction.json"
-CORRECTION_FORMAT = "anna-tf correction"
-CORRECTION_FORMAT_VERSION = 1
-# Relative tolerance when comparing a pack's or template's wavelengths with the model's training grid.
-GRID_RELATIVE_TOLERANCE = 1e-6
 # 1.4826 x MAD estimates the standard deviation of a Gaussian, while ignoring outliers.
 MAD_TO_SIGMA = 1.4826
 SN_BINS = 5
@@ -76,81 +73,9 @@ MAX_PLOT_POINTS = 20000
 # Small shared helpers (anna-infer uses these too)
 
 
-def format_star_id(value):
-    """Star id as text that reads back exactly: integer form when integral (below 2**53), else float repr."""
-    value = float(value)
-    if math.isfinite(value) and value.is_integer() and abs(value) < 2**53:
-        return str(int(value))
-    return repr(value)
-
-
-def format_value(value):
-    """Full-precision text of a float64 (shortest round-trip repr; 'nan' for NaN)."""
-    return repr(float(value))
-
-
-def check_same_grid(grid, model_grid, *, what, path=None, key=None):
-    """Refuse ``grid`` (npix,) unless it equals ``model_grid`` (the frozen model's wavelengths, Angstrom).
-
-    Equal means same length and every wavelength within GRID_RELATIVE_TOLERANCE (relative).  The error gives
-    both lengths, both first/last wavelengths and the largest difference, which is usually enough to see
-    whether the wrong template, a shifted grid or a different resolution was used.
-    """
-    grid = np.asarray(grid, dtype=np.float64)
-    model_grid = np.asarray(model_grid, dtype=np.float64)
-    ranges = (f"{what} has {len(grid)} wavelengths {grid[0]:.6f}-{grid[-1]:.6f} A, the model grid has "
-              f"{len(model_grid)} wavelengths {model_grid[0]:.6f}-{model_grid[-1]:.6f} A")
-    if grid.shape != model_grid.shape:
-        raise AnnaInputError(f"wavelengths differ from the model's training grid: {ranges}", path=path, key=key)
-    difference = np.abs(grid - model_grid)
-    worst = int(np.argmax(difference / np.abs(model_grid)))
-    if difference[worst] > GRID_RELATIVE_TOLERANCE * abs(model_grid[worst]):
-        raise AnnaInputError(
-            f"wavelengths differ from the model's training grid: {ranges}; largest difference "
-            f"{float(np.max(difference)):.6g} A (pixel {worst}: {grid[worst]!r} vs {model_grid[worst]!r})",
-            path=path, key=key)
-
-
-def correction_location(model_loc):
-    """``correction.json`` path for a model location given as its folder or as the frozen-model file."""
-    model_loc = os.fspath(model_loc)
-    folder = model_loc if os.path.isdir(model_loc) else os.path.dirname(os.path.abspath(model_loc))
-    return os.path.join(folder, CORRECTION_FILE)
-
-
-def model_fingerprint(model_loc):
-    """sha256 of the frozen-model file: ties a correction to the exact network it was fitted for."""
-    digest = hashlib.sha256()
-    with open(resolve_model_path(model_loc), "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def safe_file_name(name):
     """Label name usable in a file name ('[Fe/H]' -> 'Fe_H')."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "label"
-
-
-def jsonable(value):
-    """Nested structure with numpy scalars/arrays turned into Python values and NaN/inf into None."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, np.bool_):
-        return bool(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    return value
-
-
-def write_json(path, data):
-    with atomic_output(path, "w", encoding="utf-8") as handle:
-        json.dump(jsonable(data), handle, indent=1)
-        handle.write("\n")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -356,92 +281,6 @@ def write_uncertainty_plot(true, inferred, sigma_total, names, report, folder):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Residual-trend correction (guide 4.3.1)
-
-
-def fit_correction(true, inferred, names, degree):
-    """Fit TrueValue = poly(InferredValue) of ``degree`` per label; returns ``{name: numpy Polynomial}``.
-
-    ``true`` and ``inferred`` are (n, nout) in physical units; non-finite pairs are left out.  The fit uses
-    numpy's scaled domain (the range of the inferred values), which keeps high degrees well conditioned;
-    that domain is also the range inside which anna-infer trusts the correction.
-    """
-    polynomials = {}
-    for k, name in enumerate(names):
-        x = np.asarray(inferred[:, k], dtype=np.float64)
-        y = np.asarray(true[:, k], dtype=np.float64)
-        keep = np.isfinite(x) & np.isfinite(y)
-        if np.count_nonzero(keep) <= degree or np.ptp(x[keep]) == 0:
-            raise AnnaInputError(f"cannot fit a degree-{degree} correction for {name}: "
-                                 f"{int(np.count_nonzero(keep))} usable stars with "
-                                 f"{len(np.unique(x[keep]))} distinct inferred values", key="CORRECTION_DEGREE",
-                                 value=degree)
-        polynomials[name] = np.polynomial.Polynomial.fit(x[keep], y[keep], int(degree))
-    return polynomials
-
-
-def apply_correction(polynomials, inferred, names):
-    """Corrected labels (n, nout) and a per-row bool (n,) marking values outside a fit's inferred range."""
-    inferred = np.asarray(inferred, dtype=np.float64)
-    corrected = inferred.copy()
-    outside = np.zeros(inferred.shape[0], dtype=bool)
-    for k, name in enumerate(names):
-        polynomial = polynomials[name]
-        column = inferred[:, k]
-        finite = np.isfinite(column)
-        corrected[finite, k] = polynomial(column[finite])
-        low, high = polynomial.domain
-        outside |= finite & ((column < low) | (column > high))
-    return corrected, outside
-
-
-def save_correction(path, polynomials, *, degree, fingerprint, testing_data, n_stars, scatter):
-    """Write the correction file atomically.  ``scatter`` is ``{name: {before: stats, after: stats}}``."""
-    labels = {}
-    for name, polynomial in polynomials.items():
-        labels[name] = {"coef": polynomial.coef.tolist(), "domain": polynomial.domain.tolist(),
-                        "window": polynomial.window.tolist(), "before": scatter[name]["before"],
-                        "after": scatter[name]["after"]}
-    write_json(path, {"format": CORRECTION_FORMAT, "format_version": CORRECTION_FORMAT_VERSION,
-                      "relation": "true = numpy.polynomial.Polynomial(coef, domain, window)(inferred)",
-                      "degree": int(degree), "model_sha256": fingerprint, "testing_data": testing_data,
-                      "n_stars": int(n_stars),
-                      "note": "before/after statistics are measured on the stars the correction was fitted to",
-                      "labels": labels})
-
-
-def load_correction(model_loc, names, *, key="APPLY_CORRECTION", source=None):
-    """Read ``correction.json`` beside the model; returns ``{name: Polynomial}`` for every name in ``names``.
-
-    Refuses a missing file, a file for other labels, or one fitted for a different frozen model.
-    """
-    path = correction_location(model_loc)
-    if not os.path.exists(path):
-        raise AnnaInputError(f"is YES but there is no {path} (fit one with anna-test and FIT_CORRECTION YES)",
-                             path=source, key=key)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-        if data.get("format") != CORRECTION_FORMAT or data.get("format_version") != CORRECTION_FORMAT_VERSION:
-            raise AnnaInputError("not an ANNA-TF correction file (format tag missing or of another version)",
-                                 path=path)
-        labels = data["labels"]
-        missing = [name for name in names if name not in labels]
-        if missing:
-            raise AnnaInputError(f"correction has no entry for {missing}; it covers {sorted(labels)}", path=path)
-        polynomials = {name: np.polynomial.Polynomial(labels[name]["coef"], domain=labels[name]["domain"],
-                                                      window=labels[name]["window"]) for name in names}
-    except AnnaInputError:
-        raise
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise AnnaInputError(f"correction file is malformed ({type(exc).__name__}: {exc})", path=path) from None
-    if data.get("model_sha256") != model_fingerprint(model_loc):
-        raise AnnaInputError("correction was fitted for a different frozen model (the model changed since "
-                             "anna-test wrote it); rerun anna-test with FIT_CORRECTION YES", path=path)
-    return polynomials
-
-
-# ----------------------------------------------------------------------------------------------------------
 # anna-test
 
 
@@ -532,24 +371,6 @@ def _chunk_stars(batch_size):
     """Stars per pack chunk: about TEST_CHUNK_STARS, a whole number of batches."""
     batch_size = max(1, int(batch_size))
     return batch_size * max(1, -(-TEST_CHUNK_STARS // batch_size))
-
-
-def mc_samples_for(cfg, model, report):
-    """MC_SAMPLES when the parameter file asks for UNCERTAINTY: MC_DROPOUT, else None.
-
-    Refuses a model whose last training stage had no dropout (nothing to sample); notes when the model has no
-    variance head (then err_pred is 0 and err the uncalibrated dropout spread).
-    """
-    if getattr(cfg, "uncertainty", "NONE") != "MC_DROPOUT":
-        return None
-    if model.mc_dropout_rate <= 0:
-        raise cfg.error("UNCERTAINTY", f"MC_DROPOUT needs a model trained with dropout in its last stage, but "
-                                       f"{model.path} was trained with KEEP_PROB 1 there (retrain with "
-                                       "UNCERTAINTY: MC_DROPOUT and a last-stage KEEP_PROB below 1)")
-    if not model.spec.heteroscedastic:
-        report(f"note: {model.path} has no variance head (trained with UNCERTAINTY: NONE): err_pred is 0 and err "
-               "is the uncalibrated spread of the dropout passes")
-    return int(cfg.mc_samples)
 
 
 def _predict_and_write(cfg, model, pack, rel_sn, stats_path, mc_samples=None):

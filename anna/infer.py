@@ -77,21 +77,16 @@ import numpy as np
 
 from anna.atomic import atomic_output
 from anna.errors import AnnaInputError
-from anna.evaluate import (GRID_RELATIVE_TOLERANCE, apply_correction, check_same_grid, correction_location,
-                           format_star_id, load_correction, mc_samples_for)
-from anna.model import DER_SNR_FACTOR, load_frozen, resolve_model_path
-from anna.resample import cubic_resample_rows
+from anna.correction import apply_correction, correction_location, correction_slopes, load_correction
+from anna.domain import DomainScorer
+from anna.model import load_frozen, mc_samples_for, resolve_model_path
+from anna.resample import GRID_RELATIVE_TOLERANCE, check_same_grid, cubic_resample_rows
+from anna.tables import format_star_id
 
 OUTPUT_SUFFIX = "_infer.out"
 FLAG_ORDER = ("no_coverage", "bad_wavelength", "nonfinite", "all_zero", "zero_pixels", "out_of_range",
               "large_sigma", "outside_training_domain", "correction_extrapolated")
 ERROR_KINDS = (("_err", "sigma_total"), ("_err_model", "sigma_model"), ("_err_pred", "sigma_pred"))
-# Training-domain statistics: principal components kept; the fraction of spectra like the training ones
-# above each statistic's threshold (either flags, so at most twice that, 0.1 %, are flagged by chance); and
-# the parts the training sample is split into so that the thresholds come from out-of-sample scores.
-DOMAIN_COMPONENTS = 10
-DOMAIN_FALSE_ALARM = 0.0005
-DOMAIN_FOLDS = 5
 FATAL_FLAGS = frozenset({"no_coverage", "bad_wavelength", "nonfinite", "all_zero"})
 MULTISPEC_COLUMNS = ("file", "aperture", "beam")
 FITS_EXTENSIONS = (".fits", ".fit", ".fts")
@@ -375,196 +370,6 @@ def _is_done(output, dependencies):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Training domain
-
-
-def der_snr_noise(flux):
-    """Noise of each (n, npix) spectrum by DER_SNR, (n,) in flux units; 0 for spectra under 5 pixels.
-
-    Computed in the precision of ``flux`` (float32 input stays float32: half the memory traffic, and the
-    median of ~1000 values needs no more than float32's 7 digits)."""
-    flux = _working_precision(flux)
-    if flux.shape[1] < 5:
-        return np.zeros(flux.shape[0])
-    second = 2.0 * flux[:, 2:-2]
-    second -= flux[:, :-4]
-    second -= flux[:, 4:]
-    np.abs(second, out=second)
-    return DER_SNR_FACTOR * row_medians(second)
-
-
-def _working_precision(flux):
-    """``flux`` as a float32 array when it is float32, else as float64 (the domain statistics' two precisions)."""
-    flux = np.asarray(flux)
-    return flux if flux.dtype == np.float32 else flux.astype(np.float64, copy=False)
-
-
-def row_medians(values):
-    """Median of each row of a 2-D array, float64; NaN for rows holding NaN (as ``np.median``).
-
-    One ``np.partition`` at the middle element, plus the maximum of the lower half for even lengths: half the
-    time of ``np.median``, which partitions at two positions (benchmarks/, pack inference row).  ``values``
-    is reordered in place.
-    """
-    count = values.shape[1]
-    middle = count // 2
-    values.partition(middle, axis=1)
-    median = values[:, middle].astype(np.float64)
-    if count % 2 == 0:
-        median = 0.5 * (median + values[:, :middle].max(axis=1))
-    median[np.isnan(values).any(axis=1)] = np.nan
-    return median
-
-
-class DomainScorer:
-    """The training-domain statistics of spectra against one stored domain (:func:`training_domain_statistics`).
-
-    ``scores(flux)``: (n, 2) float64, the noise-corrected residual RMS and the Mahalanobis distance of
-    (n, npix) flux; ``outside(flux)``: (n,) bool, either beyond its threshold.  Works in the precision of the
-    flux given (float32 or float64).  The projection on the principal components runs as a TensorFlow graph:
-    numpy's BLAS threads busy-wait after each product, and in anna-infer, where these statistics run beside
-    the network, that spinning took 17 us of CPU per spectrum from it (benchmarks/, pack inference row).
-    The graph is traced once per dtype and shared by all scorers (the description goes in as arguments), so
-    the DOMAIN_FOLDS scorers of training_domain_statistics, and every model of a process, trace it only once.
-    """
-
-    def __init__(self, domain):
-        self.domain = domain
-        self.components = np.asarray(domain["components"], dtype=np.float64)  # (K, npix), orthonormal rows
-        self.reference = np.asarray(domain["reference_spectrum"], dtype=np.float64)
-        self.coefficient_mean = np.asarray(domain["coefficient_mean"], dtype=np.float64)
-        self.inverse_covariance = np.asarray(domain["coefficient_inverse_covariance"], dtype=np.float64)
-        self._tensors = {}
-
-    def _project(self, flux):
-        """(coefficients (n, K), residual sum of squares (n,)) of flux - reference, float64."""
-        import tensorflow as tf
-
-        if flux.dtype not in self._tensors:
-            self._tensors[flux.dtype] = (tf.constant(self.components.astype(flux.dtype)),
-                                         tf.constant(self.reference.astype(flux.dtype)))
-        coefficients, residual_sum = _projection(flux.dtype)(flux, *self._tensors[flux.dtype])
-        return coefficients.numpy().astype(np.float64), residual_sum.numpy().astype(np.float64)
-
-    def scores(self, flux):
-        flux = _working_precision(flux)
-        coefficients, residual_sum = self._project(flux)
-        dof = max(flux.shape[1] - self.components.shape[0], 1)
-        excess = residual_sum / dof - der_snr_noise(flux) ** 2
-        offset = coefficients - self.coefficient_mean[None, :]
-        mahalanobis = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", offset, self.inverse_covariance, offset), 0.0))
-        return np.stack([np.sqrt(np.maximum(excess, 0.0)), mahalanobis], axis=1)
-
-    def outside(self, flux):
-        scores = self.scores(flux)
-        limits = self.domain["thresholds"]
-        return (scores[:, 0] > limits["residual"]) | (scores[:, 1] > limits["mahalanobis"])
-
-
-_PROJECTIONS = {}
-
-
-def _projection(dtype):
-    """The graph of DomainScorer._project for one dtype: (flux, components, reference) -> (coefficients,
-    residual sum of squares)."""
-    import tensorflow as tf
-
-    if dtype not in _PROJECTIONS:
-        @tf.function(input_signature=[tf.TensorSpec([None, None], dtype), tf.TensorSpec([None, None], dtype),
-                                      tf.TensorSpec([None], dtype)], autograph=False)
-        def project(values, components, reference):
-            centred = values - reference
-            coefficients = tf.matmul(centred, components, transpose_b=True)
-            residual = centred - tf.matmul(coefficients, components)
-            return coefficients, tf.reduce_sum(tf.square(residual), axis=1)
-
-        _PROJECTIONS[dtype] = project
-    return _PROJECTIONS[dtype]
-
-
-def domain_scores(flux, domain):
-    """(n, 2) training-domain statistics of (n, npix) flux (see :class:`DomainScorer`)."""
-    return DomainScorer(domain).scores(flux)
-
-
-def training_domain_statistics(flux):
-    """The training-domain description stored in a frozen model (module docstring: training-domain rule).
-
-    ``flux`` (n, npix): training spectra as the network saw them (noised as in training).  Returns a
-    JSON-ready dict: ``reference_spectrum`` (npix,), ``components`` (K, npix), ``coefficient_mean`` (K,),
-    ``coefficient_inverse_covariance`` (K, K), ``thresholds`` (per statistic, the value that a fraction
-    DOMAIN_FALSE_ALARM of new spectra like ``flux`` exceed), ``false_alarm`` (that fraction) and ``n``; None
-    for fewer than 3 spectra.
-
-    The thresholds come from out-of-sample scores: each of DOMAIN_FOLDS interleaved parts of ``flux`` is
-    scored against the description fitted on the other parts, and the description stored is one of those
-    (the one that scored the first part), so that new spectra meet a description fitted on as many spectra
-    as the ones that set the thresholds.  Spectra scored against a description fitted on themselves are not
-    typical of new ones (the principal components absorb part of their noise); and a description fitted on
-    more spectra than the fold descriptions has less noise in its components' variances, so new spectra
-    reach larger Mahalanobis distances against it.  On line spectra with S/N 10-200, in-sample thresholds at
-    99.9 % flagged 2.6 new spectra in 1000, all by the residual (2.6 times its intended rate) and none by the
-    distance; thresholds from five folds with the description of all the spectra stored flagged 1.4 in 1000
-    on 1001 pixels, the distance twice its intended rate.  The quantile is the one whose exceedance by a
-    new draw is unbiased (np.quantile's ``weibull``; with 4000 spectra and 0.05 % practically the second
-    largest score, where the ``linear`` default takes the third largest, exceeded 1.5 times as often).
-    """
-    flux = np.asarray(flux, dtype=np.float64)
-    n = flux.shape[0]
-    if n < 3:
-        return None  # too few spectra to describe a distribution: no outside_training_domain flag
-    folds = min(DOMAIN_FOLDS, n)
-    part = np.arange(n) % folds
-    scores = np.empty((n, 2))
-    for fold in reversed(range(folds)):  # the first part's description last: it is the one stored
-        description = _domain_description(flux[part != fold])
-        scores[part == fold] = domain_scores(flux[part == fold], description)
-    quantiles = np.quantile(scores, 1.0 - DOMAIN_FALSE_ALARM, axis=0, method="weibull")
-    return {**description, "thresholds": {"residual": float(quantiles[0]), "mahalanobis": float(quantiles[1])},
-            "false_alarm": DOMAIN_FALSE_ALARM, "n": int(n)}
-
-
-def _domain_description(flux):
-    """Mean spectrum, leading principal components and their coefficients' mean and inverse covariance of
-    (n >= 2, npix) float64 flux, as JSON-ready lists.
-
-    The components are the leading eigenvectors of the (npix, npix) scatter matrix: the same vectors as the
-    SVD of the centred flux (to rounding, up to sign), at a fraction of its time for n >> npix, which
-    matters as training_domain_statistics fits DOMAIN_FOLDS descriptions.  For spectra with more pixels than
-    there are spectra (survey spectra: 7214 pixels against 3200 per fold) the (n, n) Gram matrix gives the
-    same vectors, v = centred.T u / sqrt(lambda): its cost grows as n^2 npix instead of npix^3, which at 7214
-    pixels was minutes per fold.  Only the leading eigenpairs are computed."""
-    import scipy.linalg
-
-    reference = flux.mean(axis=0)
-    centred = flux - reference[None, :]
-    n, npix = centred.shape
-    count = max(min(DOMAIN_COMPONENTS, n - 1, npix - 1), 1)
-    if npix <= n:
-        scatter = centred.T @ centred
-        _, vectors = scipy.linalg.eigh(scatter, subset_by_index=[npix - count, npix - 1])  # ascending
-        components = np.ascontiguousarray(vectors[:, ::-1].T)
-    else:
-        gram = centred @ centred.T
-        values, vectors = scipy.linalg.eigh(gram, subset_by_index=[n - count, n - 1])
-        values, vectors = values[::-1], vectors[:, ::-1]
-        scale = np.sqrt(np.maximum(values, np.finfo(np.float64).tiny))
-        components = np.ascontiguousarray((centred.T @ vectors / scale[None, :]).T)
-    coefficients = centred @ components.T
-    return {"reference_spectrum": reference.tolist(), "components": components.tolist(),
-            "coefficient_mean": coefficients.mean(axis=0).tolist(),
-            "coefficient_inverse_covariance": np.linalg.pinv(np.atleast_2d(np.cov(coefficients.T))).tolist()}
-
-
-def outside_training_domain(flux, domain):
-    """(n,) bool: the spectra beyond either training-domain threshold (all False without a stored domain)."""
-    flux = np.asarray(flux)
-    if not domain:
-        return np.zeros(flux.shape[0], dtype=bool)
-    return DomainScorer(domain).outside(flux)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Shared predict-and-write path
 
 
@@ -640,17 +445,6 @@ class Predictor:
         return labels, sigmas
 
 
-def correction_slopes(polynomials, inferred, names):
-    """|dp/dx| of each label's correction polynomial at the inferred values (n, nout): how errors scale."""
-    slopes = np.ones_like(np.asarray(inferred, dtype=np.float64))
-    for k, name in enumerate(names):
-        column = inferred[:, k]
-        finite = np.isfinite(column)
-        slopes[finite, k] = np.abs(polynomials[name].deriv()(column[finite]))
-        slopes[~finite, k] = np.nan
-    return slopes
-
-
 def output_header(names, meta_columns, with_errors):
     """Header of an ``_infer.out``: star_id, meta columns, values, [error columns,] flags."""
     errors = [f"{name}{suffix}" for suffix, _ in ERROR_KINDS for name in names] if with_errors else []
@@ -700,7 +494,7 @@ class _OutputTable:
             self._writer.writerow(output_header(self.names, block.meta_columns, self.with_errors))
             self._header_written = True
         spectra, fatal, flagged = self.counts
-        # repr of Python floats is evaluate.format_value's text (shortest round trip); tolist() converts a
+        # repr of Python floats is tables.format_value's text (shortest round trip); tolist() converts a
         # whole block at once, a third of the cost of converting value by value
         values = np.asarray(labels, dtype=np.float64).tolist()
         if sigmas is not None:

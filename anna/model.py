@@ -626,3 +626,21 @@ def load_frozen(location, dropout_seed=None):
         raise AnnaInputError(f"frozen model weights do not fit its network description ({exc})",
                              path=path) from None
     return FrozenModel(network, spec, metadata, path=path)
+
+
+def mc_samples_for(cfg, model, report):
+    """MC_SAMPLES when the parameter file asks for UNCERTAINTY: MC_DROPOUT, else None.
+
+    Refuses a model whose last training stage had no dropout (nothing to sample); notes when the model has no
+    variance head (then err_pred is 0 and err the uncalibrated dropout spread).
+    """
+    if getattr(cfg, "uncertainty", "NONE") != "MC_DROPOUT":
+        return None
+    if model.mc_dropout_rate <= 0:
+        raise cfg.error("UNCERTAINTY", f"MC_DROPOUT needs a model trained with dropout in its last stage, but "
+                                       f"{model.path} was trained with KEEP_PROB 1 there (retrain with "
+                                       "UNCERTAINTY: MC_DROPOUT and a last-stage KEEP_PROB below 1)")
+    if not model.spec.heteroscedastic:
+        report(f"note: {model.path} has no variance head (trained with UNCERTAINTY: NONE): err_pred is 0 and err "
+               "is the uncalibrated spread of the dropout passes")
+    return int(cfg.mc_samples)

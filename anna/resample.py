@@ -18,6 +18,11 @@ arithmetic.  :func:`cubic_resample` is its one-row case.  The stencil of each ta
 
 import numpy as np
 
+from anna.errors import AnnaInputError
+
+# Two wavelength grids are the same when every wavelength agrees to this relative tolerance.
+GRID_RELATIVE_TOLERANCE = 1e-6
+
 
 def _stencil_start(x, grid, first, last):
     """Index s of the first of the four samples used for each grid point: s + 1 is the left neighbour in
@@ -78,3 +83,25 @@ def cubic_resample_rows(wavelength, flux, first, last, grid):
         first_difference.reshape(-1)[s] + d1 * (second_difference.reshape(-1)[s]
                                                 + d2 * third_difference.reshape(-1)[s]))
     return out
+
+
+def check_same_grid(grid, model_grid, *, what, path=None, key=None):
+    """Refuse ``grid`` (npix,) unless it equals ``model_grid`` (the frozen model's wavelengths, Angstrom).
+
+    Equal means same length and every wavelength within GRID_RELATIVE_TOLERANCE (relative).  The error gives
+    both lengths, both first/last wavelengths and the largest difference, which is usually enough to see
+    whether the wrong template, a shifted grid or a different resolution was used.
+    """
+    grid = np.asarray(grid, dtype=np.float64)
+    model_grid = np.asarray(model_grid, dtype=np.float64)
+    ranges = (f"{what} has {len(grid)} wavelengths {grid[0]:.6f}-{grid[-1]:.6f} A, the model grid has "
+              f"{len(model_grid)} wavelengths {model_grid[0]:.6f}-{model_grid[-1]:.6f} A")
+    if grid.shape != model_grid.shape:
+        raise AnnaInputError(f"wavelengths differ from the model's training grid: {ranges}", path=path, key=key)
+    difference = np.abs(grid - model_grid)
+    worst = int(np.argmax(difference / np.abs(model_grid)))
+    if difference[worst] > GRID_RELATIVE_TOLERANCE * abs(model_grid[worst]):
+        raise AnnaInputError(
+            f"wavelengths differ from the model's training grid: {ranges}; largest difference "
+            f"{float(np.max(difference)):.6g} A (pixel {worst}: {grid[worst]!r} vs {model_grid[worst]!r})",
+            path=path, key=key)

@@ -884,7 +884,7 @@ class Trainer:
 
     def _describe_for_inference(self):
         """After training: training-domain statistics and, with MC_DROPOUT, the final variance calibration."""
-        from anna.infer import training_domain_statistics
+        from anna.domain import training_domain_statistics
 
         flux, labels, mask = self._training_sample()
         self.training_domain = training_domain_statistics(flux)

@@ -229,7 +229,7 @@ def write_tiled_pack(path, wavelengths, labels, flux, n_stars, block=8192, seed=
 def write_untrained_model(folder, npix, nout=5, mc_dropout_rate=0.0, domain_flux=None):
     """Save the tutorial network (CONV1 45 x 10, FC 128/128) with its initial weights as a frozen model;
     with ``domain_flux`` (n, npix) also the training-domain description anna-train would store."""
-    from anna.infer import training_domain_statistics
+    from anna.domain import training_domain_statistics
     from anna.model import NetworkSpec, build_network, save_frozen
     from anna.synth import DEFAULT_LABEL_RANGES
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from anna.errors import AnnaInputError
-from anna.evaluate import (apply_correction, coverage_statistics, fit_correction, load_correction,
-                           residual_statistics, run_test, sn_binned_statistics)
+from anna.correction import apply_correction, fit_correction, load_correction
+from anna.evaluate import coverage_statistics, residual_statistics, run_test, sn_binned_statistics
 from anna.packs import write_pack
 
 from toy_model import NAMES, MINIMA, MAXIMA, WAVE, SHARED, toy_flux, toy_stars, train_tiny_model, make_config

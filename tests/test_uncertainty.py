@@ -17,7 +17,8 @@ import pytest
 from anna.augment import noisy_copy
 from anna.errors import AnnaInputError
 from anna.evaluate import run_test
-from anna.infer import run_infer, training_domain_statistics, outside_training_domain
+from anna.domain import outside_training_domain, training_domain_statistics
+from anna.infer import run_infer
 from anna.model import NetworkSpec, build_network, load_frozen, save_frozen
 from anna.packs import write_pack
 from anna.params import load_config, validate_for_stage
@@ -239,7 +240,7 @@ def test_training_domain_rule_flags_one_in_a_thousand_new_spectra():
     counting included: the bounds 0.7-1.4 per 1000 sit ~3 sigma from 1 per 1000 and from a rule flagging
     twice as often.  Thresholds from in-sample scores gave 2.6 per 1000 at 99.9 % and 1.7 per 1000 at
     99.95 %, all of them by the residual."""
-    from anna.infer import DomainScorer
+    from anna.domain import DomainScorer
     from anna.train import DOMAIN_SAMPLE
 
     rng = np.random.default_rng(20)
@@ -263,7 +264,7 @@ def test_training_domain_rule_flags_one_in_a_thousand_new_spectra():
 def test_domain_scores_follow_their_definition_in_both_precisions():
     """Residual RMS (noise removed in quadrature) and Mahalanobis distance, written out in numpy here, equal
     the scorer's, which projects with TensorFlow; float32 input agrees with float64 to float32 precision."""
-    from anna.infer import DomainScorer, der_snr_noise
+    from anna.domain import DomainScorer, der_snr_noise
 
     rng = np.random.default_rng(3)
     train, _ = noisy_copy(toy_flux(toy_labels(500, rng)), np.ones(128), (50, 200), (0, 0), seed=5)
@@ -351,7 +352,7 @@ def test_mc_sampling_of_the_top_layers_equals_sampling_the_whole_network():
 
 @pytest.mark.parametrize("width", [1, 2, 7, 10, 997, 998])
 def test_row_medians_equal_numpy_median(width):
-    from anna.infer import row_medians
+    from anna.domain import row_medians
 
     values = np.random.default_rng(width).normal(size=(40, width)).astype(np.float32)
     values[3, 0] = np.nan
@@ -369,7 +370,7 @@ def test_der_snr_recovers_the_sigma_of_gaussian_noise(npix):
     differences; about 0.3/m for independent values, bounded here by 1/m).  Both implementations: numpy
     (anna-infer's training-domain residual, float64 and float32) and the network's LogNoiseVariance layer.
     A row holding NaN gets NaN, as documented."""
-    from anna.infer import der_snr_noise
+    from anna.domain import der_snr_noise
     from anna.model import NOISE_FLOOR, LogNoiseVariance
 
     rng = np.random.default_rng(npix)
@@ -398,7 +399,7 @@ def test_der_snr_recovers_the_sigma_of_gaussian_noise(npix):
 def test_domain_components_are_the_principal_components_with_more_or_fewer_pixels_than_spectra(n, npix):
     """The scatter-matrix route (npix <= n) and the Gram-matrix route (survey spectra: npix > n) both give the
     leading right singular vectors of the centred flux (up to sign)."""
-    from anna.infer import DOMAIN_COMPONENTS, _domain_description
+    from anna.domain import DOMAIN_COMPONENTS, _domain_description
 
     rng = np.random.default_rng(n + npix)
     flux = 1.0 + rng.normal(size=(n, npix)) * np.linspace(0.3, 0.01, npix)[None, :]
