@@ -388,6 +388,17 @@ class KeySpec:
     doc: str
     aliases: tuple = ()
     required_for: tuple = ()
+    # True for a training key that does not change what training computes (where logs go, threads, the time
+    # budget): it may change between a killed run and its resume.  Keys training does not read are such keys
+    # anyway (:func:`resume_neutral_keys`).
+    resume_neutral: bool = False
+
+
+
+def resume_neutral_keys():
+    """Keys that may change between a killed training run and its resume without spoiling it: those training
+    does not read, and the training keys marked ``resume_neutral`` in :data:`KEY_TABLE`."""
+    return frozenset(spec.name for spec in KEY_TABLE if TRAIN not in spec.stages or spec.resume_neutral)
 
 
 _ALL = (TRAIN, TEST, INFER)
@@ -428,16 +439,17 @@ KEY_TABLE = (
     KeySpec("MAX_PARAMS", FloatList(), None, _TR, "per-output maximum used to scale labels to [0, 1]",
             required_for=_TR),
     KeySpec("SAMPLE_INTERVAL", _COUNT, 50, _TR, "batches between progress evaluations"),
-    KeySpec("PP_THREADS", _COUNT, 1, _TR, "parallel preprocessing workers"),
+    KeySpec("PP_THREADS", _COUNT, 1, _TR, "parallel preprocessing workers", resume_neutral=True),
     KeySpec("MAX_PP_DEPTH", _COUNT, 10000, _TR,
-            "preprocessed examples buffered ahead of training (at most 64 MiB of flux)"),
-    KeySpec("LOG_LOC", FilesystemPath(folder=True), None, _TR, "folder for logs (TensorBoard, timeline)"),
-    KeySpec("TIMELINE_OUTPUT", Flag(), False, _TR, "write a profiler trace to LOG_LOC"),
-    KeySpec("TBOARD_OUTPUT", Flag(), True, _TR, "write TensorBoard summaries to LOG_LOC"),
+            "preprocessed examples buffered ahead of training (at most 64 MiB of flux)", resume_neutral=True),
+    KeySpec("LOG_LOC", FilesystemPath(folder=True), None, _TR, "folder for logs (TensorBoard, timeline)", resume_neutral=True),
+    KeySpec("TIMELINE_OUTPUT", Flag(), False, _TR, "write a profiler trace to LOG_LOC", resume_neutral=True),
+    KeySpec("TBOARD_OUTPUT", Flag(), True, _TR, "write TensorBoard summaries to LOG_LOC", resume_neutral=True),
     KeySpec("TRAINING_XVAL", Flag(), False, _TR, "evaluate on a separate cross-validation pack"),
     KeySpec("XVAL_DATA", FilesystemPath(), None, _TR, "cross-validation pack"),
     KeySpec("XVAL_SIZE", _COUNT, 500, _TR, "cross-validation spectra used (the first ones)"),
-    KeySpec("XV_THREADS", _COUNT, 1, _TR, "workers building the cross-validation set"),
+    KeySpec("XV_THREADS", _COUNT, 1, _TR, "accepted for ANNA's files; has no effect (the cross-validation set is "
+            "noised once, by one vectorised call)", resume_neutral=True),
     KeySpec("PREPROCESS_XVAL", Flag(), True, _TR, "preprocess cross-validation spectra like training ones"),
     KeySpec("EARLY_STOP", Flag(), True, _TR, "stop when the monitored cost stops improving"),
     KeySpec("ES_SAMPLE", _COUNT, 100, _TR, "evaluations without improvement before stopping"),
@@ -483,12 +495,12 @@ KEY_TABLE = (
     KeySpec("LR_DECAY_START", Float(at_least=0, below=1), 0.0, _TR,
             "COSINE: share of the stage (0 to below 1) run at the full rate before the cosine decay begins"),
     KeySpec("MAX_MINUTES1", Float(above=0), None, _TR,
-            "wall-clock limit of stage 1 (minutes); ends it as early stopping does; empty = none"),
-    KeySpec("MAX_MINUTES2", Float(above=0), None, _TR, "wall-clock limit of stage 2 (minutes); empty = none"),
-    KeySpec("RESUME", Flag(), True, _TR, "continue from a checkpoint in SAVE_LOC if one exists"),
+            "wall-clock limit of stage 1 (minutes); ends it as early stopping does; empty = none", resume_neutral=True),
+    KeySpec("MAX_MINUTES2", Float(above=0), None, _TR, "wall-clock limit of stage 2 (minutes); empty = none", resume_neutral=True),
+    KeySpec("RESUME", Flag(), True, _TR, "continue from a checkpoint in SAVE_LOC if one exists", resume_neutral=True),
     KeySpec("MAGIC_NUMBER", Float(), -9999.0, _ALL, "value that marks a missing label or bad pixel"),
     KeySpec("UNCERTAINTY", Choice(("NONE", "MC_DROPOUT")), "NONE", _ALL, "per-star uncertainty estimate"),
-    KeySpec("MC_SAMPLES", _COUNT, 100, _ALL, "forward passes for MC_DROPOUT"),
+    KeySpec("MC_SAMPLES", _COUNT, 100, _ALL, "forward passes for MC_DROPOUT", resume_neutral=True),
     # ---- ANNA-TF extensions: testing
     KeySpec("FIT_CORRECTION", Flag(), False, _TE, "fit true = f(inferred) polynomials to test residuals"),
     KeySpec("CORRECTION_DEGREE", Int(minimum=0, maximum=5), 1, _TE, "degree of those polynomials (0..5)"),

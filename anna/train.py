@@ -61,15 +61,6 @@ TRIAL_STEPS_PER_CALL = 3
 DEFAULT_WEIGHT_DECAY = 1e-4
 # Training spectra drawn (fixed seed) at the end of training for the training-domain statistics.
 DOMAIN_SAMPLE = 4000
-# Keys whose change does not alter what a resumed run computes: they may differ between run and resume.
-RESUME_NEUTRAL_KEYS = {"TBOARD_OUTPUT", "TIMELINE_OUTPUT", "LOG_LOC", "PP_THREADS", "XV_THREADS", "MAX_PP_DEPTH",
-                       "RESUME", "TEST_MODEL_LOC", "TEST_SAVE_LOC", "TESTING_DATA", "PREPROCESS_TEST",
-                       "REL_CONT_E_TEST", "SN_RANGE_TEST", "SN_TEMPLATE_TEST", "FIT_CORRECTION",
-                       "CORRECTION_DEGREE", "TEST_BATCH_SIZE", "DEBUG_MODE", "DEBUG_DATA", "SINGLE_MS_MODE",
-                       "MS_FITS_IMAGE", "INFER_MODE", "TEXT_IMAGE", "INFER_FILES", "WAVE_TEMPLATE",
-                       "INFER_MODEL_LOC", "INFER_SAVE_LOC", "APPLY_CORRECTION", "INFER_BATCH_SIZE",
-                       "RANGE_MARGIN", "MC_SAMPLES", "MAX_REL_SIGMA", "MAX_MINUTES1",
-                       "MAX_MINUTES2"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -610,7 +601,10 @@ def file_sha256(path, block=1 << 22):
 
 def training_fingerprint(cfg):
     """Parameters that decide what training computes; a checkpoint is resumed only when they are unchanged."""
-    return {key: value for key, value in cfg.as_dict().items() if key not in RESUME_NEUTRAL_KEYS}
+    from anna.params import resume_neutral_keys
+
+    neutral = resume_neutral_keys()
+    return {key: value for key, value in cfg.as_dict().items() if key not in neutral}
 
 
 class _XvalSet:

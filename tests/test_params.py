@@ -703,3 +703,17 @@ def test_shuffled_valid_lines_still_parse(tmp_path):
     random.Random(3).shuffle(lines)
     cfg = load_config(write(tmp_path, "\n".join(lines)))
     assert cfg.num_px == 1001
+
+
+def test_resume_neutral_keys_are_the_keys_training_does_not_read_plus_the_marked_ones():
+    from anna.params import KEY_TABLE, TRAIN, resume_neutral_keys
+
+    neutral = resume_neutral_keys()
+    # a key anna-test or anna-infer alone reads may change between a killed training run and its resume ...
+    assert {"TESTING_DATA", "INFER_SAVE_LOC", "MAX_REL_SIGMA", "APPLY_CORRECTION"} <= neutral
+    # ... and so may the training keys that only say where logs go, how many threads, how long to run
+    assert {"LOG_LOC", "TBOARD_OUTPUT", "MAX_MINUTES1", "MAX_MINUTES2", "XV_THREADS", "RESUME"} <= neutral
+    # but nothing that decides what training computes
+    assert not {"LEARN_RATE1", "BATCH_SIZE1", "SEED", "CONV_LAYERS", "LR_SCHEDULE", "LR_DECAY_START",
+                "TRAINING_DATA", "SN_RANGE_TRAIN", "JIT_COMPILE", "NUM_PX"} & neutral
+    assert all(spec.name in neutral for spec in KEY_TABLE if TRAIN not in spec.stages)
