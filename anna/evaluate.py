@@ -287,7 +287,8 @@ def write_uncertainty_plot(true, inferred, sigma_total, names, report, folder):
 def run_test(cfg, report=print):
     """anna-test: predict the labels of TESTING_DATA, write residuals, statistics, plots; return the summary.
 
-    ``cfg`` is the resolved parameter file (see anna.params); ``report`` receives human-readable lines.
+    ``cfg`` is the resolved parameter file (see anna.params), already checked by ``validate_for_stage(cfg, "test")``
+    (the stage does not check its keys again); ``report`` receives human-readable lines.
     The returned dict is what ``test_summary.json`` holds.
     """
     started = time.monotonic()
@@ -362,8 +363,6 @@ def _open_test_pack(cfg, model):
 def _relative_sn(cfg, model):
     from anna.templates import relative_sn_on_grid
 
-    if not cfg.sn_template_test:
-        raise cfg.error("SN_TEMPLATE_TEST", "required when PREPROCESS_TEST is YES, but not given")
     return relative_sn_on_grid(cfg.sn_template_test, model.wavelengths)
 
 

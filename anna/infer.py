@@ -315,8 +315,6 @@ def list_inputs(cfg):
     """(input path, reader) pairs for the chosen mode; reader(path, model) yields GridBlocks."""
     mode = cfg.infer_mode
     if mode == "DEBUG":
-        if cfg.debug_data is None:
-            raise cfg.error("DEBUG_DATA", "required for DEBUG inference, but not given")
         batch = int(cfg.infer_batch_size)
         return [(cfg.debug_data, lambda path, model: read_debug_pack(path, model, batch))]
     readers = {"MS_FITS": (read_multispec, "ms_fits_image"), "TEXT": (read_text, "text_image"),
@@ -609,10 +607,10 @@ def _has_error_columns(output):
 def run_infer(cfg, report=print):
     """anna-infer: write one ``<stem>_infer.out`` per input under INFER_SAVE_LOC; return the paths written.
 
-    ``cfg`` is the resolved parameter file (anna.params.Config); ``report`` receives progress lines.
+    ``cfg`` is the resolved parameter file (anna.params.Config), already checked by
+    ``validate_for_stage(cfg, "infer")`` (the stage does not check its keys again); ``report`` receives progress
+    lines.
     """
-    if cfg.max_rel_sigma is not None and cfg.uncertainty != "MC_DROPOUT":
-        raise cfg.error("MAX_REL_SIGMA", "needs UNCERTAINTY: MC_DROPOUT (there is no sigma to compare without it)")
     model = load_frozen(cfg.infer_model_loc, dropout_seed=cfg.seed or 0)
     mc_samples = mc_samples_for(cfg, model, report)
     if cfg.wave_template:
