@@ -70,7 +70,10 @@ def _describe_input(cfg, path):
         from anna.packs import open_pack
 
         return repr(open_pack(path, check_labels=False))  # anna-infer ignores a DEBUG pack's labels
-    if path.lower().endswith((".txt", ".dat", ".text", ".csv")) or cfg.infer_mode == "TEXT":
+    from anna.spectra import looks_like_fits
+
+    # as anna-infer reads it: TEXT mode text, MS_FITS mode FITS, INFER_FILES by anna.spectra's rule
+    if cfg.infer_mode == "TEXT" or (cfg.infer_mode != "MS_FITS" and not looks_like_fits(path)):
         from anna.templates import read_two_columns
 
         wave, _ = read_two_columns(path, "text spectrum")

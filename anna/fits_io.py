@@ -47,6 +47,7 @@ from astropy.io import fits
 
 from anna.atomic import atomic_output
 from anna.errors import AnnaInputError
+from anna.spectra import is_fits_content, spectrum_stem
 
 CHEBYSHEV, LEGENDRE, CUBIC_SPLINE, LINEAR_SPLINE, PIXEL_TABLE, SAMPLED_TABLE = 1, 2, 3, 4, 5, 6
 FUNCTION_NAMES = {
@@ -103,8 +104,7 @@ def _open_image(path):
         raise AnnaInputError("is a folder, not a FITS file", path=path)
     with open(path, "rb") as handle:
         first = handle.read(80)
-    compressed = first.startswith((b"\x1f\x8b", b"BZh", b"PK\x03\x04"))  # astropy reads these too
-    if not compressed and not first.startswith(b"SIMPLE  ="):
+    if not is_fits_content(first):
         raise AnnaInputError("not a FITS file (it does not start with a SIMPLE card)", path=path,
                              value=first[:30].decode("latin-1"))
     try:
@@ -617,9 +617,7 @@ def write_text_spectra(path, outdir) -> list[str]:
     """
     path = os.fspath(path)
     spectra = read_spectra(path)
-    stem = os.path.splitext(os.path.basename(path))[0]
-    if stem.lower().endswith((".fits", ".fit")):
-        stem = os.path.splitext(stem)[0]
+    stem = spectrum_stem(path)
     written = []
     for spectrum in spectra:
         target = os.path.join(os.fspath(outdir), _text_name(stem, spectrum))

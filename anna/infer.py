@@ -8,9 +8,9 @@ Input modes (INFER_MODE, or the legacy DEBUG_MODE / SINGLE_MS_MODE flags):
 ``MS_FITS`` IRAF multispec FITS (MS_FITS_IMAGE, or every file INFER_FILES names); one row per aperture.
 ``TEXT``    two-column text spectra, wavelength (Angstrom) and flux (TEXT_IMAGE, or INFER_FILES).
 ``FITS``    every file INFER_FILES names (a glob, or a list file); each may be multispec FITS, 1-D FITS or a
-            text spectrum, told apart by content (FITS files start with ``SIMPLE``; gzip is taken as
-            compressed FITS) and, failing that, by extension.  Files ending ``_infer.out`` (our own
-            outputs) are never taken as inputs.
+            text spectrum, told apart by :mod:`anna.spectra`'s rule (content first: a ``SIMPLE`` card, or
+            gzip, bzip2 or zip taken as compressed FITS; failing that, the extension).  Files ending
+            ``_infer.out`` (our own outputs) are never taken as inputs.
 
 Every spectrum is resampled onto the frozen model's own wavelength grid by local cubic (four-point)
 interpolation (:mod:`anna.resample`); WAVE_TEMPLATE, when given, is only checked against that grid.  Nothing
@@ -81,6 +81,7 @@ from anna.correction import apply_correction, correction_location, correction_sl
 from anna.domain import DomainScorer
 from anna.model import load_frozen, mc_samples_for, resolve_model_path
 from anna.resample import GRID_RELATIVE_TOLERANCE, check_same_grid, cubic_resample_rows
+from anna.spectra import looks_like_fits, spectrum_stem
 from anna.tables import format_star_id
 
 OUTPUT_SUFFIX = "_infer.out"
@@ -89,8 +90,6 @@ FLAG_ORDER = ("no_coverage", "bad_wavelength", "nonfinite", "all_zero", "zero_pi
 ERROR_KINDS = (("_err", "sigma_total"), ("_err_model", "sigma_model"), ("_err_pred", "sigma_pred"))
 FATAL_FLAGS = frozenset({"no_coverage", "bad_wavelength", "nonfinite", "all_zero"})
 MULTISPEC_COLUMNS = ("file", "aperture", "beam")
-FITS_EXTENSIONS = (".fits", ".fit", ".fts")
-COMPRESSION_EXTENSIONS = (".gz", ".bz2", ".fz", ".z")
 # spectra_onto_grid works on this many (spectrum x pixel) values at a time, so that its temporary arrays stay
 # in the CPU cache: a whole multispec file at once (90 x 1000 values per array) ran 3.5x slower, 4096 values
 # (too few rows to share the per-call cost) 1.6x slower (benchmarks/, FITS row).
@@ -265,24 +264,9 @@ def read_text(path, model):
 
 def read_any_file(path, model):
     """FITS mode: multispec or 1-D FITS, or a text spectrum, decided by content and then extension."""
-    if _looks_like_fits(path):
+    if looks_like_fits(path):
         return _fits_block(path, model, multispec=None)
     return read_text(path, model)
-
-
-def _looks_like_fits(path):
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(6)
-    except OSError as exc:
-        raise AnnaInputError(f"cannot read input: {exc.strerror or exc}", path=path) from None
-    if head.startswith(b"SIMPLE") or head.startswith(b"\x1f\x8b"):
-        return True
-    name = path.lower()
-    for extension in COMPRESSION_EXTENSIONS:
-        if name.endswith(extension):
-            name = name[:-len(extension)]
-    return name.endswith(FITS_EXTENSIONS)
 
 
 def _fits_block(path, model, multispec):
@@ -339,11 +323,7 @@ def list_inputs(cfg):
 
 def output_path(save_loc, input_path):
     """``save_loc/<stem>_infer.out``; the stem drops the extension (and a compression extension before it)."""
-    name = os.path.basename(input_path)
-    stem, extension = os.path.splitext(name)
-    if extension.lower() in COMPRESSION_EXTENSIONS:
-        stem = os.path.splitext(stem)[0]
-    return os.path.join(save_loc, (stem or name) + OUTPUT_SUFFIX)
+    return os.path.join(save_loc, spectrum_stem(input_path) + OUTPUT_SUFFIX)
 
 
 def _check_distinct_outputs(cfg, pairs):

@@ -1149,7 +1149,9 @@ def _is_single_spectrum_file(path):
             head = handle.read(4096)
     except OSError:
         return True  # let the reader report it
-    if head.startswith(b"SIMPLE"):
+    from anna.spectra import is_fits_content
+
+    if is_fits_content(head):
         return True
     for raw in head.decode("utf-8", errors="replace").splitlines():
         line = raw.split("#", 1)[0].strip()
@@ -1208,8 +1210,8 @@ def expand_infer_files(cfg):
     """The input files INFER_FILES names, as absolute paths, in a stable order.
 
     INFER_FILES is either a glob (any of ``* ? [``; sorted matches, ``**`` recurses), or the path of one
-    file.  That file is itself the input when it is FITS (starts with ``SIMPLE``) or a numeric text
-    spectrum; otherwise it is a list with one input per line (``#`` comments and blank lines allowed),
+    file.  That file is itself the input when its content is FITS (:func:`anna.spectra.is_fits_content`:
+    a ``SIMPLE`` card, or compressed) or a numeric text spectrum; otherwise it is a list with one input per line (``#`` comments and blank lines allowed),
     relative entries resolving against the parameter file's directory.  Raises AnnaInputError naming every
     missing file; returns [] when INFER_FILES is not set.
     """

@@ -104,6 +104,7 @@ from anna.atomic import atomic_output
 from anna.errors import AnnaInputError
 from anna.packs import write_pack
 from anna.resample import cubic_resample
+from anna.spectra import looks_like_fits, spectrum_stem
 from anna.templates import read_two_columns
 
 DEFAULT_LABEL_NAMES = ("teff", "logg", "feh", "vmic", "vsini")
@@ -1545,24 +1546,13 @@ def make_example_data(outdir, *, seed=1, n_train=5000, n_xval=500, n_test=1000, 
 # ---------------------------------------------------------------------------------------------------------
 # Packs from real spectra (anna-pack)
 
-FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fts.gz")
 LARGEST_EXACT_ID = 2 ** 53
 """Integers up to this size survive as float64 pack ids; larger ones (e.g. Gaia source_id) do not."""
 
 
-def _spectrum_stem(path):
-    """File name without directory and without the FITS or text suffix ('a/b/x.fits.gz' -> 'x')."""
-    name = os.path.basename(os.fspath(path))
-    lower = name.lower()
-    for suffix in FITS_SUFFIXES:
-        if lower.endswith(suffix):
-            return name[:-len(suffix)]
-    return os.path.splitext(name)[0]
-
-
 def _read_one_spectrum(path):
     """(wavelength, flux) of the single spectrum in a text or FITS file, sorted by wavelength."""
-    if os.fspath(path).lower().endswith(FITS_SUFFIXES):
+    if looks_like_fits(path):
         from anna.fits_io import read_spectra
 
         spectra = read_spectra(path)
@@ -1666,7 +1656,7 @@ def build_pack_from_spectra(spectra_paths, labels_csv, grid, out_path, *, id_col
 
     matched, used = [], {}
     for path in spectra_paths:
-        candidates = [path, os.path.basename(path), _spectrum_stem(path)] if has_file else [_spectrum_stem(path)]
+        candidates = [path, os.path.basename(path), spectrum_stem(path)] if has_file else [spectrum_stem(path)]
         hit = next((index[name] for name in candidates if name in index), None)
         if hit is None:
             raise AnnaInputError(f"no row of {labels_csv} matches this spectrum (looked for "
