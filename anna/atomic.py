@@ -1,9 +1,14 @@
-"""Atomic file output: results appear whole under their final name or not at all."""
+"""Files ANNA-TF writes: atomic output (results appear whole under their final name or not at all), JSON
+through it, and the content hash that ties one file to another (a correction or a frozen model to the exact
+file it was made from)."""
 
+import hashlib
+import io
 import json
 import math
 import os
 import tempfile
+import zipfile
 
 import numpy as np
 
@@ -110,3 +115,41 @@ def write_json(path, data):
     with atomic_output(path, "w", encoding="utf-8") as handle:
         json.dump(jsonable(data), handle, indent=1)
         handle.write("\n")
+
+
+def file_sha256(path, block=1 << 22):
+    """Hex sha256 of a file's bytes, read in blocks so that a pack of any size hashes in bounded memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_array_archive(path, documents, arrays, compress=False):
+    """One zip file, written atomically: each of ``documents`` ({name: text}) as a member, then each of
+    ``arrays`` ({name: list of arrays}) as ``<name>.npz``.  The container of frozen models (compressed) and
+    checkpoints (stored: written every interval, read once)."""
+    compression = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with atomic_output(path, "wb") as handle:
+        with zipfile.ZipFile(handle, "w", compression=compression) as archive:
+            for name, text in documents.items():
+                archive.writestr(name, text)
+            for name, values in arrays.items():
+                buffer = io.BytesIO()
+                np.savez(buffer, *[np.asarray(v) for v in values])
+                archive.writestr(f"{name}.npz", buffer.getvalue())
+
+
+def read_array_archive(path):
+    """(documents {name: text}, arrays {name: list of arrays}) of a :func:`write_array_archive` file.  Raises
+    zipfile, zlib, OS and value errors as they come: the caller knows what the file should have been."""
+    documents, arrays = {}, {}
+    with zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            if name.endswith(".npz"):
+                with np.load(io.BytesIO(archive.read(name))) as stored:
+                    arrays[name[:-4]] = [stored[f"arr_{i}"] for i in range(len(stored.files))]
+            else:
+                documents[name] = archive.read(name).decode("utf-8")
+    return documents, arrays

@@ -6,13 +6,12 @@ The file is tied to the exact frozen model by its sha256, so a retrained model n
 Shared core: both stages import this module, it imports no stage.
 """
 
-import hashlib
 import json
 import os
 
 import numpy as np
 
-from anna.atomic import write_json
+from anna.atomic import file_sha256, write_json
 from anna.errors import AnnaInputError
 from anna.model import resolve_model_path
 
@@ -30,11 +29,7 @@ def correction_location(model_loc):
 
 def model_fingerprint(model_loc):
     """sha256 of the frozen-model file: ties a correction to the exact network it was fitted for."""
-    digest = hashlib.sha256()
-    with open(resolve_model_path(model_loc), "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(resolve_model_path(model_loc))
 
 
 

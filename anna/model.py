@@ -23,7 +23,6 @@ single file.  The file is written atomically.
 """
 
 import dataclasses
-import io
 import json
 import os
 import zipfile
@@ -34,7 +33,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from anna.atomic import atomic_output
+from anna.atomic import read_array_archive, write_array_archive
 from anna.errors import AnnaInputError
 from anna.losses import LOG_VARIANCE_MAX, LOG_VARIANCE_MIN
 
@@ -570,12 +569,8 @@ def save_frozen(location, network, spec, metadata):
     meta = dict(metadata)
     meta.update({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "anna_version": __version__,
                  "tensorflow_version": tf.__version__, "network": spec.to_dict()})
-    weights = io.BytesIO()
-    np.savez(weights, *[np.asarray(w) for w in network.get_weights()])
-    with atomic_output(path, "wb") as handle:
-        with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-            archive.writestr("metadata.json", json.dumps(meta, indent=1, sort_keys=True))
-            archive.writestr("weights.npz", weights.getvalue())
+    write_array_archive(path, {"metadata.json": json.dumps(meta, indent=1, sort_keys=True)},
+                        {"weights": network.get_weights()}, compress=True)
     return path
 
 
@@ -588,13 +583,12 @@ def load_frozen(location, dropout_seed=None):
         raise AnnaInputError("no frozen model here (train first, or point TEST_MODEL_LOC/INFER_MODEL_LOC "
                              "at the folder holding frozen.model)", path=path)
     try:
-        with zipfile.ZipFile(path) as archive:
-            names = set(archive.namelist())
-            if not {"metadata.json", "weights.npz"} <= names:
-                raise AnnaInputError(f"not an ANNA-TF frozen model (archive holds {sorted(names)})", path=path)
-            metadata = json.loads(archive.read("metadata.json").decode("utf-8"))
-            with np.load(io.BytesIO(archive.read("weights.npz"))) as stored:
-                weights = [stored[f"arr_{i}"] for i in range(len(stored.files))]
+        documents, arrays = read_array_archive(path)
+        if "metadata.json" not in documents or "weights" not in arrays:
+            members = sorted(list(documents) + [f"{name}.npz" for name in arrays])
+            raise AnnaInputError(f"not an ANNA-TF frozen model (archive holds {members})", path=path)
+        metadata = json.loads(documents["metadata.json"])
+        weights = arrays["weights"]
     except AnnaInputError:
         raise
     except (zipfile.BadZipFile, zlib.error, OSError, ValueError, KeyError, EOFError) as exc:

@@ -1211,8 +1211,8 @@ def expand_infer_files(cfg):
 
     INFER_FILES is either a glob (any of ``* ? [``; sorted matches, ``**`` recurses), or the path of one
     file.  That file is itself the input when its content is FITS (:func:`anna.spectra.is_fits_content`:
-    a ``SIMPLE`` card, or compressed) or a numeric text spectrum; otherwise it is a list with one input per line (``#`` comments and blank lines allowed),
-    relative entries resolving against the parameter file's directory.  Raises AnnaInputError naming every
+    a ``SIMPLE`` card, or compressed) or a numeric text spectrum; otherwise it is a list with one input per
+    line (``#`` comments and blank lines allowed), relative entries resolving against the parameter file's directory.  Raises AnnaInputError naming every
     missing file; returns [] when INFER_FILES is not set.
     """
     paths, problems = _infer_files_problems(cfg)

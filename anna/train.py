@@ -29,8 +29,6 @@ is lost).
 
 import concurrent.futures
 import dataclasses
-import hashlib
-import io
 import json
 import math
 import os
@@ -42,7 +40,7 @@ import zipfile
 
 import numpy as np
 
-from anna.atomic import atomic_output
+from anna.atomic import atomic_output, file_sha256, read_array_archive, write_array_archive
 from anna.errors import AnnaInputError
 
 CHECKPOINT_NAME = "checkpoint.anna"
@@ -589,14 +587,6 @@ def configure_threads():
         tf.config.threading.set_inter_op_parallelism_threads(2)
     except RuntimeError:
         pass
-
-
-def file_sha256(path, block=1 << 22):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def training_fingerprint(cfg):
@@ -1221,25 +1211,14 @@ def _is_complete_model(path):
 
 
 def write_checkpoint(path, state_json, arrays):
-    """Checkpoint = zip of ``state.json`` (already serialised) and one npz per list of arrays; atomic."""
-    with atomic_output(path, "wb") as handle:
-        with zipfile.ZipFile(handle, "w") as archive:
-            archive.writestr("state.json", state_json)
-            for name, values in arrays.items():
-                buffer = io.BytesIO()
-                np.savez(buffer, *[np.asarray(v) for v in values])
-                archive.writestr(f"{name}.npz", buffer.getvalue())
+    """Checkpoint = ``state.json`` (already serialised) and one npz per list of arrays, in one file; atomic."""
+    write_array_archive(path, {"state.json": state_json}, arrays)
 
 
 def read_checkpoint(path):
     try:
-        with zipfile.ZipFile(path) as archive:
-            state = json.loads(archive.read("state.json"))
-            arrays = {}
-            for name in archive.namelist():
-                if name.endswith(".npz"):
-                    with np.load(io.BytesIO(archive.read(name))) as stored:
-                        arrays[name[:-4]] = [stored[f"arr_{i}"] for i in range(len(stored.files))]
+        documents, arrays = read_array_archive(path)
+        state = json.loads(documents["state.json"])
     except (zipfile.BadZipFile, KeyError, ValueError, OSError) as exc:
         raise AnnaInputError(f"checkpoint is unreadable ({exc}); delete it or set RESUME: NO", path=path) from None
     return state, arrays
