@@ -46,7 +46,7 @@ READABLE_FORMAT_VERSIONS = (1, 2)
 REQUIRED_METADATA = ("network", "output_names", "wavelengths", "min_params", "max_params")
 # Starting values of the variance head (normalised labels, 0..1 scale): sigma_fit = 0.1 (a tenth of MAX - MIN),
 # and a noise part equal to it at S/N 100.  Training refits both biases by maximum likelihood every
-# SAMPLE_INTERVAL (anna.train.refit_variance_biases), so these only matter for the first interval.
+# SAMPLE_INTERVAL (anna.train.variance.refit_variance_biases), so these only matter for the first interval.
 INITIAL_LOG_VARIANCE_FIT = float(np.log(0.1**2))
 INITIAL_LOG_NOISE_GAIN = float(np.log(0.1**2) - np.log(0.01**2))
 # Smallest batch shape FrozenModel.predict_raw compiles: shorter batches are padded up to a power of two.

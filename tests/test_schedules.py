@@ -177,3 +177,44 @@ def test_cosine_schedule_after_kill_9_matches_an_uninterrupted_run(tmp_path, toy
     assert sorted(resumed) == list(range(stopped_at + 20, 401, 20))
     for step, rate in resumed.items():
         assert rate == pytest.approx(expected[step], rel=1e-6)  # float32 in the event file
+
+
+def test_early_stopping_keeps_the_best_cost_iteration_and_a_copy_of_its_weights():
+    from anna.train import EarlyStopping
+
+    stopper = EarlyStopping(patience=3)
+    weights = [np.zeros(3)]
+    assert stopper.update(0.5, 50, weights) is True
+    weights[0][:] = 7.0  # the stopper holds a copy, not the caller's array
+    assert stopper.update(0.6, 100, weights) is False and stopper.update(0.5, 150, weights) is False
+    assert (stopper.best_cost, stopper.best_iteration, stopper.bad_intervals) == (0.5, 50, 2)
+    np.testing.assert_array_equal(stopper.best_weights[0], np.zeros(3))
+    assert not stopper.should_stop
+    assert stopper.update(0.4, 200, weights) is True and stopper.bad_intervals == 0  # a new best resets the count
+    for iteration in (250, 300, 350):
+        stopper.update(0.45, iteration, weights)
+    assert stopper.should_stop and stopper.best_iteration == 200 and stopper.best_weights[0][0] == 7.0
+
+
+def test_early_stopping_disabled_never_stops_but_still_tracks_the_best():
+    from anna.train import EarlyStopping
+
+    stopper = EarlyStopping(patience=1, enabled=False)
+    stopper.update(1.0, 10, [np.ones(2)])
+    for iteration in range(20, 100, 10):
+        stopper.update(2.0, iteration, [np.zeros(2)])
+    assert not stopper.should_stop and stopper.best_iteration == 10 and stopper.bad_intervals == 8
+
+
+def test_checkpoint_round_trips_state_and_arrays(tmp_path):
+    from anna.train import write_checkpoint
+
+    arrays = {"weights": [np.arange(6.0).reshape(2, 3), np.float32(2.5) * np.ones(4, np.float32)],
+              "optimizer": [np.int64(3)]}
+    write_checkpoint(tmp_path / "c.anna", '{"iteration": 150, "seed": 7}', arrays)
+    state, back = read_checkpoint(tmp_path / "c.anna")
+    assert state == {"iteration": 150, "seed": 7} and sorted(back) == ["optimizer", "weights"]
+    for name in arrays:
+        for stored, original in zip(back[name], arrays[name]):
+            np.testing.assert_array_equal(stored, original)
+            assert np.asarray(stored).dtype == np.asarray(original).dtype

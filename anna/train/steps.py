@@ -1,0 +1,256 @@
+"""The compiled training step: one optimiser step of the network on a batch, in three compiled forms (XLA over
+a chunk of steps, XLA per step, the plain graph), and JIT_COMPILE AUTO, which times them and keeps the
+fastest for this network on this machine.
+"""
+
+import json
+import os
+import time
+
+from anna.atomic import atomic_output
+from anna.errors import AnnaInputError
+
+# JIT_COMPILE AUTO: seconds each compiled form is timed for (after its compiling call).
+TRIAL_SECONDS = 2.0
+# ... in calls of at most this many steps, so that a slow form is measured without running whole chunks.
+TRIAL_STEPS_PER_CALL = 3
+
+
+def make_train_steps(network, optimizer, spec, chunk_batches, batch_size, compiled_form):
+    """``train_steps(chunk, first, count) -> (costs, parts)``: optimiser steps on batches first ..
+    first+count-1 of a producer chunk (flux, labels, mask), each (chunk_batches, batch, ...).
+
+    ``compiled_form`` "xla": ONE XLA-compiled call runs all the steps (a while loop), so leaving and entering
+    Python is paid once per chunk; fastest for the tutorial network.  "xla_step": one XLA-compiled call per
+    step: XLA's CPU code for convolutions with several channels inside a while loop ran a StarNet-shaped step
+    about 7x slower than the same step compiled alone.  "graph": one graph call per step, no XLA (without XLA
+    a graph while loop ran 1.4x slower on the tutorial network).  Which is fastest depends on the network and
+    the machine: JIT_COMPILE AUTO times them (:func:`choose_compiled_form`).  ``costs`` is (chunk_batches,)
+    with each step's squared-error cost (the reported cost, comparable with the xval cost); with a variance
+    head ``parts`` holds the residual terms its bias refit needs (:func:`refit_variance_biases`), else None.
+    """
+    import keras
+    import tensorflow as tf
+
+    from anna.losses import masked_squared_error, robust_heteroscedastic
+
+    nout = spec.nout
+    heteroscedastic = spec.heteroscedastic
+    if heteroscedastic:
+        # the same layers, also returning the two parts of the predicted variance (for the bias refit)
+        stepper = keras.Model(network.input, [network.outputs[0]] + [
+            network.get_layer(name).output for name in ("log_variance_fit", "log_noise_gain",
+                                                        "log_noise_variance")])
+
+    def train_step(flux, labels, mask):
+        with tf.GradientTape() as tape:
+            if heteroscedastic:
+                # The reported value is the mean of the dropout passes, which the dropout-free pass
+                # approximates (weight scaling); the variance head is fitted, in that dropout-free pass, to
+                # the residual of that value.  Fitted to a single dropout pass it would also learn the dropout
+                # jitter, which sigma_model already counts, and its own jitter would bias sigma upwards.
+                plain, log_var_fit, log_gain, log_noise_sq = stepper(flux, training=False)
+                reported = tf.stop_gradient(plain[:, :nout])
+                log_variance = plain[:, nout:]
+            out = network(flux, training=True)
+            cost = masked_squared_error(labels, out[:, :nout], mask)
+            if heteroscedastic:
+                # robust (astroNN) loss: labels weighted by the predicted inverse variance ...
+                loss = (robust_heteroscedastic(labels, out[:, :nout], tf.stop_gradient(log_variance), mask)
+                        # ... plus the variance head fitted to the residual of the reported value
+                        + robust_heteroscedastic(labels, reported, log_variance, mask))
+            else:
+                loss = cost
+        grads = tape.gradient(loss, network.trainable_variables)
+        optimizer.apply_gradients(zip(grads, network.trainable_variables))
+        if heteroscedastic:
+            parts = tf.stack([tf.square(labels - reported) * mask, tf.exp(log_var_fit),
+                              tf.exp(log_gain + log_noise_sq), mask])
+            return cost, parts
+        return cost, None
+
+    def batch_at(flux, labels, mask, index):
+        """Batch ``index`` of a chunk.  A gather, not ``flux[index]``: XLA compiled the strided slice with a
+        run-time index so that a StarNet-shaped step at 7214 px ran 3.4x slower than on the batch passed alone
+        (130 against 450 ex/s on 2 cores); the gather runs as fast as the batch passed alone."""
+        return tf.gather(flux, index), tf.gather(labels, index), tf.gather(mask, index)
+
+    part_shape = [4, batch_size, nout]
+
+    @tf.function(jit_compile=True, autograph=False)
+    def compiled_steps(flux, labels, mask, first, count):
+        def body(index, costs, parts):
+            cost, step_parts = train_step(*batch_at(flux, labels, mask, index))
+            costs = tf.tensor_scatter_nd_update(costs, [[index - first]], [cost])
+            if heteroscedastic:
+                parts = tf.tensor_scatter_nd_update(parts, [[index - first]], [step_parts])
+            return index + 1, costs, parts
+
+        parts = tf.zeros([chunk_batches] + part_shape if heteroscedastic else [1])
+        _, costs, parts = tf.while_loop(lambda index, costs, parts: index < first + count, body,
+                                        [first, tf.zeros([chunk_batches]), parts])
+        return costs, parts
+
+    @tf.function(autograph=False)
+    def graph_step(flux, labels, mask, index):
+        return train_step(*batch_at(flux, labels, mask, index))
+
+    @tf.function(jit_compile=True, autograph=False)
+    def xla_step(flux, labels, mask, index):
+        return train_step(*batch_at(flux, labels, mask, index))
+
+    one_step = xla_step if compiled_form == "xla_step" else graph_step
+
+    constants = {}
+
+    def as_tensor(value):  # one constant per distinct int, so the function is not retraced per value
+        if value not in constants:
+            constants[value] = tf.constant(value, dtype=tf.int32)
+        return constants[value]
+
+    def train_steps(chunk, first, count):
+        if compiled_form == "xla":
+            return compiled_steps(*chunk, as_tensor(first), as_tensor(count))
+        results = [one_step(*chunk, as_tensor(index)) for index in range(first, first + count)]
+        costs = tf.concat([tf.stack([cost for cost, _ in results]), tf.zeros([chunk_batches - count])], 0)
+        parts = (tf.concat([tf.stack([p for _, p in results]), tf.zeros([chunk_batches - count] + part_shape)], 0)
+                 if heteroscedastic else None)
+        return costs, parts
+
+    return train_steps
+
+
+COMPILED_FORMS = ("xla", "xla_step", "graph")
+FORM_NAMES = {"xla": "XLA, one compiled call per chunk of steps", "xla_step": "XLA, one compiled call per step",
+              "graph": "graph, one call per step, no XLA"}
+# The forms JIT_COMPILE may choose from: AUTO all, YES the XLA ones, NO the plain graph.
+FORMS_OF_SETTING = {"AUTO": COMPILED_FORMS, "YES": ("xla", "xla_step"), "NO": ("graph",)}
+
+
+def compiled_form_cache_path():
+    """Where JIT_COMPILE AUTO remembers its choices: $ANNA_TF_CACHE_DIR, else ~/.cache/anna-tf."""
+    folder = os.environ.get("ANNA_TF_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "anna-tf")
+    return os.path.join(folder, "compiled-forms.json")
+
+
+def _machine_description():
+    import platform
+
+    import tensorflow as tf
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "tensorflow": tf.__version__,
+            "gpus": len(tf.config.list_physical_devices("GPU"))}
+
+
+# Raised whenever the code of a compiled form changes its speed, so that AUTO times again rather than reuse a
+# choice made for the old code.  2: the per-step forms gather their batch (see make_train_steps).
+COMPILED_FORMS_REVISION = 2
+
+
+def compiled_form_key(spec, batch_size, chunk_batches, keep_prob, candidates=COMPILED_FORMS):
+    """The cache key of a choice: the network, the batch shape, dropout on/off, the forms timed, their code's
+    revision, the machine."""
+    return json.dumps({"network": spec.to_dict(), "batch": int(batch_size), "chunk": int(chunk_batches),
+                       "dropout": keep_prob < 1.0, "forms": list(candidates), "revision": COMPILED_FORMS_REVISION,
+                       "machine": _machine_description()}, sort_keys=True)
+
+
+def time_compiled_form(form, spec, centre, chunk, batch_size, keep_prob, seconds=TRIAL_SECONDS):
+    """Examples/s of ``form`` on a throwaway copy of the network (the run's own network, optimiser and random
+    state are not touched), over at least ``seconds`` after one warm-up call that compiles; (rate, error)."""
+    import keras
+    import tensorflow as tf
+
+    from anna.model import build_network
+
+    chunk_batches = int(chunk[0].shape[0])
+    try:
+        network = build_network(spec, dropout_rate=1.0 - keep_prob, centre=centre, compiled_form=form)
+        optimizer = keras.optimizers.Adam(learning_rate=1e-12)
+        optimizer.build(network.trainable_variables)
+        steps = make_train_steps(network, optimizer, spec, chunk_batches, batch_size, form)
+        steps(chunk, 0, 1)[0].numpy()  # compiles (the step count is a tensor: one compilation serves all)
+        per_call = min(chunk_batches, TRIAL_STEPS_PER_CALL)
+        done, start = 0, time.perf_counter()
+        while True:
+            costs, _ = steps(chunk, 0, per_call)
+            costs.numpy()
+            done += per_call
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds and done >= 2 * per_call:
+                return done * batch_size / elapsed, None
+    except (tf.errors.OpError, ValueError, RuntimeError, TypeError) as error:
+        return None, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+def choose_compiled_form(setting, spec, centre, chunk, batch_size, keep_prob, cache_path=None, report=print,
+                         trial_seconds=TRIAL_SECONDS):
+    """The compiled form of the training steps and how it was chosen (a dict for the frozen model).
+
+    JIT_COMPILE NO pins "graph"; YES times the two XLA forms ("xla", "xla_step"), AUTO all three
+    (:data:`FORMS_OF_SETTING`), each on a throwaway copy of the network (:func:`time_compiled_form`), and keeps
+    the fastest; a form that fails to compile or run is skipped.  The choice is remembered per network, batch
+    shape, forms and machine in ``cache_path`` (:func:`compiled_form_cache_path`), so a repeated run uses the
+    same form without timing again: forms round differently, and with SEED a run must repeat bit for bit.
+    """
+    candidates = FORMS_OF_SETTING[setting]
+    if len(candidates) == 1:
+        return {"setting": setting, "form": candidates[0], "source": "JIT_COMPILE"}
+    chunk_batches = int(chunk[0].shape[0])
+    key = compiled_form_key(spec, batch_size, chunk_batches, keep_prob, candidates)
+    cache_path = cache_path or compiled_form_cache_path()
+    cache = _read_json(cache_path)
+    if key in cache and cache[key].get("form") in COMPILED_FORMS:
+        entry = cache[key]
+        report(f"JIT_COMPILE {setting}: {FORM_NAMES[entry['form']]}, as timed on this machine on {entry['when']} "
+               f"({_rates_text(entry['rates'])}; remembered in {cache_path})")
+        return {"setting": setting, "form": entry["form"], "source": "cache", "rates": entry["rates"],
+                "timed_utc": entry["when"]}
+    rates, errors = {}, {}
+    for form in candidates:
+        rate, error = time_compiled_form(form, spec, centre, chunk, batch_size, keep_prob, trial_seconds)
+        if rate is not None:
+            rates[form] = rate
+        else:
+            errors[form] = error
+    if not rates:
+        raise AnnaInputError("neither compiled form of the training step runs on this machine ("
+                             + "; ".join(f"{form}: {error}" for form, error in errors.items()) + ")",
+                             key="JIT_COMPILE")
+    form = max(rates, key=rates.get)
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    skipped = "".join(f"; {form_} failed ({error})" for form_, error in errors.items())
+    report(f"JIT_COMPILE {setting}: {FORM_NAMES[form]} ({_rates_text(rates)}, timed over {trial_seconds:g} s each"
+           f"{skipped})")
+    cache[key] = {"form": form, "rates": rates, "when": when}
+    try:
+        os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+        with atomic_output(cache_path, "w") as handle:
+            json.dump(cache, handle, indent=1)
+    except OSError as error:
+        report(f"JIT_COMPILE {setting}: could not remember the choice in {cache_path} ({error.strerror or error}); "
+               f"later runs will time again")
+    return {"setting": setting, "form": form, "source": "timed", "rates": rates, "timed_utc": when,
+            "failed": errors}
+
+
+def _rates_text(rates):
+    return ", ".join(f"{form} {rate:,.0f} ex/s" for form, rate in sorted(rates.items(), key=lambda kv: -kv[1]))
+
+
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
