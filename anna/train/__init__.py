@@ -27,7 +27,8 @@ crash or ``kill -9`` the same command resumes from the last checkpoint (at most 
 is lost).
 
 The package's modules, each with one concern (as Keras separates a trainer's step, loop and callbacks):
-:mod:`~anna.train.loop` (the run and its stage loop), :mod:`~anna.train.steps` (the compiled training step and
+:mod:`~anna.train.loop` (the run: set-up, stages, the frozen model), :mod:`~anna.train.stage` (one stage's
+loop and its interval bookkeeping), :mod:`~anna.train.steps` (the compiled training step and
 JIT_COMPILE AUTO), :mod:`~anna.train.schedule` (stage plans, early stopping, learning-rate schedules, the
 optimiser), :mod:`~anna.train.state` (checkpoints, the resume fingerprint, stop requests),
 :mod:`~anna.train.variance` (the variance head's fits) and :mod:`~anna.train.summaries` (TensorBoard

@@ -7,7 +7,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 
 import numpy as np
@@ -17,9 +16,10 @@ from anna.errors import AnnaInputError
 from anna.train.schedule import DEFAULT_WEIGHT_DECAY, EarlyStopping, make_optimizer, stage_plans, stage_schedule
 from anna.train.state import (CHECKPOINT_NAME, PARTIAL_MODEL_NAME, StopRequest, is_complete_model, read_checkpoint,
                               training_fingerprint, write_checkpoint)
-from anna.train.steps import FORMS_OF_SETTING, choose_compiled_form, make_train_steps
-from anna.train.summaries import HISTOGRAM_EVERY, write_histogram
-from anna.train.variance import XVAL_EVAL_BATCH, calibrate_variance_head, refit_variance_biases
+from anna.train.stage import StageRun
+from anna.train.steps import FORMS_OF_SETTING, choose_compiled_form
+from anna.train.summaries import write_histogram
+from anna.train.variance import XVAL_EVAL_BATCH, calibrate_variance_head
 
 ACTIVATION_SAMPLE = 256
 # Training spectra drawn (fixed seed) at the end of training for the training-domain statistics.
@@ -78,35 +78,6 @@ def _mean_spectrum(pack):
     for _, _, _, flux in pack.iter_blocks():
         total += flux.sum(axis=0)
     return total / pack.n_stars
-
-
-class _Progress:
-    """Progress bar with iterations/s and ETA on a terminal; plain lines (one per interval) otherwise."""
-
-    def __init__(self, report, total, stage, stream=None):
-        self.report = report
-        self.total = total
-        self.stage = stage
-        self.stream = stream or sys.stdout
-        self.tty = self.stream.isatty()
-        self.start = time.perf_counter()
-
-    def tick(self, iteration):
-        if not self.tty:
-            return
-        elapsed = time.perf_counter() - self.start
-        rate = iteration / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - iteration) / rate if rate > 0 else 0.0
-        width = 30
-        filled = int(width * iteration / max(self.total, 1))
-        self.stream.write(f"\rstage {self.stage} [{'#' * filled}{'.' * (width - filled)}] "
-                          f"{iteration}/{self.total} {rate:6.1f} it/s ETA {eta:5.0f}s ")
-        self.stream.flush()
-
-    def line(self, text):
-        if self.tty:
-            self.stream.write("\r" + " " * 79 + "\r")
-        self.report(text)
 
 
 class Trainer:
@@ -219,7 +190,6 @@ class Trainer:
 
     # ----- the loop ---------------------------------------------------------------------------------------
     def run(self):
-        from anna.augment import BatchProducer
         from anna.model import build_network
 
         cfg = self.cfg
@@ -261,9 +231,10 @@ class Trainer:
                     start_iteration = self.state["iteration"]
                     elapsed_before = float(self.state.get("stage_elapsed", 0.0))
                     arrays = None
-                result = self._run_stage(plan, network, optimizer, stopper, schedule, start_iteration,
-                                         elapsed_before, stage_start_weights, stage_index, stop, BatchProducer,
-                                         final_stage=stage_index == len(plans) - 1)
+                result = StageRun(self, plan, network, optimizer, stopper, schedule,
+                                  start_iteration=start_iteration, elapsed_before=elapsed_before,
+                                  stage_start_weights=stage_start_weights, stage_index=stage_index, stop=stop,
+                                  final_stage=stage_index == len(plans) - 1).run()
                 stage_results.append(result)
                 if stopper.best_weights is not None:
                     network.set_weights(stopper.best_weights)
@@ -329,147 +300,6 @@ class Trainer:
                 self.variance_calibration["mean_chi2_after"]))
             self.report(f"variance head calibrated on the {source} ({len(flux)} spectra, "
                         f"{self.cfg.mc_samples} MC passes): mean d^2/sigma_total^2 {ratio}")
-
-    def _run_stage(self, plan, network, optimizer, stopper, schedule, start_iteration, elapsed_before,
-                   stage_start_weights, stage_index, stop, producer_class, final_stage):
-        tf = self.tf
-        cfg = self.cfg
-        nout = self.spec.nout
-        heteroscedastic = self.spec.heteroscedastic
-        evaluate = self._make_eval(network)
-        producer = producer_class(self.rows, self.scaler, self.noise, batch_size=plan.batch_size,
-                                  seed=self.seed, stage=plan.number, threads=cfg.pp_threads, fetch=cfg.num_fetch,
-                                  depth=cfg.max_pp_depth, missing_value=self.missing_value)
-        chunk_batches = producer.batches_per_chunk
-        train_steps = make_train_steps(network, optimizer, self.spec, chunk_batches, plan.batch_size,
-                                       self.compiled["form"])
-        first_chunk, offset = divmod(start_iteration, chunk_batches)
-        chunks = iter(producer.chunk_dataset(first_chunk))
-        chunk = None
-        progress = _Progress(self.report, plan.iterations, plan.number)
-        limit = f", at most {plan.max_seconds / 60:g} min" if plan.max_seconds else ""
-        progress.line(f"stage {plan.number}: learning rate {plan.learn_rate:g} ({cfg.lr_schedule.lower()}), "
-                      f"batch {plan.batch_size}, keep probability {plan.keep_prob:g}, up to {plan.iterations} "
-                      f"iterations{limit}" + (f" (resuming at {start_iteration})" if start_iteration else ""))
-        if stopper.best_weights is None and self.xval is not None and start_iteration == 0:
-            cost, _ = evaluate(self.xval.flux, self.xval.labels, self.xval.mask)
-            stopper.update(cost, 0, network.get_weights())
-            stopper.bad_intervals = 0
-        interval_costs = []
-        interval_residuals = []
-        stage_clock = time.perf_counter() - elapsed_before  # elapsed = perf_counter() - stage_clock
-        interval_start = wall_mark = time.perf_counter()
-        wait_time = 0.0
-        iteration = start_iteration
-        profiling = False
-        stopped_by = "iterations"
-        trace_graph = self.writer is not None and self.global_step == 0
-        rate = None
-        while iteration < plan.iterations:
-            if stop.requested:
-                stopped_by = stop.signal_name
-                break
-            if cfg.timeline_output and not profiling and final_stage and iteration % cfg.sample_interval == 0:
-                last_planned = iteration + cfg.sample_interval >= plan.iterations
-                maybe_last = cfg.early_stop and stopper.bad_intervals >= cfg.es_sample - 1
-                if last_planned or maybe_last:
-                    self._start_profile()
-                    profiling = True
-            if chunk is None or offset == chunk_batches:
-                fetched = time.perf_counter()
-                chunk = next(chunks)
-                wait_time += time.perf_counter() - fetched
-                offset = offset % chunk_batches
-            # up to the end of the chunk, the end of the SAMPLE_INTERVAL and the end of the stage
-            count = min(chunk_batches - offset, plan.iterations - iteration,
-                        cfg.sample_interval - iteration % cfg.sample_interval)
-            new_rate = schedule.rate(iteration, time.perf_counter() - stage_clock)
-            if new_rate != rate:
-                optimizer.learning_rate.assign(new_rate)
-                rate = new_rate
-            if trace_graph:
-                tf.summary.trace_on(graph=True)
-            costs, parts = train_steps(chunk, offset, count)
-            if trace_graph:
-                with self.writer.as_default():
-                    tf.summary.trace_export(name="train_step", step=0)
-                trace_graph = False
-            interval_costs.append((costs, count))
-            if heteroscedastic:
-                interval_residuals.append((parts, count))
-            ticks_before = iteration // 10
-            iteration += count
-            offset += count
-            self.global_step += count
-            if iteration // 10 != ticks_before:
-                progress.tick(iteration)
-            out_of_time = plan.max_seconds is not None and time.perf_counter() - stage_clock >= plan.max_seconds
-            if iteration % cfg.sample_interval == 0 or iteration == plan.iterations or out_of_time:
-                batch_cost = float(np.mean(np.concatenate([c.numpy()[:n] for c, n in interval_costs])))
-                steps = sum(n for _, n in interval_costs)
-                now = time.perf_counter()
-                # the headline rate counts the whole interval, the last one's evaluation, logging and
-                # checkpoint included; the step rate stops the clock around them
-                examples_per_s = steps * plan.batch_size / max(now - wall_mark, 1e-9)
-                step_examples_per_s = steps * plan.batch_size / max(now - interval_start, 1e-9)
-                wait_fraction = wait_time / max(now - interval_start, 1e-9)
-                wall_mark = now
-                if profiling:
-                    tf.profiler.experimental.stop()
-                    profiling = False
-                if heteroscedastic:
-                    # (steps, 4, batch, nout) per call -> (4, all examples of the interval, nout)
-                    residuals = np.concatenate([np.moveaxis(p.numpy()[:n], 0, 1).reshape(4, -1, nout)
-                                                for p, n in interval_residuals], axis=1)
-                    refit_variance_biases(network, *residuals)
-                if self.xval is not None:
-                    xval_cost, rms = evaluate(self.xval.flux, self.xval.labels, self.xval.mask)
-                    monitored = xval_cost
-                else:
-                    last_flux, last_labels, last_mask = (t[offset - 1] for t in chunk)
-                    xval_cost, rms = None, self._batch_rms(evaluate, last_flux, last_labels, last_mask)
-                    monitored = batch_cost
-                improved = stopper.update(monitored, iteration, network.get_weights())
-                record = {"stage": plan.number, "iteration": iteration, "global_step": self.global_step,
-                          "batch_cost": batch_cost, "xval_cost": xval_cost,
-                          "rms": {n: float(r) for n, r in zip(self.cfg.output_names, rms)},
-                          "learning_rate": rate, "examples_per_s": examples_per_s,
-                          "step_examples_per_s": step_examples_per_s, "input_wait_fraction": wait_fraction,
-                          "elapsed_s": now - stage_clock}
-                self.history.append(record)
-                cut = schedule.after_interval(improved, iteration)
-                last = iteration >= plan.iterations or stopper.should_stop or stop.requested or out_of_time
-                self._log_interval(record, network, histograms=last or len(self.history) % HISTOGRAM_EVERY == 1)
-                progress.line(self._format_record(record, improved))
-                if cut is not None:
-                    progress.line(f"stage {plan.number}: no improvement in {cfg.lr_patience} intervals; learning "
-                                  f"rate cut to {cut:.3g}")
-                interval_costs = []
-                interval_residuals = []
-                wait_time = 0.0
-                self._write_checkpoint(stage_index, iteration, network, optimizer, stopper, schedule,
-                                       time.perf_counter() - stage_clock, stage_start_weights)
-                interval_start = time.perf_counter()
-                if stopper.should_stop:
-                    stopped_by = "early_stopping"
-                    progress.line(f"stage {plan.number}: early stop at iteration {iteration}: no improvement in "
-                                  f"{cfg.es_sample} intervals; restoring the best weights (iteration "
-                                  f"{stopper.best_iteration}, cost {stopper.best_cost:.6g})")
-                    break
-                if out_of_time and iteration < plan.iterations:
-                    stopped_by = "time_limit"
-                    progress.line(f"stage {plan.number}: time limit of {plan.max_seconds / 60:g} min reached at "
-                                  f"iteration {iteration}; restoring the best weights (iteration "
-                                  f"{stopper.best_iteration}, cost {stopper.best_cost:.6g})")
-                    break
-        if profiling:
-            tf.profiler.experimental.stop()
-        return {"stage": plan.number, "iterations": iteration, "stopped_early": stopped_by == "early_stopping",
-                "stopped_by": stopped_by, "best_cost": stopper.best_cost, "best_iteration": stopper.best_iteration,
-                "monitored": "xval" if self.xval is not None else "batch",
-                "seconds": time.perf_counter() - stage_clock, "learning_rate": {
-                    "schedule": schedule.kind, "initial": plan.learn_rate, "final": rate, "cuts": schedule.cuts}}
-
 
     def _batch_rms(self, evaluate, flux, labels, mask):
         _, rms = evaluate(flux.numpy(), labels.numpy(), mask.numpy())
