@@ -47,10 +47,10 @@ from anna.atomic import atomic_output, jsonable, write_json
 from anna.errors import AnnaInputError
 from anna.correction import (apply_correction, correction_location, fit_correction, model_fingerprint,
                              save_correction)
-from anna.model import load_frozen, mc_samples_for, resolve_model_path
+from anna.model import ERROR_COLUMNS, load_frozen, mc_samples_for, resolve_model_path
 from anna.packs import open_pack
 from anna.resample import check_same_grid
-from anna.tables import format_star_id, format_value
+from anna.tables import format_star_id, value_rows
 
 STATS_FILE = "test_stats.out"
 SUMMARY_FILE = "test_summary.json"
@@ -61,7 +61,6 @@ SN_BINS = 5
 COVERAGE_SIGMAS = (1, 2, 3)
 COVERAGE_IDEAL = tuple(math.erf(k / math.sqrt(2.0)) for k in COVERAGE_SIGMAS)
 SIGMA_BINS = 5
-ERROR_SUFFIXES = (("_err", "sigma_total"), ("_err_model", "sigma_model"), ("_err_pred", "sigma_pred"))
 UNCERTAINTY_PLOT = "uncertainty_calibration.png"
 # Stars read from the pack per chunk (rounded up to whole batches); also the unit of PREPROCESS_TEST seeding.
 TEST_CHUNK_STARS = 8192
@@ -385,12 +384,12 @@ def _predict_and_write(cfg, model, pack, rel_sn, stats_path, mc_samples=None):
     true = np.empty((n, model.nout))
     inferred = np.empty((n, model.nout))
     sn = np.empty(n) if rel_sn is not None else None
-    sigmas = None if mc_samples is None else {key: np.empty((n, model.nout)) for _, key in ERROR_SUFFIXES}
+    sigmas = None if mc_samples is None else {key: np.empty((n, model.nout)) for _, key in ERROR_COLUMNS}
     missing_value = getattr(cfg, "magic_number", None)
     bad_flux_stars = 0
     header = (["star_id"] + [f"true_{name}" for name in names] + [f"inferred_{name}" for name in names]
               + [f"d{name}" for name in names]
-              + ([f"{name}{suffix}" for suffix, _ in ERROR_SUFFIXES for name in names] if sigmas else [])
+              + ([f"{name}{suffix}" for suffix, _ in ERROR_COLUMNS for name in names] if sigmas else [])
               + (["sn"] if sn is not None else []))
     with atomic_output(stats_path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, lineterminator="\n")
@@ -405,15 +404,12 @@ def _predict_and_write(cfg, model, pack, rel_sn, stats_path, mc_samples=None):
             if missing_value is not None:
                 labels[labels == missing_value] = np.nan
             true[start:stop] = labels
+            inferred[start:stop], chunk = model.predict_labels(flux, int(cfg.test_batch_size), mc_samples)
             chunk_sigmas = None
-            if sigmas is None:
-                inferred[start:stop] = model.predict(flux, batch_size=int(cfg.test_batch_size))
-            else:
-                result = model.predict_with_uncertainty(flux, samples=mc_samples)
-                inferred[start:stop] = result["value"]
+            if chunk is not None:
                 for key in sigmas:
-                    sigmas[key][start:stop] = result[key]
-                chunk_sigmas = [sigmas[key][start:stop] for _, key in ERROR_SUFFIXES]
+                    sigmas[key][start:stop] = chunk[key]
+                chunk_sigmas = [chunk[key] for _, key in ERROR_COLUMNS]
             _write_rows(writer, pack.ids[start:stop], true[start:stop], inferred[start:stop],
                         None if sn is None else sn[start:stop], chunk_sigmas)
         if bad_flux_stars:
@@ -424,17 +420,9 @@ def _predict_and_write(cfg, model, pack, rel_sn, stats_path, mc_samples=None):
 
 
 def _write_rows(writer, ids, true, inferred, sn, sigmas=None):
-    residual = true - inferred
-    for row in range(len(ids)):
-        fields = [format_star_id(ids[row])]
-        fields += [format_value(v) for v in true[row]]
-        fields += [format_value(v) for v in inferred[row]]
-        fields += [format_value(v) for v in residual[row]]
-        for kind in sigmas or ():
-            fields += [format_value(v) for v in kind[row]]
-        if sn is not None:
-            fields.append(format_value(sn[row]))
-        writer.writerow(fields)
+    blocks = [true, inferred, true - inferred, *(sigmas or ()), *(() if sn is None else (sn,))]
+    for star_id, fields in zip(ids, value_rows(*blocks)):
+        writer.writerow([format_star_id(star_id), *fields])
 
 
 def _fit_and_save_correction(cfg, true, inferred, names, pack, report):

@@ -79,15 +79,14 @@ from anna.atomic import atomic_output
 from anna.errors import AnnaInputError
 from anna.correction import apply_correction, correction_location, correction_slopes, load_correction
 from anna.domain import DomainScorer
-from anna.model import load_frozen, mc_samples_for, resolve_model_path
+from anna.model import ERROR_COLUMNS, load_frozen, mc_samples_for, resolve_model_path
 from anna.resample import GRID_RELATIVE_TOLERANCE, check_same_grid, cubic_resample_rows
 from anna.spectra import looks_like_fits, spectrum_stem
-from anna.tables import format_star_id
+from anna.tables import format_star_id, value_rows
 
 OUTPUT_SUFFIX = "_infer.out"
 FLAG_ORDER = ("no_coverage", "bad_wavelength", "nonfinite", "all_zero", "zero_pixels", "out_of_range",
               "large_sigma", "outside_training_domain", "correction_extrapolated")
-ERROR_KINDS = (("_err", "sigma_total"), ("_err_model", "sigma_model"), ("_err_pred", "sigma_pred"))
 FATAL_FLAGS = frozenset({"no_coverage", "bad_wavelength", "nonfinite", "all_zero"})
 MULTISPEC_COLUMNS = ("file", "aperture", "beam")
 # spectra_onto_grid works on this many (spectrum x pixel) values at a time, so that its temporary arrays stay
@@ -388,16 +387,9 @@ class Predictor:
         # the domain statistics in their own thread while the network predicts: +15 % spectra/s (benchmarks/)
         scoring = (self.domain_pool.submit(scorer.outside, flux[usable])
                    if scorer is not None and self.domain_pool is not None else None)
-        sigmas = None
-        if self.with_errors:
-            result = self.model.predict_with_uncertainty(flux, samples=self.mc_samples)
-            labels = result["value"]
-            sigmas = {key: result[key] for _, key in ERROR_KINDS}
-            for values in sigmas.values():
-                values[~usable] = np.nan
-        else:
-            labels = self.model.predict(flux, batch_size=self.batch_size)
-        labels[~usable] = np.nan
+        labels, sigmas = self.model.predict_labels(flux, self.batch_size, self.mc_samples)
+        for values in [labels, *(sigmas or {}).values()]:
+            values[~usable] = np.nan
         names = self.model.output_names
         if self.correction is not None:
             if sigmas is not None:
@@ -425,7 +417,7 @@ class Predictor:
 
 def output_header(names, meta_columns, with_errors):
     """Header of an ``_infer.out``: star_id, meta columns, values, [error columns,] flags."""
-    errors = [f"{name}{suffix}" for suffix, _ in ERROR_KINDS for name in names] if with_errors else []
+    errors = [f"{name}{suffix}" for suffix, _ in ERROR_COLUMNS for name in names] if with_errors else []
     return ["star_id", *meta_columns, *names, *errors, "flags"]
 
 
@@ -472,15 +464,10 @@ class _OutputTable:
             self._writer.writerow(output_header(self.names, block.meta_columns, self.with_errors))
             self._header_written = True
         spectra, fatal, flagged = self.counts
-        # repr of Python floats is tables.format_value's text (shortest round trip); tolist() converts a
-        # whole block at once, a third of the cost of converting value by value
-        values = np.asarray(labels, dtype=np.float64).tolist()
-        if sigmas is not None:
-            values = [row + errors for row, errors in zip(values, np.concatenate(
-                [np.asarray(sigmas[key], dtype=np.float64) for _, key in ERROR_KINDS], axis=1).tolist())]
+        values = value_rows(labels, *([sigmas[key] for _, key in ERROR_COLUMNS] if sigmas is not None else []))
         writerow = self._writer.writerow
         for star_id, meta, row_values, words in zip(block.star_ids, block.meta, values, block.flags):
-            writerow([star_id, *meta, *map(repr, row_values), format_flags(words) if words else ""])
+            writerow([star_id, *meta, *row_values, format_flags(words) if words else ""])
             if words:
                 fatal, flagged = fatal + bool(words & FATAL_FLAGS), flagged + 1
         self.counts = (spectra + len(block.star_ids), fatal, flagged)
@@ -577,7 +564,7 @@ def _has_error_columns(output):
     """Whether an existing output has uncertainty columns (a rerun with another UNCERTAINTY redoes it)."""
     with open(output, encoding="utf-8") as handle:
         header = handle.readline().strip().split(",")
-    return any(column.endswith(ERROR_KINDS[0][0]) for column in header)
+    return any(column.endswith(ERROR_COLUMNS[0][0]) for column in header)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -385,6 +385,10 @@ class LabelScaler:
         return np.asarray(normalised_sigma, dtype=np.float64) * self.span
 
 
+# The uncertainty columns of anna-test's and anna-infer's outputs: (suffix after the label name, sigma).
+ERROR_COLUMNS = (("_err", "sigma_total"), ("_err_model", "sigma_model"), ("_err_pred", "sigma_pred"))
+
+
 class FrozenModel:
     """A trained network with everything needed to use it: grid, label names and ranges, provenance.
 
@@ -463,6 +467,16 @@ class FrozenModel:
         if key not in self._mc_forward:
             self._mc_forward[key] = compile_mc_forward(self.network, self.spec, key)
         return self._mc_forward[key]
+
+    def predict_labels(self, flux, batch_size=4096, mc_samples=None):
+        """What anna-test and anna-infer report: (labels, sigmas).  ``mc_samples`` None: one dropout-free pass,
+        sigmas None; a number: MC dropout with that many passes (:meth:`predict_with_uncertainty`), the labels
+        being the mean of the passes and ``sigmas`` a dict of the three (n, nout) uncertainties named in
+        :data:`ERROR_COLUMNS`."""
+        if mc_samples is None:
+            return self.predict(flux, batch_size=batch_size), None
+        result = self.predict_with_uncertainty(flux, samples=mc_samples)
+        return result["value"], {key: result[key] for _, key in ERROR_COLUMNS}
 
     def predict_with_uncertainty(self, flux, samples=100, rows_per_call=None):
         """MC-dropout prediction (Gal & Ghahramani; astroNN): ``samples`` stochastic passes with dropout on.

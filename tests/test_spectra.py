@@ -72,3 +72,17 @@ def test_infer_files_naming_one_gzip_fits_file_is_that_input_not_a_list(tmp_path
     param = tmp_path / "infer.param"
     param.write_text("INFER_MODE: FITS\nINFER_FILES: star.fits.gz\n", encoding="utf-8")
     assert expand_infer_files(load_config(param)) == [str(star)]
+
+
+def test_value_rows_write_floats_that_read_back_exactly_side_by_side():
+    from anna.tables import format_star_id, value_rows
+
+    rng = np.random.default_rng(3)
+    labels, sigmas, sn = rng.normal(size=(4, 3)) * 1e3, rng.random((4, 3)), rng.random(4) * 100
+    labels[1, 2] = np.nan
+    rows = value_rows(labels, sigmas, sn)
+    assert len(rows) == 4 and all(len(row) == 7 for row in rows)
+    back = np.array([[float(text) for text in row] for row in rows])
+    np.testing.assert_array_equal(back, np.column_stack([labels, sigmas, sn]))  # NaN compares equal here
+    assert rows[1][2] == "nan" and value_rows(np.empty((0, 3))) == []
+    assert [format_star_id(v) for v in (12.0, 2.0**53, 1.5, -3.0)] == ["12", repr(2.0**53), "1.5", "-3"]
