@@ -1,5 +1,5 @@
-"""anna.spectra: the one rule for telling FITS from text spectra, used by the readers, the parameter check,
---check and anna-pack."""
+"""Format rules with one owner each: anna.spectra (FITS or text, used by the readers, the parameter check,
+--check and anna-pack) and anna.tables (ids and floats as CSV text that reads back exactly)."""
 
 import bz2
 import gzip
