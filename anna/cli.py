@@ -168,7 +168,7 @@ def pack_main(argv=None):
     args = parser.parse_args(argv)
 
     def action():
-        from anna.synth import build_pack_from_spectra
+        from anna.packer import build_pack_from_spectra
         from anna.templates import read_wavelength_template
 
         grid = read_wavelength_template(args.grid)

@@ -626,3 +626,36 @@ def write_text_spectra(path, outdir) -> list[str]:
             np.savetxt(handle, table, fmt="%.17g", delimiter=" ")
         written.append(target)
     return written
+
+
+# ----------------------------------------------------------------------------------------------------------
+# IRAF multispec output
+
+WAT_CHARS_PER_CARD = 68
+"""IRAF splits long WCS attribute strings (WATn_mmm) into cards holding exactly 68 characters each."""
+
+
+def _wat_cards(axis, text):
+    """Split ``text`` into the (keyword, value) cards WAT<axis>_001, _002, ... of 68 characters each."""
+    return [(f"WAT{axis}_{number:03d}", text[start:start + WAT_CHARS_PER_CARD])
+            for number, start in enumerate(range(0, len(text), WAT_CHARS_PER_CARD), start=1)]
+
+
+def add_multispec_wcs(header, specs):
+    """Write IRAF multispec world coordinates for a 2-D (apertures x pixels) image into ``header``.
+
+    ``specs`` are the per-aperture attribute strings "ap beam dtype w1 dw nw z aplow aphigh [...]"; they go into
+    WAT2 cards cut at IRAF's 68 characters.
+    """
+    header["WCSDIM"] = 2
+    header["CTYPE1"] = "MULTISPE"
+    header["CTYPE2"] = "MULTISPE"
+    header["CD1_1"] = 1.0
+    header["CD2_2"] = 1.0
+    header["LTM1_1"] = 1.0
+    header["LTM2_2"] = 1.0
+    header["WAT0_001"] = "system=multispec"
+    header["WAT1_001"] = "wtype=multispec label=Wavelength units=angstroms"
+    wat2 = "wtype=multispec " + " ".join(f'spec{number} = "{spec}"' for number, spec in enumerate(specs, 1))
+    for keyword, value in _wat_cards(2, wat2):
+        header[keyword] = value

@@ -1,8 +1,8 @@
-"""Example data for ANNA-TF: a teaching model of stellar line spectra, and a packer for real spectra.
+"""Example data for ANNA-TF: a teaching model of stellar line spectra.
 
 ANNA's tutorial relied on a download that no longer exists.  This module makes equivalent data on the spot so
-the whole pipeline (train, test, infer on a multispec FITS file) runs out of the box, and it turns a folder of
-real spectra plus a CSV of labels into a training pack (``anna-pack``).
+the whole pipeline (train, test, infer on a multispec FITS file) runs out of the box.  (Packs from real
+spectra are :mod:`anna.packer`'s job, ``anna-pack``.)
 
 **This is a teaching model, not radiative transfer.**  There is no model atmosphere, no depth dependence and
 no line-by-line solution of the transfer equation.  What it keeps is the way each label leaves its signature
@@ -89,11 +89,9 @@ velocity correction), ``sn.template`` and ``wavelength.template``, ``star_multis
 one star in IRAF multispec format on a different, per-aperture linear grid) and ``star_labels.json``.
 """
 
-import csv
 import functools
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -102,10 +100,8 @@ from scipy import special
 
 from anna.atomic import atomic_output
 from anna.errors import AnnaInputError
+from anna.fits_io import add_multispec_wcs
 from anna.packs import write_pack
-from anna.resample import cubic_resample
-from anna.spectra import looks_like_fits, spectrum_stem
-from anna.templates import read_two_columns
 
 DEFAULT_LABEL_NAMES = ("teff", "logg", "feh", "vmic", "vsini")
 DEFAULT_LABEL_RANGES = ((4000., 7000.), (2.7, 4.8), (-0.5, 0.2), (0.0, 3.0), (0.0, 40.0))
@@ -1349,36 +1345,6 @@ def write_project_templates(folder):
 # ---------------------------------------------------------------------------------------------------------
 # IRAF multispec output
 
-WAT_CHARS_PER_CARD = 68
-"""IRAF splits long WCS attribute strings (WATn_mmm) into cards holding exactly 68 characters each."""
-
-
-def _wat_cards(axis, text):
-    """Split ``text`` into the (keyword, value) cards WAT<axis>_001, _002, ... of 68 characters each."""
-    return [(f"WAT{axis}_{number:03d}", text[start:start + WAT_CHARS_PER_CARD])
-            for number, start in enumerate(range(0, len(text), WAT_CHARS_PER_CARD), start=1)]
-
-
-def add_multispec_wcs(header, specs):
-    """Write IRAF multispec world coordinates for a 2-D (apertures x pixels) image into ``header``.
-
-    ``specs`` are the per-aperture attribute strings "ap beam dtype w1 dw nw z aplow aphigh [...]"; they go into
-    WAT2 cards cut at IRAF's 68 characters.
-    """
-    header["WCSDIM"] = 2
-    header["CTYPE1"] = "MULTISPE"
-    header["CTYPE2"] = "MULTISPE"
-    header["CD1_1"] = 1.0
-    header["CD2_2"] = 1.0
-    header["LTM1_1"] = 1.0
-    header["LTM2_2"] = 1.0
-    header["WAT0_001"] = "system=multispec"
-    header["WAT1_001"] = "wtype=multispec label=Wavelength units=angstroms"
-    wat2 = "wtype=multispec " + " ".join(f'spec{number} = "{spec}"' for number, spec in enumerate(specs, 1))
-    for keyword, value in _wat_cards(2, wat2):
-        header[keyword] = value
-
-
 def _write_star_multispec(path, rng, star_labels, n_apertures, star_sn, resolution, grid,
                           relative_sn=fibre_relative_sn, line_list="tutorial", step=None):
     """Noisy spectra of one star as an IRAF multispec image (apertures x pixels), float32.
@@ -1541,169 +1507,3 @@ def make_example_data(outdir, *, seed=1, n_train=5000, n_xval=500, n_test=1000, 
         json.dump({name: float(value) for name, value in zip(DEFAULT_LABEL_NAMES, star)}, handle, indent=2)
         handle.write("\n")
     return written
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Packs from real spectra (anna-pack)
-
-LARGEST_EXACT_ID = 2 ** 53
-"""Integers up to this size survive as float64 pack ids; larger ones (e.g. Gaia source_id) do not."""
-
-
-def _read_one_spectrum(path):
-    """(wavelength, flux) of the single spectrum in a text or FITS file, sorted by wavelength."""
-    if looks_like_fits(path):
-        from anna.fits_io import read_spectra
-
-        spectra = read_spectra(path)
-        if len(spectra) != 1:
-            raise AnnaInputError(f"file holds {len(spectra)} spectra; a pack row needs exactly one spectrum per "
-                                 "file (split multispec files with anna-spectra --text first)", path=path)
-        wave = np.asarray(spectra[0].wavelength, dtype=np.float64)
-        flux = np.asarray(spectra[0].flux, dtype=np.float64)
-        good = np.isfinite(wave) & np.isfinite(flux)
-        wave, flux = wave[good], flux[good]
-    else:
-        wave, flux = read_two_columns(path, "spectrum", ascending=False)
-    order = np.argsort(wave, kind="stable")
-    wave, flux = wave[order], flux[order]
-    if wave.size < 2 or (np.diff(wave) == 0).any():
-        raise AnnaInputError("spectrum wavelengths must be distinct (repeated wavelength found)", path=path)
-    return wave, flux
-
-
-def _read_label_table(labels_csv, id_column, label_columns):
-    """Rows of the labels CSV as (line number, dict); checks that the needed columns exist."""
-    try:
-        with open(labels_csv, encoding="utf-8", newline="") as handle:
-            reader = csv.DictReader(handle)
-            fields = [name.strip() for name in (reader.fieldnames or [])]
-            rows = []
-            for row in reader:
-                rows.append((reader.line_num, {key.strip(): (value or "").strip()
-                                               for key, value in row.items() if key is not None}))
-    except FileNotFoundError:
-        raise AnnaInputError("labels CSV does not exist", path=labels_csv) from None
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise AnnaInputError(f"cannot read labels CSV: {exc}", path=labels_csv) from None
-    if not fields:
-        raise AnnaInputError("labels CSV has no header row", path=labels_csv)
-    has_file = "file" in fields
-    if not has_file and id_column not in fields:
-        raise AnnaInputError(f"labels CSV needs a '{id_column}' column (or a 'file' column) to match spectra to "
-                             f"rows; columns are {', '.join(fields)}", path=labels_csv, key=id_column)
-    if label_columns is None:
-        label_columns = [name for name in fields if name not in (id_column, "file")]
-    label_columns = [str(name).strip() for name in label_columns]
-    if not label_columns:
-        raise AnnaInputError("labels CSV has no label columns besides the id/file columns", path=labels_csv)
-    for name in label_columns:
-        if name not in fields:
-            raise AnnaInputError(f"label column missing; columns are {', '.join(fields)}", path=labels_csv,
-                                 key=name)
-    return rows, has_file, label_columns
-
-
-def _numeric_id(text):
-    """The id as float64 if it survives exactly, else None."""
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    if not math.isfinite(value):
-        return None
-    stripped = text.lstrip("+-")
-    if stripped.isdigit() and int(stripped) > LARGEST_EXACT_ID:
-        return None
-    return value
-
-
-def build_pack_from_spectra(spectra_paths, labels_csv, grid, out_path, *, id_column="star_id",
-                            label_columns=None):
-    """Build a training pack from spectrum files and a CSV of labels (``anna-pack``); returns ``out_path``.
-
-    ``spectra_paths``: files, each holding ONE spectrum: two-column text (wavelength in Angstrom, flux;
-    whitespace or comma separated, ``#`` comments) or FITS (``.fits``/``.fit``/``.fts``, optionally ``.gz``,
-    read with :func:`anna.fits_io.read_spectra`).  ``labels_csv``: a header row, then one row per spectrum.
-    A spectrum is matched to its row by the CSV's ``file`` column when there is one (equal to the file's
-    path as given, its name, or its stem, i.e. the name without suffix), otherwise by its stem equal to the
-    ``id_column`` value.  ``label_columns``: the label columns in pack order (default: every column but
-    ``id_column`` and ``file``, in CSV order); an empty cell or ``nan`` is a missing label (NaN).
-    ``grid`` (npix,): wavelengths of the pack; each spectrum is linearly interpolated onto it and must cover
-    it (no extrapolation).  Pack ids: the ``id_column`` values when all are numbers that float64 holds
-    exactly; otherwise 1..n in the order of ``spectra_paths``, with ``<out_path>.ids.csv`` mapping each
-    pack id to its file and CSV id.  Problems raise :class:`AnnaInputError` naming the file, line or column.
-    """
-    spectra_paths = [os.fspath(path) for path in spectra_paths]
-    if not spectra_paths:
-        raise AnnaInputError("no spectrum files given")
-    grid = np.asarray(grid, dtype=np.float64).reshape(-1)
-    if grid.size < 2 or not np.isfinite(grid).all() or not (np.diff(grid) > 0).all():
-        raise AnnaInputError("grid must hold at least two finite, strictly ascending wavelengths", key="grid")
-    labels_csv = os.fspath(labels_csv)
-    rows, has_file, label_columns = _read_label_table(labels_csv, id_column, label_columns)
-
-    index = {}
-    for line, row in rows:
-        key = row.get("file") if has_file else row.get(id_column)
-        if not key:
-            raise AnnaInputError("row has an empty matching value", path=labels_csv, line=line,
-                                 key="file" if has_file else id_column)
-        if key in index:
-            raise AnnaInputError(f"duplicate row (also on line {index[key][0]})", path=labels_csv, line=line,
-                                 key="file" if has_file else id_column, value=key)
-        index[key] = (line, row)
-
-    matched, used = [], {}
-    for path in spectra_paths:
-        candidates = [path, os.path.basename(path), spectrum_stem(path)] if has_file else [spectrum_stem(path)]
-        hit = next((index[name] for name in candidates if name in index), None)
-        if hit is None:
-            raise AnnaInputError(f"no row of {labels_csv} matches this spectrum (looked for "
-                                 f"{' or '.join(repr(name) for name in dict.fromkeys(candidates))} in column "
-                                 f"'{'file' if has_file else id_column}')", path=path)
-        if hit[0] in used:
-            raise AnnaInputError(f"matches CSV line {hit[0]}, already used by {used[hit[0]]}", path=path)
-        used[hit[0]] = path
-        matched.append(hit)
-
-    labels = np.empty((len(spectra_paths), len(label_columns)))
-    for star, (line, row) in enumerate(matched):
-        for column, name in enumerate(label_columns):
-            text = row.get(name, "")
-            if text == "" or text.lower() == "nan":
-                labels[star, column] = np.nan
-                continue
-            try:
-                labels[star, column] = float(text)
-            except ValueError:
-                raise AnnaInputError("label is not a number", path=labels_csv, line=line, key=name,
-                                     value=text) from None
-            if not math.isfinite(labels[star, column]):
-                raise AnnaInputError("label is infinite", path=labels_csv, line=line, key=name, value=text)
-
-    flux = np.empty((len(spectra_paths), grid.size))
-    for star, path in enumerate(spectra_paths):
-        wave, values = _read_one_spectrum(path)
-        tolerance = 1e-9 * float(grid[-1])
-        if wave[0] > grid[0] + tolerance or wave[-1] < grid[-1] - tolerance:
-            raise AnnaInputError(f"spectrum covers {wave[0]:.3f}-{wave[-1]:.3f} A but the grid needs "
-                                 f"{grid[0]:.3f}-{grid[-1]:.3f} A; spectra are never extrapolated", path=path)
-        flux[star] = cubic_resample(wave, values, grid)
-
-    id_texts = [row.get(id_column, "") for _, row in matched]
-    numeric = [_numeric_id(text) for text in id_texts]
-    out_path = os.fspath(out_path)
-    if all(value is not None for value in numeric):
-        ids = np.asarray(numeric, dtype=np.float64)
-        if os.path.exists(out_path + ".ids.csv"):
-            os.remove(out_path + ".ids.csv")  # a stale map from an earlier build would now be wrong
-    else:
-        ids = np.arange(1, len(spectra_paths) + 1, dtype=np.float64)
-        with atomic_output(out_path + ".ids.csv", "w", encoding="utf-8", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["pack_id", "file", id_column])
-            for number, (path, text) in enumerate(zip(spectra_paths, id_texts), start=1):
-                writer.writerow([number, path, text])
-    write_pack(out_path, grid, ids, labels, flux)
-    return out_path

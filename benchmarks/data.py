@@ -18,7 +18,7 @@ import os
 import numpy as np
 
 from anna.atomic import atomic_output
-from anna.synth import add_multispec_wcs
+from anna.fits_io import add_multispec_wcs
 
 LABEL_NAMES = ("teff", "logg", "feh", "vmic", "vsini")
 LABEL_UNITS = ("K", "dex", "dex", "km/s", "km/s")

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anna import synth
+from anna import packer, synth
+from anna.fits_io import WAT_CHARS_PER_CARD
 from anna.errors import AnnaInputError
 from anna.packs import open_pack
 
@@ -233,7 +234,7 @@ def _wat2_specs(path):
     numbers = [int(card[5:8]) for card in wat2]
     assert numbers == list(range(1, len(wat2) + 1))
     values = [card[11:card.rindex("'")] for card in wat2]
-    assert all(len(value) == synth.WAT_CHARS_PER_CARD for value in values[:-1])
+    assert all(len(value) == WAT_CHARS_PER_CARD for value in values[:-1])
     text = "".join(values)
     assert text.startswith("wtype=multispec ")
     return dict(re.findall(r'spec(\d+)\s*=\s*"([^"]*)"', text))
@@ -320,7 +321,7 @@ def test_build_pack_from_text_spectra_round_trips(tmp_path):
         for star_id, row in zip((1003, 1001, 1002), labels[[2, 0, 1]]):  # CSV order differs from file order
             writer.writerow([star_id, *row])
     grid = synth.default_grid()
-    out = synth.build_pack_from_spectra(paths, table, grid, tmp_path / "built.pack")
+    out = packer.build_pack_from_spectra(paths, table, grid, tmp_path / "built.pack")
     pack = open_pack(out, expected_npix=1001, expected_nout=5)
     np.testing.assert_array_equal(pack.ids, [1001, 1002, 1003])
     np.testing.assert_array_equal(pack.labels, labels)
@@ -335,7 +336,7 @@ def test_build_pack_with_file_column_and_text_ids(tmp_path):
     paths, _, _ = _write_text_spectra(tmp_path, ["alpha.txt", "beta.txt"], labels)
     table = tmp_path / "labels.csv"
     table.write_text("file,star_id,teff,logg\nbeta.txt,HD 2,6100,4.1\nalpha,HD 1,5000,4.5\n")
-    out = synth.build_pack_from_spectra(paths, table, synth.default_grid(), tmp_path / "named.pack",
+    out = packer.build_pack_from_spectra(paths, table, synth.default_grid(), tmp_path / "named.pack",
                                         label_columns=["logg", "teff"])
     pack = open_pack(out)
     np.testing.assert_array_equal(pack.labels, [[4.5, 5000.0], [4.1, 6100.0]])
@@ -353,7 +354,7 @@ def test_build_pack_refuses_spectrum_not_covering_grid(tmp_path):
     table.write_text("star_id,teff,logg,feh,vmic,vsini\n7,5000,4.5,0,1,2\n8,6100,4.1,-0.3,1.5,12\n")
     out = tmp_path / "refused.pack"
     with pytest.raises(AnnaInputError, match=r"8\.txt.*covers 6640\.000"):
-        synth.build_pack_from_spectra(good + short, table, synth.default_grid(), out)
+        packer.build_pack_from_spectra(good + short, table, synth.default_grid(), out)
     assert not out.exists()
 
 
@@ -362,12 +363,12 @@ def test_build_pack_reports_csv_problems(tmp_path):
     table = tmp_path / "labels.csv"
     table.write_text("star_id,teff\n7,5000\n")
     with pytest.raises(AnnaInputError, match=r"9\.txt.*no row"):
-        synth.build_pack_from_spectra(paths, table, synth.default_grid(), tmp_path / "x.pack")
+        packer.build_pack_from_spectra(paths, table, synth.default_grid(), tmp_path / "x.pack")
     table.write_text("star_id,teff\n7,5000\n9,hot\n")
     with pytest.raises(AnnaInputError, match=r"labels\.csv:3: teff: label is not a number \(got 'hot'\)"):
-        synth.build_pack_from_spectra(paths, table, synth.default_grid(), tmp_path / "x.pack")
+        packer.build_pack_from_spectra(paths, table, synth.default_grid(), tmp_path / "x.pack")
     with pytest.raises(AnnaInputError, match="logg"):
-        synth.build_pack_from_spectra(paths, table, synth.default_grid(), tmp_path / "x.pack",
+        packer.build_pack_from_spectra(paths, table, synth.default_grid(), tmp_path / "x.pack",
                                       label_columns=["logg"])
 
 
@@ -382,8 +383,8 @@ def test_build_pack_reads_one_dimensional_fits_and_refuses_multispec(tmp_path, e
     table = tmp_path / "labels.csv"
     table.write_text("star_id,teff\n42,5300\nstar_multispec,5770\n")
     grid = synth.default_grid()
-    pack = open_pack(synth.build_pack_from_spectra([tmp_path / "42.fits"], table, grid, tmp_path / "f.pack"))
+    pack = open_pack(packer.build_pack_from_spectra([tmp_path / "42.fits"], table, grid, tmp_path / "f.pack"))
     np.testing.assert_allclose(pack.flux[0], np.interp(grid, wave, flux), atol=1e-12)
     assert pack.ids[0] == 42 and pack.labels[0, 0] == 5300
     with pytest.raises(AnnaInputError, match="holds 7 spectra"):
-        synth.build_pack_from_spectra([example["multispec"]], table, grid, tmp_path / "m.pack")
+        packer.build_pack_from_spectra([example["multispec"]], table, grid, tmp_path / "m.pack")
