@@ -161,6 +161,17 @@ def quick_sizes(accuracy_iterations=100):
                  scaling_pack_stars=(2000, 6000, 20_000), accuracy_iterations=accuracy_iterations)
 
 
+def linear_scaling_row(name, unit, npix, cost, reference):
+    """A scaling row: ``cost`` at ``npix`` pixels against the cost that growing linearly from the first length
+    measured (``reference`` = (npix, cost), None for that first length) would give.  Returns (row, reference)."""
+    if reference is None:
+        reference = (npix, cost)
+    expected = reference[1] * npix / reference[0] if npix != reference[0] else None
+    return Row("scaling", name, cost, unit, expected,
+               note="baseline = npix-1001 cost x npix/1001 (ratio 1 = linear)" if expected else "",
+               higher_is_better=False), reference
+
+
 def median(values):
     values = [v for v in values if v is not None and math.isfinite(v)]
     return statistics.median(values) if values else None

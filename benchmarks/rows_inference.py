@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 
 from data import grid_for, write_multispec_set, write_param_file
-from harness import Row, at_least, median, timed
+from harness import Row, at_least, linear_scaling_row, median, timed
 
 PREDICT_BATCH = 4096  # INFER_BATCH_SIZE default
 
@@ -169,13 +169,9 @@ def inference_scaling(ctx, big_pack_ok):
         ctx.log(f"  predict, npix {npix}")
         flux = (1.0 + 0.01 * rng.standard_normal((sizes.scaling_predict_spectra, npix))).astype(np.float32)
         rates = predict_rates(ctx.data.untrained_model(npix), flux, sizes.repeats)
-        cost = 1e6 / median(rates)
-        if reference is None:
-            reference = (npix, cost)
-        expected = reference[1] * npix / reference[0] if npix != reference[0] else None
-        rows.append(Row("scaling", f"predict per spectrum, npix {npix}", cost, "us/spectrum", expected,
-                        note="baseline = npix-1001 cost x npix/1001 (ratio 1 = linear)" if expected else "",
-                        higher_is_better=False))
+        row, reference = linear_scaling_row(f"predict per spectrum, npix {npix}", "us/spectrum", npix,
+                                            1e6 / median(rates), reference)
+        rows.append(row)
         details["npix"][npix] = rates
     model_dir = ctx.data.untrained_model()
     reference = None

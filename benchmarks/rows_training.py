@@ -24,7 +24,8 @@ import time
 
 import numpy as np
 
-from harness import (REPO_ROOT, TUTORIAL_CONFIG, TUTORIAL_ITERATIONS, Row, at_most, median, ratio_at_least)
+from harness import (REPO_ROOT, TUTORIAL_CONFIG, TUTORIAL_ITERATIONS, Row, at_most, linear_scaling_row, median,
+                     ratio_at_least)
 
 BATCH_SIZE = 100
 PLAIN_BATCHES = 20
@@ -775,12 +776,8 @@ def training_scaling(ctx):
         ctx.log(f"  plain training step, npix {npix}")
         plain = PlainLoop(premade_batches(ctx, npix=npix, count=4), npix=npix)
         rates = plain.chunk_rates(sizes.scaling_train_steps, max(2, sizes.repeats))
-        cost = 1e6 / median(rates)
-        if reference is None:
-            reference = (npix, cost)
-        expected = reference[1] * npix / reference[0] if npix != reference[0] else None
-        rows.append(Row("scaling", f"train step per example, npix {npix}", cost, "us/ex", expected,
-                        note="baseline = npix-1001 cost x npix/1001 (ratio 1 = linear)" if expected else "",
-                        higher_is_better=False))
+        row, reference = linear_scaling_row(f"train step per example, npix {npix}", "us/ex", npix,
+                                            1e6 / median(rates), reference)
+        rows.append(row)
         details[npix] = rates
     return rows, details
