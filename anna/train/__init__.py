@@ -31,8 +31,8 @@ The package's modules, each with one concern (as Keras separates a trainer's ste
 loop and its interval bookkeeping), :mod:`~anna.train.steps` (the compiled training step and
 JIT_COMPILE AUTO), :mod:`~anna.train.schedule` (stage plans, early stopping, learning-rate schedules, the
 optimiser), :mod:`~anna.train.state` (checkpoints, the resume fingerprint, stop requests),
-:mod:`~anna.train.variance` (the variance head's fits) and :mod:`~anna.train.summaries` (TensorBoard
-histograms).  The names below are the package's public surface.
+:mod:`~anna.train.evaluation` (cross-validation cost and RMS), :mod:`~anna.train.variance` (the variance
+head's fits) and :mod:`~anna.train.summaries` (what goes to TensorBoard).  The names below are the package's public surface.
 """
 
 from anna.train.loop import DOMAIN_SAMPLE, Trainer, configure_threads, run_training

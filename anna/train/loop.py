@@ -4,7 +4,6 @@ model at the end (:class:`Trainer`, entry point :func:`run_training`).
 
 import concurrent.futures
 import json
-import math
 import os
 import shutil
 import time
@@ -18,8 +17,9 @@ from anna.train.state import (CHECKPOINT_NAME, PARTIAL_MODEL_NAME, StopRequest, 
                               training_fingerprint, write_checkpoint)
 from anna.train.stage import StageRun
 from anna.train.steps import FORMS_OF_SETTING, choose_compiled_form
-from anna.train.summaries import write_histogram
-from anna.train.variance import XVAL_EVAL_BATCH, calibrate_variance_head
+from anna.train.summaries import write_histogram, write_interval_scalars
+from anna.train.evaluation import make_evaluator
+from anna.train.variance import calibrate_variance_head
 
 ACTIVATION_SAMPLE = 256
 # Training spectra drawn (fixed seed) at the end of training for the training-domain statistics.
@@ -161,32 +161,7 @@ class Trainer:
 
     # ----- evaluation -------------------------------------------------------------------------------------
     def _make_eval(self, network):
-        tf = self.tf
-        nout = self.spec.nout
-
-        @tf.function(input_signature=[tf.TensorSpec([None, self.spec.npix], tf.float32)], reduce_retracing=True,
-                     autograph=False)
-        def forward(flux):
-            return network(flux, training=False)[:, :nout]
-
-        def evaluate(flux, labels, mask):
-            """(cost, per-label RMS in physical units) over a whole set, in batches."""
-            sq_sum = np.zeros(nout)
-            counts = np.zeros(nout)
-            per_star_cost = []
-            for start in range(0, len(flux), XVAL_EVAL_BATCH):
-                pred = forward(flux[start:start + XVAL_EVAL_BATCH]).numpy().astype(np.float64)
-                m = mask[start:start + XVAL_EVAL_BATCH]
-                d2 = np.square(pred - labels[start:start + XVAL_EVAL_BATCH]) * m
-                sq_sum += d2.sum(axis=0)
-                counts += m.sum(axis=0)
-                present = m.sum(axis=1)
-                per_star_cost.append((d2.sum(axis=1) / np.maximum(present, 1))[present > 0])
-            cost = float(np.mean(np.concatenate(per_star_cost))) if per_star_cost else math.nan
-            rms = np.sqrt(sq_sum / np.maximum(counts, 1)) * self.scaler.span
-            return cost, rms
-
-        return evaluate
+        return make_evaluator(network, self.spec.npix, self.spec.nout, self.scaler.span)
 
     # ----- the loop ---------------------------------------------------------------------------------------
     def run(self):
@@ -305,28 +280,11 @@ class Trainer:
         _, rms = evaluate(flux.numpy(), labels.numpy(), mask.numpy())
         return rms
 
-    def _format_record(self, record, improved):
-        rms = " ".join(f"{name}={value:.4g}" for name, value in record["rms"].items())
-        xval = f" xval cost {record['xval_cost']:.6g}" if record["xval_cost"] is not None else ""
-        rate = f" | lr {record['learning_rate']:.3g}" if self.cfg.lr_schedule != "CONSTANT" else ""
-        return (f"stage {record['stage']} iter {record['iteration']:>6}: batch cost {record['batch_cost']:.6g}"
-                f"{xval}{' *' if improved else '  '} | RMS {rms}{rate} | {record['examples_per_s']:.0f} ex/s")
-
     def _log_interval(self, record, network, histograms):
         if self.writer is None:
             return
-        tf = self.tf
-        step = record["global_step"]
-        with self.writer.as_default(step=step):
-            tf.summary.scalar("cost/batch", record["batch_cost"])
-            if record["xval_cost"] is not None:
-                tf.summary.scalar("cost/xval", record["xval_cost"])
-            for name, value in record["rms"].items():
-                tf.summary.scalar(f"rms/{name}", value)
-            tf.summary.scalar("learning_rate", record["learning_rate"])
-            tf.summary.scalar("examples_per_second", record["examples_per_s"])
-            tf.summary.scalar("step_examples_per_second", record["step_examples_per_s"])
-            tf.summary.scalar("input_wait_fraction", record["input_wait_fraction"])
+        with self.writer.as_default(step=record["global_step"]):
+            write_interval_scalars(record)
             if histograms:
                 self._log_histograms(network)
         self.writer.flush()

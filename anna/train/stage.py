@@ -47,6 +47,16 @@ class _Progress:
         self.report(text)
 
 
+def interval_line(record, improved, show_rate):
+    """The line printed at the end of a sample interval: costs (``*`` marks a new best), RMS per label in
+    physical units, the learning rate when a schedule moves it, and the interval's training rate."""
+    rms = " ".join(f"{name}={value:.4g}" for name, value in record["rms"].items())
+    xval = f" xval cost {record['xval_cost']:.6g}" if record["xval_cost"] is not None else ""
+    rate = f" | lr {record['learning_rate']:.3g}" if show_rate else ""
+    return (f"stage {record['stage']} iter {record['iteration']:>6}: batch cost {record['batch_cost']:.6g}"
+            f"{xval}{' *' if improved else '  '} | RMS {rms}{rate} | {record['examples_per_s']:.0f} ex/s")
+
+
 class StageRun:
     """The state of one stage while it runs (what was once ten parameters and five closures of one method).
 
@@ -190,7 +200,7 @@ class StageRun:
         cut = self.schedule.after_interval(improved, self.iteration)
         last = self.iteration >= plan.iterations or self.stopper.should_stop or self.stop.requested or out_of_time
         trainer._log_interval(record, self.network, histograms=last or len(trainer.history) % HISTOGRAM_EVERY == 1)
-        self.progress.line(trainer._format_record(record, improved))
+        self.progress.line(interval_line(record, improved, show_rate=cfg.lr_schedule != "CONSTANT"))
         if cut is not None:
             self.progress.line(f"stage {plan.number}: no improvement in {cfg.lr_patience} intervals; learning "
                                f"rate cut to {cut:.3g}")

@@ -1,5 +1,5 @@
-"""TensorBoard histograms written without TensorBoard's one-hot counting (whose matrices set anna-train's peak
-memory).
+"""What anna-train writes to TensorBoard: each interval's scalars, and histograms written without TensorBoard's
+one-hot counting (whose matrices set anna-train's peak memory).
 """
 
 import numpy as np
@@ -45,3 +45,19 @@ def write_histogram(tag, values):
 
     tf.summary.write(tag=tag, tensor=tf.constant(histogram_buckets(values)),
                      metadata=metadata.create_summary_metadata(display_name=None, description=None))
+
+
+def write_interval_scalars(record):
+    """One sample interval's scalars (inside a summary writer's ``as_default(step=...)``): the batch and
+    cross-validation costs, the RMS per label, the learning rate, both training rates and the input wait."""
+    import tensorflow as tf
+
+    tf.summary.scalar("cost/batch", record["batch_cost"])
+    if record["xval_cost"] is not None:
+        tf.summary.scalar("cost/xval", record["xval_cost"])
+    for name, value in record["rms"].items():
+        tf.summary.scalar(f"rms/{name}", value)
+    tf.summary.scalar("learning_rate", record["learning_rate"])
+    tf.summary.scalar("examples_per_second", record["examples_per_s"])
+    tf.summary.scalar("step_examples_per_second", record["step_examples_per_s"])
+    tf.summary.scalar("input_wait_fraction", record["input_wait_fraction"])

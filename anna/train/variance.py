@@ -4,8 +4,7 @@ the calibration of σ_total (dropout spread and variance head together) at the e
 
 import numpy as np
 
-
-XVAL_EVAL_BATCH = 2048
+from anna.train.evaluation import EVAL_BATCH
 
 
 def fit_variance_scales(squared_residual, components, mask, iterations=300):
@@ -66,7 +65,7 @@ def refit_variance_biases(network, squared_residual, fit_variance, noise_varianc
     return shifts
 
 
-def variance_parts(network, flux, batch_size=XVAL_EVAL_BATCH):
+def variance_parts(network, flux, batch_size=EVAL_BATCH):
     """(F, N) of :func:`refit_variance_biases` for (n, npix) flux from the dropout-free pass, float64."""
     import keras
 
