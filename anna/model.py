@@ -436,8 +436,7 @@ class FrozenModel:
         batch_size = int(batch_size)
         forward = self._compiled_forward()
         out = np.empty((flux.shape[0], self.network.output_shape[-1]), dtype=np.float64)
-        for start in range(0, flux.shape[0], batch_size):
-            chunk = np.asarray(flux[start:start + batch_size], dtype=np.float32)
+        for start, chunk in row_blocks(flux, batch_size):
             rows = len(chunk)
             shape_rows = min(batch_size, max(PREDICT_MIN_ROWS, 1 << (rows - 1).bit_length()))
             if shape_rows > rows:
@@ -556,12 +555,19 @@ def mc_moments(forward, flux, nout, samples, rows_per_call=None):
     mean = np.empty((flux.shape[0], nout))
     var_model = np.empty_like(mean)
     var_pred = np.empty_like(mean)
-    for start in range(0, flux.shape[0], per_call):
-        chunk = np.asarray(flux[start:start + per_call], dtype=np.float32)
+    for start, chunk in row_blocks(flux, per_call):
         m, vm, vp = forward(chunk)
         stop = start + len(chunk)
         mean[start:stop], var_model[start:stop], var_pred[start:stop] = m.numpy(), vm.numpy(), vp.numpy()
     return mean, var_model, var_pred
+
+
+def row_blocks(flux, rows):
+    """``(start, block)`` over (n, npix) ``flux`` in blocks of ``rows`` spectra, each block float32 (what the
+    network reads): the one batched loop of every forward pass over a set (prediction, MC dropout,
+    cross-validation, the variance head's parts)."""
+    for start in range(0, len(flux), int(rows)):
+        yield start, np.asarray(flux[start:start + int(rows)], dtype=np.float32)
 
 
 def resolve_model_path(location):

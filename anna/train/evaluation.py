@@ -11,6 +11,8 @@ import math
 
 import numpy as np
 
+from anna.model import row_blocks
+
 # Spectra per forward call when evaluating a set (cross-validation, the variance head's parts).
 EVAL_BATCH = 2048
 
@@ -32,8 +34,8 @@ def make_evaluator(network, npix, nout, span, batch=EVAL_BATCH):
         sq_sum = np.zeros(nout)
         counts = np.zeros(nout)
         per_star_cost = []
-        for start in range(0, len(flux), batch):
-            pred = forward(flux[start:start + batch]).numpy().astype(np.float64)
+        for start, block in row_blocks(flux, batch):
+            pred = forward(block).numpy().astype(np.float64)
             m = mask[start:start + batch]
             d2 = np.square(pred - labels[start:start + batch]) * m
             sq_sum += d2.sum(axis=0)

@@ -4,6 +4,7 @@ the calibration of σ_total (dropout spread and variance head together) at the e
 
 import numpy as np
 
+from anna.model import row_blocks
 from anna.train.evaluation import EVAL_BATCH
 
 
@@ -72,10 +73,8 @@ def variance_parts(network, flux, batch_size=EVAL_BATCH):
     probe = keras.Model(network.input, [network.get_layer(name).output for name in
                                          ("log_variance_fit", "log_noise_gain", "log_noise_variance")])
     fit, noise = [], []
-    for start in range(0, len(flux), batch_size):
-        log_fit, log_gain, log_noise_sq = (np.asarray(v, dtype=np.float64) for v in
-                                           probe(np.asarray(flux[start:start + batch_size], np.float32),
-                                                 training=False))
+    for _, block in row_blocks(flux, batch_size):
+        log_fit, log_gain, log_noise_sq = (np.asarray(v, dtype=np.float64) for v in probe(block, training=False))
         fit.append(np.exp(log_fit))
         noise.append(np.exp(log_gain + log_noise_sq))
     return np.concatenate(fit), np.concatenate(noise)
