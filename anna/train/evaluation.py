@@ -42,7 +42,8 @@ def make_evaluator(network, npix, nout, span, batch=EVAL_BATCH):
             counts += m.sum(axis=0)
             present = m.sum(axis=1)
             per_star_cost.append((d2.sum(axis=1) / np.maximum(present, 1))[present > 0])
-        cost = float(np.mean(np.concatenate(per_star_cost))) if per_star_cost else math.nan
+        costs = np.concatenate(per_star_cost) if per_star_cost else np.empty(0)
+        cost = float(np.mean(costs)) if costs.size else math.nan  # no star with a label: no cost
         rms = np.sqrt(sq_sum / np.maximum(counts, 1)) * span
         return cost, rms
 
