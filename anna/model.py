@@ -178,7 +178,8 @@ class NetworkSpec:
         return max([largest] + list(self.fc_dims))
 
 
-def build_network(spec, dropout_rate=0.0, centre=None, dropout_seed=None, compiled_form="xla"):
+def build_network(spec, dropout_rate=0.0, centre=None, dropout_seed=None, compiled_form="xla",
+                  weight_init="HE"):
     """Build the Keras network for ``spec``.
 
     ``dropout_rate`` is 1 − KEEP_PROB of the stage being trained (dropout only acts when called with
@@ -189,11 +190,14 @@ def build_network(spec, dropout_rate=0.0, centre=None, dropout_seed=None, compil
     Input (batch, npix) float32 flux; output (batch, nout) normalised labels, or (batch, 2·nout) with the
     log-variances appended when ``spec.heteroscedastic``.
 
-    Weights start as Keras' own layers start them (Glorot-uniform kernels, zero biases).  He-normal, tried
-    first because the layers are ReLU, draws the narrow convolutions' kernels 2.2x wider (fan-in 8 against
-    Glorot's fan-in + fan-out 40 for StarNet's first layer); after 600 steps on APOGEE-like spectra it left
-    1.3-1.5x the scatter of the same network started the Keras way (benchmarks/, issue notes).
+    ``weight_init`` (WEIGHT_INIT) draws the kernels: "HE" (He-normal, for ReLU layers; biases zero) or "GLOROT"
+    (Glorot-uniform, as Keras' own layers start).  He-normal draws narrow convolutions' kernels wider (fan-in 8
+    against Glorot's fan-in + fan-out 40 for StarNet's first layer).  Measured: on APOGEE-like spectra a
+    StarNet-shaped network started with GLOROT left 0.65-0.94x the scatter of HE after 600 steps
+    (configs/apogee.param uses it); with GLOROT the MC-dropout spread of a small test network grew less for
+    broad-lined spectra unlike its training set (tests/test_uncertainty.py), so HE stays the default.
     """
+    kernel_init = {"HE": "he_normal", "GLOROT": "glorot_uniform"}[weight_init]
     flux = keras.Input(shape=(spec.npix,), name="flux", dtype="float32")
     centre_layer = CentreLayer(spec.npix, name="centre")
     x = centre_layer(flux)
@@ -203,12 +207,12 @@ def build_network(spec, dropout_rate=0.0, centre=None, dropout_seed=None, compil
 
     for number, conv in enumerate(spec.conv_layers, start=1):
         if number == 1 and conv.stride == 1:
-            x = SpectrumConv1D(conv.kernels, conv.width, name="conv1")(x)
+            x = SpectrumConv1D(conv.kernels, conv.width, initializer=kernel_init, name="conv1")(x)
         else:
             if number == 1:
                 x = layers.Reshape((spec.npix, 1), name="channel")(x)
             x = layers.Conv1D(conv.kernels, conv.width, strides=conv.stride, padding="same", activation="relu",
-                              kernel_initializer="glorot_uniform", bias_initializer="zeros", name=f"conv{number}")(x)
+                              kernel_initializer=kernel_init, bias_initializer="zeros", name=f"conv{number}")(x)
         if conv.pool > 1:
             x = SpectrumMaxPool1D(conv.pool, compiled_form=compiled_form, name=f"pool{number}")(x)
         if conv.dropout:
@@ -216,7 +220,7 @@ def build_network(spec, dropout_rate=0.0, centre=None, dropout_seed=None, compil
             x = layers.Dropout(dropout_rate, seed=seed_for(1000 + number), name=f"conv_dropout{number}")(x)
     x = layers.Flatten(name="flatten")(x)
     for number, width in enumerate(spec.fc_dims, start=1):
-        x = layers.Dense(width, activation="relu", kernel_initializer="glorot_uniform", bias_initializer="zeros",
+        x = layers.Dense(width, activation="relu", kernel_initializer=kernel_init, bias_initializer="zeros",
                          name=f"fc{number}")(x)
         x = layers.Dropout(dropout_rate, seed=seed_for(number), name=f"dropout{number}")(x)
     outputs = layers.Dense(spec.nout, name="labels")(x)
@@ -266,15 +270,16 @@ class SpectrumConv1D(keras.layers.Layer):
 
     TILE = 16  # output pixels per tile; 8-64 measured, 16 fastest for both training and prediction
 
-    def __init__(self, kernels, width, **kwargs):
+    def __init__(self, kernels, width, initializer="he_normal", **kwargs):
         super().__init__(**kwargs)
         self.kernels = int(kernels)
         self.width = int(width)
+        self.initializer = initializer
 
     def build(self, input_shape):
         npix = int(input_shape[-1])
         tile, width = self.TILE, self.width
-        self.kernel = self.add_weight(shape=(width, 1, self.kernels), initializer="glorot_uniform", name="kernel")
+        self.kernel = self.add_weight(shape=(width, 1, self.kernels), initializer=self.initializer, name="kernel")
         self.bias = self.add_weight(shape=(self.kernels,), initializer="zeros", name="bias")
         self.npix = npix
         self.tiles = -(-npix // tile)
@@ -302,7 +307,7 @@ class SpectrumConv1D(keras.layers.Layer):
         return (input_shape[0], input_shape[-1], self.kernels)
 
     def get_config(self):
-        return {**super().get_config(), "kernels": self.kernels, "width": self.width}
+        return {**super().get_config(), "kernels": self.kernels, "width": self.width, "initializer": self.initializer}
 
 
 class SpectrumMaxPool1D(keras.layers.Layer):

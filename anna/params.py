@@ -163,6 +163,8 @@ KEY_TABLE = (
             "ONE: network sees flux - 1; MEAN: flux minus the training mean spectrum"),
     KeySpec("JIT_COMPILE", FlagOrAuto(), "AUTO", _TR,
             "XLA-compiled training steps: AUTO times both forms at the start and keeps the faster"),
+    KeySpec("WEIGHT_INIT", Choice(("HE", "GLOROT")), "HE", _TR,
+            "how the kernels start: HE (He-normal) or GLOROT (Glorot-uniform, Keras' default)"),
     KeySpec("OPTIMIZER", Choice(("ADAM", "ADAMW")), "ADAM", _TR, "ADAM, or ADAMW (Adam with decoupled weight decay)"),
     KeySpec("WEIGHT_DECAY", Float(at_least=0), None, _TR, "ADAMW's weight decay per step (default 1e-4)"),
     KeySpec("LR_SCHEDULE", Choice(("CONSTANT", "PLATEAU", "COSINE")), "CONSTANT", _TR,

@@ -70,6 +70,7 @@ def test_anna_spellings_still_describe_the_same_network(tmp_path):
     ("LR_DECAY_START: -0.2", "LR_DECAY_START: must be a number >= 0 and < 1"),
     ("LR_DECAY_START: late", "LR_DECAY_START: expected a number >= 0 and < 1"),
     ("OPTIMIZER: sgd", "OPTIMIZER: expected one of ADAM, ADAMW"),
+    ("WEIGHT_INIT: zeros", "WEIGHT_INIT: expected one of HE, GLOROT"),
     ("WEIGHT_DECAY: -0.1", "WEIGHT_DECAY: must be a number >= 0"),
     ("MAX_MINUTES1: 0", "MAX_MINUTES1: must be a number > 0"),
     ("MAX_MINUTES2: soon", "MAX_MINUTES2: expected a number > 0"),
@@ -261,3 +262,20 @@ def test_seed_with_pooling_repeats_bit_for_bit(tmp_path, toy_packs, jit):
         assert model.metadata["network_description"] == "4x7d, 8x5p4 | 32, 16"
     for a, b in zip(*runs):
         np.testing.assert_array_equal(a, b)
+
+
+def test_weight_init_draws_kernels_he_normal_or_glorot_uniform():
+    import keras
+
+    spec = NetworkSpec(npix=400, nout=3, conv_layers=((8, 4), (8, 16)), fc_dims=(64,))
+    stds = {}
+    for init in ("HE", "GLOROT"):
+        keras.utils.set_random_seed(3)
+        network = build_network(spec, weight_init=init)
+        stds[init] = {name: float(np.std(network.get_layer(name).get_weights()[0])) for name in ("conv1", "conv2")}
+    # conv2: 8 px x 4 channels in, 16 kernels out -> He sqrt(2/32) = 0.25, Glorot sqrt(2/(32+128)) = 0.112
+    assert stds["HE"]["conv2"] == pytest.approx(0.25, rel=0.15)
+    assert stds["GLOROT"]["conv2"] == pytest.approx(np.sqrt(2 / 160), rel=0.15)
+    # conv1 (the banded layer): 8 px x 1 channel in, 4 out -> He 0.5, Glorot sqrt(2/40) = 0.224
+    assert stds["HE"]["conv1"] == pytest.approx(0.5, rel=0.35)
+    assert stds["GLOROT"]["conv1"] == pytest.approx(np.sqrt(2 / 40), rel=0.35)

@@ -181,7 +181,7 @@ class Trainer:
             for stage_index in range(self.state["stage_index"], len(plans)):
                 plan = plans[stage_index]
                 network = build_network(self.spec, dropout_rate=1.0 - plan.keep_prob, centre=self.centre,
-                                        compiled_form=self.compiled["form"])
+                                        compiled_form=self.compiled["form"], weight_init=cfg.weight_init)
                 resuming_here = arrays is not None and stage_index == self.state["stage_index"]
                 if resuming_here:
                     network.set_weights(arrays["weights"])
@@ -362,6 +362,7 @@ class Trainer:
             "mc_dropout_rate": 1.0 - stage_plans(self.cfg)[-1].keep_prob,
             "network_description": self.spec.description,
             "compiled_form": getattr(self, "compiled", None),
+            "weight_init": self.cfg.weight_init,
             "optimizer": {"name": self.cfg.optimizer, "weight_decay": (
                 (DEFAULT_WEIGHT_DECAY if self.cfg.weight_decay is None else self.cfg.weight_decay)
                 if self.cfg.optimizer == "ADAMW" else None)},
