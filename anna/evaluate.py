@@ -29,9 +29,15 @@ FIT_CORRECTION fits TrueValue = poly(InferredValue) per label (guide 4.3.1) and 
 remembers a fingerprint of the model file, so a correction left over from an earlier training run is refused
 rather than applied to a different network.
 
-The pack is read in chunks (memory-mapped), so a pack larger than RAM works; with PREPROCESS_TEST each chunk
-is noised with a generator keyed by (SEED or 0, chunk number), so a rerun with the same parameter file
-reproduces the same noise.  Only the true/inferred label table (n_stars x nout) is held in memory.
+The pack is read in chunks of about one batch with plain reads, so a pack larger than RAM works and memory does
+not grow with it; TEST_BATCH_SIZE AUTO (the default) takes the largest batch that keeps the process within
+MAX_MEMORY_GB (:mod:`anna.memory`).  With PREPROCESS_TEST each block of TEST_NOISE_BLOCK stars is noised with a
+generator keyed by (SEED or 0, block number), so a rerun with the same parameter file reproduces the same
+noise whatever the batch size.  Only the true/inferred label table (n_stars x nout) is held in memory.
+
+A model that lacks a part (no training-domain statistics; with MC_DROPOUT, no σ calibration: a model from an
+older version, or from a run stopped before they were computed) is announced in one line at start and listed
+under ``model_missing_parts`` in ``test_summary.json``.
 """
 
 import csv
@@ -62,8 +68,9 @@ COVERAGE_SIGMAS = (1, 2, 3)
 COVERAGE_IDEAL = tuple(math.erf(k / math.sqrt(2.0)) for k in COVERAGE_SIGMAS)
 SIGMA_BINS = 5
 UNCERTAINTY_PLOT = "uncertainty_calibration.png"
-# Stars read from the pack per chunk (rounded up to whole batches); also the unit of PREPROCESS_TEST seeding.
-TEST_CHUNK_STARS = 8192
+# The unit of PREPROCESS_TEST seeding: each block of this many stars is noised with the generator keyed by
+# (SEED or 0, block number), whatever the batch size; the pack is read in chunks of whole blocks.
+TEST_NOISE_BLOCK = 512
 # Plots draw at most this many points (a fixed random subset) so huge test sets still plot quickly.
 MAX_PLOT_POINTS = 20000
 
@@ -293,6 +300,14 @@ def run_test(cfg, report=print):
     started = time.monotonic()
     model = load_frozen(cfg.test_model_loc, dropout_seed=getattr(cfg, "seed", None) or 0)
     mc_samples = mc_samples_for(cfg, model, report)
+    missing = model.missing_parts(mc_samples)
+    for notice in missing.values():
+        report(f"note: {notice} (recorded in {SUMMARY_FILE}; anna-train --finish with the model's parameter file "
+               "completes the model)")
+    plan = model.plan_batches(cfg.test_batch_size, cfg.max_memory_gb, mc_samples, key="TEST_BATCH_SIZE")
+    report(plan.text)
+    if mc_samples is None:  # MC dropout runs its own sampled graph
+        report(model.choose_forward_form(cfg.jit_compile, plan.batch, report))
     pack = _open_test_pack(cfg, model)
     names = model.output_names
     rel_sn = _relative_sn(cfg, model) if cfg.preprocess_test else None
@@ -306,7 +321,7 @@ def run_test(cfg, report=print):
     staging = os.path.join(cfg.test_save_loc, f".{STATS_FILE}.pending")
     try:
         summary = _test_and_summarise(cfg, model, pack, rel_sn, mc_samples, names, staging, stats_path, report,
-                                      started)
+                                      started, plan.batch, missing)
         os.replace(staging, stats_path)
     finally:
         if os.path.exists(staging):
@@ -315,12 +330,14 @@ def run_test(cfg, report=print):
     return summary
 
 
-def _test_and_summarise(cfg, model, pack, rel_sn, mc_samples, names, staging, stats_path, report, started):
-    true, inferred, sn, sigmas = _predict_and_write(cfg, model, pack, rel_sn, staging, mc_samples)
+def _test_and_summarise(cfg, model, pack, rel_sn, mc_samples, names, staging, stats_path, report, started,
+                        batch_size, missing):
+    true, inferred, sn, sigmas = _predict_and_write(cfg, model, pack, rel_sn, staging, batch_size, mc_samples)
 
     summary = {"model": resolve_model_path(cfg.test_model_loc), "testing_data": pack.path,
                "n_stars": pack.n_stars, "preprocess_test": bool(cfg.preprocess_test),
-               "seed": cfg.seed, "labels": label_statistics(true, inferred, names),
+               "seed": cfg.seed, "model_missing_parts": missing, "batch_size": batch_size,
+               "labels": label_statistics(true, inferred, names),
                "files": {"test_stats": stats_path}}
     report(format_statistics_table(summary["labels"]))
     if sn is not None:
@@ -366,16 +383,18 @@ def _relative_sn(cfg, model):
 
 
 def _chunk_stars(batch_size):
-    """Stars per pack chunk: about TEST_CHUNK_STARS, a whole number of batches."""
-    batch_size = max(1, int(batch_size))
-    return batch_size * max(1, -(-TEST_CHUNK_STARS // batch_size))
+    """Stars per pack chunk: about one batch, a whole number (at least one) of TEST_NOISE_BLOCK blocks."""
+    return TEST_NOISE_BLOCK * max(1, int(batch_size) // TEST_NOISE_BLOCK)
 
 
-def _predict_and_write(cfg, model, pack, rel_sn, stats_path, mc_samples=None):
+def _predict_and_write(cfg, model, pack, rel_sn, stats_path, batch_size, mc_samples=None):
     """Stream the pack through the model, writing test_stats.out.
 
     Returns (true, inferred, sn or None, sigmas or None); ``sigmas`` maps sigma_total/sigma_model/sigma_pred
-    to (n, nout) arrays (physical units) when ``mc_samples`` asks for MC dropout.
+    to (n, nout) arrays (physical units) when ``mc_samples`` asks for MC dropout.  The pack is read with plain
+    reads in chunks of about ``batch_size`` stars (:meth:`anna.packs.Pack.read_block`), so memory does not grow
+    with the pack; with PREPROCESS_TEST each TEST_NOISE_BLOCK stars are noised with their own generator, so
+    the noise does not depend on the batch size.
     """
     from anna.augment import noisy_copy
 
@@ -394,23 +413,29 @@ def _predict_and_write(cfg, model, pack, rel_sn, stats_path, mc_samples=None):
     with atomic_output(stats_path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(header)
-        for chunk, (start, stop) in enumerate(pack.iter_chunks(_chunk_stars(cfg.test_batch_size))):
-            flux = np.asarray(pack.flux[start:stop], dtype=np.float64)
+        for start, stop in pack.iter_chunks(_chunk_stars(batch_size)):
+            block = pack.read_block(start, stop)
+            flux = block[:, 2 + pack.nout:]
             if sn is not None:
-                flux, sn[start:stop] = noisy_copy(flux, rel_sn, cfg.sn_range_test, cfg.rel_cont_e_test,
-                                                  seed=(int(cfg.seed or 0), chunk))
+                noised = np.empty_like(flux)
+                for first in range(0, stop - start, TEST_NOISE_BLOCK):
+                    rows = slice(first, min(first + TEST_NOISE_BLOCK, stop - start))
+                    noised[rows], sn[start + rows.start:start + rows.stop] = noisy_copy(
+                        flux[rows], rel_sn, cfg.sn_range_test, cfg.rel_cont_e_test,
+                        seed=(int(cfg.seed or 0), (start + first) // TEST_NOISE_BLOCK))
+                flux = noised
             bad_flux_stars += int(np.count_nonzero(~np.isfinite(flux).all(axis=1)))
-            labels = np.array(pack.labels[start:stop], dtype=np.float64)
+            labels = np.array(block[:, 1:1 + pack.nout], dtype=np.float64)
             if missing_value is not None:
                 labels[labels == missing_value] = np.nan
             true[start:stop] = labels
-            inferred[start:stop], chunk = model.predict_labels(flux, int(cfg.test_batch_size), mc_samples)
+            inferred[start:stop], chunk = model.predict_labels(flux, batch_size, mc_samples)
             chunk_sigmas = None
             if chunk is not None:
                 for key in sigmas:
                     sigmas[key][start:stop] = chunk[key]
                 chunk_sigmas = [chunk[key] for _, key in ERROR_COLUMNS]
-            _write_rows(writer, pack.ids[start:stop], true[start:stop], inferred[start:stop],
+            _write_rows(writer, block[:, 0], true[start:stop], inferred[start:stop],
                         None if sn is None else sn[start:stop], chunk_sigmas)
         if bad_flux_stars:
             raise AnnaInputError(f"{bad_flux_stars} of {n} stars have NaN or infinite fluxes; anna-test needs "

@@ -35,6 +35,10 @@ outputs NaN; the others are warnings next to a real prediction:
 ``outside_training_domain`` the spectrum is unlike every training spectrum (rule below).
 ``correction_extrapolated`` APPLY_CORRECTION used its polynomial outside the inferred-value range it was
                  fitted on.
+``domain_unchecked`` the model has no training-domain statistics (an older model, or one whose run was stopped
+                 before they were computed), so ``outside_training_domain`` could not be checked.
+``sigma_uncalibrated`` with MC_DROPOUT: the model's σ was never calibrated (same cause).  Both are also
+                 announced in one line at start; ``anna-train --finish`` completes such a model.
 
 Uncertainties (UNCERTAINTY: MC_DROPOUT, for a model whose last training stage used dropout): the reported
 value is the mean of MC_SAMPLES dropout passes and three columns per label follow the values, in the labels'
@@ -61,8 +65,10 @@ spectra:
 
 Reruns: an input is skipped when its output exists and is newer than the input, the frozen model and (when
 applied) the correction, so a run killed part-way resumes where it stopped; the report says how many were
-skipped.  Spectra go through the model INFER_BATCH_SIZE at a time and packs are read in such blocks, so memory
-stays bounded.  In multi-file modes an unreadable file does not stop the others: its error is reported, and
+skipped.  Spectra go through the model INFER_BATCH_SIZE at a time and packs are read in such blocks with plain
+reads, so memory stays bounded whatever the pack's size; INFER_BATCH_SIZE AUTO (the default) takes the largest
+batch that keeps the process within MAX_MEMORY_GB (:mod:`anna.memory`), reported at start with the compiled
+form of the forward pass (JIT_COMPILE AUTO: XLA or the plain graph, whichever is faster here).  In multi-file modes an unreadable file does not stop the others: its error is reported, and
 after the last file an AnnaInputError lists how many failed.
 """
 
@@ -86,9 +92,12 @@ from anna.tables import format_star_id, value_rows
 
 OUTPUT_SUFFIX = "_infer.out"
 FLAG_ORDER = ("no_coverage", "bad_wavelength", "nonfinite", "all_zero", "zero_pixels", "out_of_range",
-              "large_sigma", "outside_training_domain", "correction_extrapolated")
+              "large_sigma", "outside_training_domain", "correction_extrapolated", "domain_unchecked",
+              "sigma_uncalibrated")
 FATAL_FLAGS = frozenset({"no_coverage", "bad_wavelength", "nonfinite", "all_zero"})
 MULTISPEC_COLUMNS = ("file", "aperture", "beam")
+# The flag word each missing part of a frozen model (FrozenModel.missing_parts) puts on every star.
+MISSING_PART_FLAGS = {"training_domain": "domain_unchecked", "variance_calibration": "sigma_uncalibrated"}
 # spectra_onto_grid works on this many (spectrum x pixel) values at a time, so that its temporary arrays stay
 # in the CPU cache: a whole multispec file at once (90 x 1000 values per array) ran 3.5x slower, 4096 values
 # (too few rows to share the per-call cost) 1.6x slower (benchmarks/, FITS row).
@@ -101,7 +110,7 @@ PROGRESS_SECONDS = 30.0
 class GridBlock:
     """Spectra of one input already on the model grid, ready for the network.
 
-    ``star_ids`` (n,) text; ``meta`` (n,) tuples matching ``meta_columns``; ``flux`` (n, npix) float64 on the
+    ``star_ids`` (n,) text; ``meta`` (n,) tuples matching ``meta_columns``; ``flux`` (n, npix) float32 or float64 on the
     model grid (rows with a fatal flag may hold anything); ``flags`` (n,) sets of flag words.
     """
 
@@ -237,15 +246,21 @@ def read_text_spectrum(path):
 
 
 def read_debug_pack(path, model, batch_size):
-    """DEBUG mode: blocks of ``batch_size`` pack rows; the pack grid must be the model grid (no interpolation)."""
+    """DEBUG mode: blocks of ``batch_size`` pack rows; the pack grid must be the model grid (no interpolation).
+
+    Rows are read with plain reads (:meth:`anna.packs.Pack.iter_blocks`), not through the memory map, so the
+    process holds one block, however large the pack; the flux goes straight to float32, what the network
+    reads (a value beyond float32's range becomes infinite there and is flagged ``nonfinite``)."""
     from anna.packs import open_pack
 
     pack = open_pack(path, check_labels=False)
     check_same_grid(pack.wavelengths, model.wavelengths, what="the DEBUG_DATA pack", path=pack.path,
                     key="DEBUG_DATA")
     for start, stop in pack.iter_chunks(int(batch_size)):
-        flux = np.asarray(pack.flux[start:stop], dtype=np.float64)
-        yield GridBlock(star_ids=[format_star_id(value) for value in pack.ids[start:stop]],
+        block = pack.read_block(start, stop)
+        with np.errstate(over="ignore"):
+            flux = block[:, 2 + pack.nout:].astype(np.float32)
+        yield GridBlock(star_ids=[format_star_id(value) for value in block[:, 0]],
                         meta=[()] * (stop - start), flux=flux, flags=grid_flux_flags(flux))
 
 
@@ -295,11 +310,11 @@ def _fits_block(path, model, multispec):
 
 
 def list_inputs(cfg):
-    """(input path, reader) pairs for the chosen mode; reader(path, model) yields GridBlocks."""
+    """(input path, reader) pairs for the chosen mode; reader(path, model) yields GridBlocks, except DEBUG's
+    :func:`read_debug_pack`, which also takes the batch size (the pack is read in blocks of a batch)."""
     mode = cfg.infer_mode
     if mode == "DEBUG":
-        batch = int(cfg.infer_batch_size)
-        return [(cfg.debug_data, lambda path, model: read_debug_pack(path, model, batch))]
+        return [(cfg.debug_data, read_debug_pack)]
     readers = {"MS_FITS": (read_multispec, "ms_fits_image"), "TEXT": (read_text, "text_image"),
                "FITS": (read_any_file, None)}
     if mode not in readers:
@@ -369,6 +384,8 @@ class Predictor:
     def __post_init__(self):
         domain = self.model.metadata.get("training_domain")
         self.domain_scorer = DomainScorer(domain) if domain else None
+        # what the model lacks is recorded on every star it predicts
+        self.missing_flags = [MISSING_PART_FLAGS[part] for part in self.model.missing_parts(self.mc_samples)]
 
     @property
     def with_errors(self):
@@ -412,6 +429,9 @@ class Predictor:
             outside = scoring.result() if scoring is not None else scorer.outside(flux[usable])
             for row in np.flatnonzero(usable)[outside]:
                 block.flags[row].add("outside_training_domain")
+        for word in self.missing_flags:
+            for row in np.flatnonzero(usable):
+                block.flags[row].add(word)
         return labels, sigmas
 
 
@@ -590,31 +610,39 @@ def run_infer(cfg, report=print):
     if cfg.apply_correction:
         correction = load_correction(cfg.infer_model_loc, model.output_names, source=cfg.source)
         dependencies.append(correction_location(cfg.infer_model_loc))
-    with ThreadPoolExecutor(1) as domain_pool:
-        predictor = Predictor(model, int(cfg.infer_batch_size), float(cfg.range_margin), correction, mc_samples,
-                              cfg.max_rel_sigma, domain_pool)
-        return _infer_inputs(cfg, model, predictor, dependencies, correction, mc_samples, report)
-
-
-def _infer_inputs(cfg, model, predictor, dependencies, correction, mc_samples, report):
-    """run_infer's work once the model and predictor are ready: plan, skip what is done, predict, write."""
-    inputs = list_inputs(cfg)
-    planned = [(path, reader, output_path(cfg.infer_save_loc, path)) for path, reader in inputs]
+    planned = [(path, reader, output_path(cfg.infer_save_loc, path)) for path, reader in list_inputs(cfg)]
     _check_distinct_outputs(cfg, [(path, output) for path, _, output in planned])
     todo = [item for item in planned if not (_is_done(item[2], [item[0], *dependencies])
-                                             and _has_error_columns(item[2]) == predictor.with_errors)]
+                                             and _has_error_columns(item[2]) == (mc_samples is not None))]
     skipped = len(planned) - len(todo)
     report(f"anna-infer ({cfg.infer_mode}): {len(planned)} input(s), skipped {skipped} done, {len(todo)} to do"
            + (", correction applied" if correction is not None else "")
            + (f", MC-dropout uncertainties from {mc_samples} passes" if mc_samples else ""))
+    for notice in model.missing_parts(mc_samples).values():
+        report(f"note: {notice} (every star is flagged so; anna-train --finish with the model's parameter file "
+               "completes the model)")
     os.makedirs(cfg.infer_save_loc, exist_ok=True)
+    if not todo:
+        return []
+    plan = model.plan_batches(cfg.infer_batch_size, cfg.max_memory_gb, mc_samples, key="INFER_BATCH_SIZE")
+    report(plan.text)
+    if mc_samples is None:  # MC dropout runs its own sampled graph
+        report(model.choose_forward_form(cfg.jit_compile, plan.batch, report))
+    with ThreadPoolExecutor(1) as domain_pool:
+        predictor = Predictor(model, plan.batch, float(cfg.range_margin), correction, mc_samples,
+                              cfg.max_rel_sigma, domain_pool)
+        return _infer_inputs(cfg, model, predictor, todo, len(planned), report)
+
+
+def _infer_inputs(cfg, model, predictor, todo, n_planned, report):
+    """run_infer's work once the model and predictor are ready: predict and write each input still to do."""
     failures = []
     if cfg.infer_mode == "DEBUG":  # one pack, possibly huge: streamed block by block
         written = []
         for number, (path, reader, output) in enumerate(todo, start=1):
             started = time.monotonic()
             label = f"[{number}/{len(todo)}] {path}"
-            counts = write_output(output, reader(path, model), predictor, report, label)
+            counts = write_output(output, reader(path, model, predictor.batch_size), predictor, report, label)
             written.append(output)
             _report_written(report, label, counts, output, started)
         return written
@@ -625,7 +653,7 @@ def _infer_inputs(cfg, model, predictor, dependencies, correction, mc_samples, r
             try:
                 blocks = list(reader(path, model))
             except AnnaInputError as error:
-                if len(planned) == 1:
+                if n_planned == 1:
                     raise
                 failures.append(error)
                 report(f"{label}: FAILED: {error}")

@@ -25,6 +25,7 @@ single file.  The file is written atomically.
 import dataclasses
 import json
 import os
+import time
 import zipfile
 import zlib
 
@@ -51,6 +52,10 @@ INITIAL_LOG_VARIANCE_FIT = float(np.log(0.1**2))
 INITIAL_LOG_NOISE_GAIN = float(np.log(0.1**2) - np.log(0.01**2))
 # Smallest batch shape FrozenModel.predict_raw compiles: shorter batches are padded up to a power of two.
 PREDICT_MIN_ROWS = 64
+# The forward pass's compiled forms (JIT_COMPILE for anna-test and anna-infer) and how long AUTO times each.
+FORWARD_FORMS = ("xla", "graph")
+FORWARD_FORM_NAMES = {"xla": "XLA", "graph": "graph, no XLA"}
+FORM_TRIAL_SECONDS = 1.0
 # MC dropout: activation floats per graph call (2^23 floats = 32 MiB per activation); the sample-rows (spectra x
 # passes) of one call follow from the widest activation the sampled part of the network makes per row.
 MC_CALL_FLOATS = 1 << 23
@@ -409,26 +414,94 @@ class FrozenModel:
         self.output_names = tuple(metadata["output_names"])
         self.wavelengths = np.asarray(metadata["wavelengths"], dtype=np.float64)
         self.scaler = LabelScaler(metadata["min_params"], metadata["max_params"])
-        self._forward = None
+        self.forward_form = "xla"  # or "graph": see choose_forward_form
+        self.mc_spectra_per_call = None  # None: compile_mc_forward's own grouping; else anna.memory's plan
+        self._forward = {}
         self._mc_forward = {}
 
     @property
     def nout(self):
         return self.spec.nout
 
-    def _compiled_forward(self):
-        if self._forward is None:
+    def forward_bytes_per_spectrum(self):
+        """Bytes of every layer's output for one spectrum (float32), summed: the batch rule's measure of the
+        network (:mod:`anna.memory`)."""
+        from anna.memory import floats_per_row
+
+        return 4 * floats_per_row(self.network)
+
+    def mc_row_bytes(self, samples):
+        """Bytes per sample-row of the part MC dropout repeats (after the first dropout layer)."""
+        return self._compiled_mc(samples).row_bytes
+
+    def plan_batches(self, setting, max_memory_gb, mc_samples=None, key="BATCH_SIZE"):
+        """Apply :func:`anna.memory.plan_batches` to this network; returns the plan (its ``batch`` is what
+        callers pass as ``batch_size``)."""
+        from anna.memory import plan_batches
+
+        mc_bytes = None if mc_samples is None else (self.mc_row_bytes(mc_samples), int(mc_samples))
+        plan = plan_batches(setting, max_memory_gb, self.forward_bytes_per_spectrum(), self.spec.npix,
+                            mc_bytes=mc_bytes, key=key)
+        self.mc_spectra_per_call = plan.mc_spectra_per_call
+        return plan
+
+    def _compiled_forward(self, form=None):
+        form = form or self.forward_form
+        if form not in self._forward:
             network = self.network
 
             # XLA fuses the network into a few loops: 1.5x the spectra per second of the plain graph on 2 cores
-            # (benchmarks/).  It compiles once per batch shape, hence the fixed shapes of predict_raw.
+            # for the tutorial network (benchmarks/).  It compiles once per batch shape, hence the fixed shapes
+            # of predict_raw.
             @tf.function(input_signature=[tf.TensorSpec([None, self.spec.npix], tf.float32)],
-                         jit_compile=True, autograph=False)
+                         jit_compile=form == "xla", autograph=False)
             def forward(flux):
                 return network(flux, training=False)
 
-            self._forward = forward
-        return self._forward
+            self._forward[form] = forward
+        return self._forward[form]
+
+    def choose_forward_form(self, setting, batch_size, report=print, seconds=FORM_TRIAL_SECONDS):
+        """JIT_COMPILE for the forward pass: NO "graph", YES "xla", AUTO the faster of the two for this network
+        and batch on this machine, timed on flat spectra (speed does not depend on the values) and remembered
+        like the training step's choice (:mod:`anna.runtime`), so a rerun uses the same form and repeats its
+        numbers exactly.  Sets :attr:`forward_form`; returns a line for the report."""
+        import json
+
+        from anna.runtime import machine_description, read_remembered, remember
+
+        if setting != "AUTO":
+            self.forward_form = "xla" if setting == "YES" else "graph"
+            return f"forward pass: {FORWARD_FORM_NAMES[self.forward_form]} (JIT_COMPILE {setting})"
+        batch_size = int(batch_size)
+        key = json.dumps({"forward": self.spec.to_dict(), "batch": batch_size, "forms": list(FORWARD_FORMS),
+                          "machine": machine_description()}, sort_keys=True)
+        entry = read_remembered().get(key)
+        if entry and entry.get("form") in FORWARD_FORMS:
+            self.forward_form = entry["form"]
+            return (f"forward pass: {FORWARD_FORM_NAMES[self.forward_form]} (JIT_COMPILE AUTO, as timed on this "
+                    f"machine on {entry['when']}: {_rates_text(entry['rates'])})")
+        flux = np.ones((batch_size, self.spec.npix), np.float32)
+        rates = {}
+        for form in FORWARD_FORMS:
+            forward = self._compiled_forward(form)
+            try:
+                forward(flux).numpy()  # compiles
+            except (tf.errors.OpError, ValueError, RuntimeError) as error:
+                report(f"forward pass: {FORWARD_FORM_NAMES[form]} fails here ({type(error).__name__}), not used")
+                continue
+            done, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds or done < 2:
+                forward(flux).numpy()
+                done += 1
+            rates[form] = done * batch_size / (time.perf_counter() - start)
+        if not rates:
+            raise AnnaInputError("neither compiled form of the forward pass runs on this machine", path=self.path)
+        self.forward_form = max(rates, key=rates.get)
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        problem = remember(key, {"form": self.forward_form, "rates": rates, "when": when})
+        return (f"forward pass: {FORWARD_FORM_NAMES[self.forward_form]} (JIT_COMPILE AUTO: {_rates_text(rates)}, "
+                f"batch {batch_size}" + (f"; could not remember the choice: {problem}" if problem else "") + ")")
 
     def predict_raw(self, flux, batch_size=4096):
         """Network outputs (normalised labels [+ log-variances]) for (n, npix) flux, float64 numpy.
@@ -466,6 +539,21 @@ class FrozenModel:
         calibration = self.metadata.get("variance_calibration") or {}
         return np.asarray(calibration.get("model_variance_scale", np.ones(self.nout)), dtype=np.float64)
 
+    def missing_parts(self, mc_samples=None):
+        """What this model lacks for the use asked of it: a dict part -> one-line notice (empty when whole).
+
+        ``training_domain``: no training-domain statistics, so ``outside_training_domain`` cannot be checked.
+        ``variance_calibration`` (only when ``mc_samples`` asks for MC dropout and the model has a variance
+        head): σ is not calibrated.  Models written before every frozen model was completed (a run stopped by
+        Ctrl-C or SIGTERM) lack them; ``anna-train --finish`` computes them afterwards."""
+        missing = {}
+        if not self.metadata.get("training_domain"):
+            missing["training_domain"] = ("model has no training-domain statistics: outside_training_domain is "
+                                          "not checked")
+        if mc_samples is not None and self.spec.heteroscedastic and not self.metadata.get("variance_calibration"):
+            missing["variance_calibration"] = "model has no uncertainty calibration: sigma not calibrated"
+        return missing
+
     def _compiled_mc(self, samples):
         key = int(samples)
         if key not in self._mc_forward:
@@ -479,7 +567,8 @@ class FrozenModel:
         :data:`ERROR_COLUMNS`."""
         if mc_samples is None:
             return self.predict(flux, batch_size=batch_size), None
-        result = self.predict_with_uncertainty(flux, samples=mc_samples)
+        rows = None if self.mc_spectra_per_call is None else self.mc_spectra_per_call * int(mc_samples)
+        result = self.predict_with_uncertainty(flux, samples=mc_samples, rows_per_call=rows)
         return result["value"], {key: result[key] for _, key in ERROR_COLUMNS}
 
     def predict_with_uncertainty(self, flux, samples=100, rows_per_call=None):
@@ -528,6 +617,7 @@ def compile_mc_forward(network, spec, samples):
         x = network.get_layer(name)(x)
     top = keras.Model(activations, x)
     floats_per_row = max(int(np.prod(layer.output.shape[1:])) for layer in top.layers)
+    top_floats = sum(int(np.prod(layer.output.shape[1:])) for layer in top.layers)
 
     @tf.function(input_signature=[tf.TensorSpec([None, spec.npix], tf.float32)], reduce_retracing=True,
                  autograph=False)
@@ -547,6 +637,7 @@ def compile_mc_forward(network, spec, samples):
         return mean, var_model, var_pred
 
     mc_forward.rows_per_call = max(int(samples), MC_CALL_FLOATS // floats_per_row)
+    mc_forward.row_bytes = 4 * top_floats  # every layer of the repeated part, as anna.memory measures networks
     return mc_forward
 
 
@@ -645,6 +736,11 @@ def load_frozen(location, dropout_seed=None):
         raise AnnaInputError(f"frozen model weights do not fit its network description ({exc})",
                              path=path) from None
     return FrozenModel(network, spec, metadata, path=path)
+
+
+def _rates_text(rates):
+    return ", ".join(f"{FORWARD_FORM_NAMES[form]} {rate:,.0f} spectra/s"
+                     for form, rate in sorted(rates.items(), key=lambda item: -item[1]))
 
 
 def mc_samples_for(cfg, model, report):

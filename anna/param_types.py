@@ -317,6 +317,24 @@ class FlagOrAuto:
 
 
 @dataclasses.dataclass(frozen=True)
+class CountOrAuto:
+    """AUTO (any case) or a positive integer; stored as "AUTO" or the int."""
+
+    description = "AUTO or a positive integer"
+
+    def parse(self, text, base_dir):
+        if text.upper() == "AUTO":
+            return "AUTO"
+        try:
+            value = _parse_int(text)
+        except _Problem:
+            raise _Problem(f"expected {self.description}") from None
+        if not 1 <= value <= _INT32_MAX:
+            raise _Problem(f"must be {self.description}")
+        return value
+
+
+@dataclasses.dataclass(frozen=True)
 class Fraction:
     """A number strictly between 0 and 1 (factors that shrink something)."""
 

@@ -30,9 +30,9 @@ import re
 from types import MappingProxyType
 
 from anna.errors import AnnaInputError
-from anna.param_types import (Choice, ConvLayerList, ConvShape, CountList, FilePattern, FilesystemPath, Flag,
-                              FlagOrAuto, Float, FloatList, Fraction, Int, NameList, Probability, Range,
-                              _Problem, _resolve_path)
+from anna.param_types import (Choice, ConvLayerList, ConvShape, CountList, CountOrAuto, FilePattern,
+                              FilesystemPath, Flag, FlagOrAuto, Float, FloatList, Fraction, Int, NameList,
+                              Probability, Range, _Problem, _resolve_path)
 
 TRAIN = "train"
 TEST = "test"
@@ -161,8 +161,9 @@ KEY_TABLE = (
     KeySpec("FC_DIMS", CountList(), None, _TR, "widths of all dense layers (replaces FC1_OUTDIM/FC2_OUTDIM)"),
     KeySpec("INPUT_CENTERING", Choice(("ONE", "MEAN")), "ONE", _TR,
             "ONE: network sees flux - 1; MEAN: flux minus the training mean spectrum"),
-    KeySpec("JIT_COMPILE", FlagOrAuto(), "AUTO", _TR,
-            "XLA-compiled training steps: AUTO times both forms at the start and keeps the faster"),
+    KeySpec("JIT_COMPILE", FlagOrAuto(), "AUTO", _ALL,
+            "XLA for the training steps and forward passes: AUTO times the forms at the start and keeps the "
+            "fastest"),
     KeySpec("WEIGHT_INIT", Choice(("HE", "GLOROT")), "HE", _TR,
             "how the kernels start: HE (He-normal) or GLOROT (Glorot-uniform, Keras' default)"),
     KeySpec("OPTIMIZER", Choice(("ADAM", "ADAMW")), "ADAM", _TR, "ADAM, or ADAMW (Adam with decoupled weight decay)"),
@@ -186,13 +187,17 @@ KEY_TABLE = (
     # ---- ANNA-TF extensions: testing
     KeySpec("FIT_CORRECTION", Flag(), False, _TE, "fit true = f(inferred) polynomials to test residuals"),
     KeySpec("CORRECTION_DEGREE", Int(minimum=0, maximum=5), 1, _TE, "degree of those polynomials (0..5)"),
-    KeySpec("TEST_BATCH_SIZE", _COUNT, 4096, _TE, "spectra per forward pass when testing"),
+    KeySpec("TEST_BATCH_SIZE", CountOrAuto(), "AUTO", _TE,
+            "spectra per forward pass when testing; AUTO: the most that fit MAX_MEMORY_GB"),
     # ---- ANNA-TF extensions: inference
     KeySpec("INFER_MODE", Choice(INFER_MODES), None, _IN, "DEBUG, MS_FITS, TEXT or FITS (replaces the flags)"),
     KeySpec("TEXT_IMAGE", FilesystemPath(), None, _IN, "two-column text spectrum for TEXT mode"),
     KeySpec("INFER_FILES", FilePattern(), None, _IN, "glob, or text file listing one input per line"),
     KeySpec("APPLY_CORRECTION", Flag(), False, _IN, "apply the correction fitted by FIT_CORRECTION"),
-    KeySpec("INFER_BATCH_SIZE", _COUNT, 4096, _IN, "spectra per forward pass when inferring"),
+    KeySpec("INFER_BATCH_SIZE", CountOrAuto(), "AUTO", _IN,
+            "spectra per forward pass when inferring; AUTO: the most that fit MAX_MEMORY_GB"),
+    KeySpec("MAX_MEMORY_GB", Float(above=0), 2.0, (TEST, INFER),
+            "peak memory (GB) anna-test and anna-infer size their batches for"),
     KeySpec("RANGE_MARGIN", Float(at_least=0), 0.05, _IN,
             "fraction of MAX-MIN beyond which a prediction is flagged out of range"),
     KeySpec("MAX_REL_SIGMA", Float(above=0), None, _IN,

@@ -125,6 +125,10 @@ class Sizes:
     accuracy_sn: tuple = (50.0, 100.0, 200.0)
     # Quick runs only: overrides that let a few dozen iterations reach steady state (documented in the notes).
     tutorial_interval: int = None  # SAMPLE_INTERVAL for row 2 (None: the tutorial's 50)
+    # survey-size inference (group survey_infer): stars per pack, MC-dropout stars, the peak-RSS pack sizes
+    survey_infer_stars: int = 20_000
+    survey_mc_stars: int = 2000
+    survey_rss_stars: tuple = (20_000, 200_000, 1_000_000)
 
     def train_schedule(self, npix):
         """(iterations, SAMPLE_INTERVAL, warm-up intervals) of a row-1 anna-train run on ``npix`` pixels."""
@@ -158,7 +162,8 @@ def quick_sizes(accuracy_iterations=100):
                  predict_spectra=4096, fits_spectra=1800, mc_pack_stars=2000, mc_train_iterations=20,
                  rss_pack_stars=(_stars(0.1), _stars(0.3), _stars(0.8)), rss_iterations=30,
                  scaling_npix=(1001, 4001, 8001), scaling_train_steps=3, scaling_predict_spectra=1024,
-                 scaling_pack_stars=(2000, 6000, 20_000), accuracy_iterations=accuracy_iterations)
+                 scaling_pack_stars=(2000, 6000, 20_000), accuracy_iterations=accuracy_iterations,
+                 survey_infer_stars=600, survey_mc_stars=64, survey_rss_stars=(600, 2400))
 
 
 def linear_scaling_row(name, unit, npix, cost, reference):

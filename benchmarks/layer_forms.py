@@ -107,7 +107,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     args = parser.parse_args(argv)
-    from anna.train import configure_threads
+    from anna.runtime import configure_threads
 
     configure_threads()
     repeats = 3 if args.quick else 9

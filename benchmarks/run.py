@@ -23,11 +23,16 @@ REPO_ROOT = os.path.dirname(BENCH_DIR)
 for folder in (REPO_ROOT, BENCH_DIR):
     if folder not in sys.path:
         sys.path.insert(0, folder)
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up notices would drown the progress lines
+from anna.runtime import prepare_tensorflow_environment  # noqa: E402  (needs the path set above)
+
+# as the commands run: quiet start-up, the pooling CPU allocator (anna/runtime.py); baselines in this process
+# get the same allocator, so a ratio never counts its gain
+prepare_tensorflow_environment()
 
 import harness  # noqa: E402  (needs the path set above)
 
-GROUPS = ("train", "tutorial", "infer_pack", "infer_fits", "mc_dropout", "rss", "scaling", "accuracy", "survey")
+GROUPS = ("train", "tutorial", "infer_pack", "infer_fits", "mc_dropout", "rss", "scaling", "accuracy", "survey",
+          "survey_infer")
 GROUP_TITLES = {
     "train": "1. training throughput",
     "tutorial": "2. tutorial wall time",
@@ -38,6 +43,7 @@ GROUP_TITLES = {
     "scaling": "7. scaling with spectrum length and pack size",
     "accuracy": "8. accuracy against classical baselines",
     "survey": "9. survey spectra: accuracy at a fixed time budget against a plain Keras loop",
+    "survey_infer": "10. survey-size inference: speed and peak memory against plain Keras predict",
 }
 LARGE_PACK_BYTES = 10**9  # tiled packs above this size are deleted as soon as no remaining row needs them
 STAR_BYTES = (1001 + 5 + 2) * 8
@@ -186,6 +192,10 @@ def run_group(name, ctx):
         return rows_accuracy.accuracy(ctx)
     if name == "survey":
         return rows_survey.survey_budget(ctx)
+    if name == "survey_infer":
+        import rows_survey_inference
+
+        return rows_survey_inference.survey_inference(ctx)
     raise ValueError(name)
 
 
@@ -232,7 +242,7 @@ def main(argv=None):
     else:
         sizes = harness.full_sizes(*([args.accuracy_iterations] if args.accuracy_iterations else []))
 
-    from anna.train import configure_threads
+    from anna.runtime import configure_threads
 
     configure_threads()  # before TensorFlow runs anything
     from data import DataStore

@@ -6,7 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from anna.runtime import prepare_tensorflow_environment
+
+prepare_tensorflow_environment()  # the suite runs in the environment the commands set up
 
 
 @pytest.fixture(autouse=True, scope="session")

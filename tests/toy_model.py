@@ -32,10 +32,13 @@ def toy_stars(n, seed):
     return MINIMA + unit * SPAN, toy_flux(unit), unit
 
 
-def train_tiny_model(folder, wave=WAVE, epochs=6):
-    """Fit a small network on normalised labels and save it as a frozen model in ``folder``."""
+def train_tiny_model(folder, wave=WAVE, epochs=6, training_domain=True):
+    """Fit a small network on normalised labels and save it as a frozen model in ``folder``, with the
+    training-domain statistics anna-train stores (of the training spectra noised at S/N 100) unless
+    ``training_domain`` is False (a model as older versions, or a stopped run, left it)."""
     import keras
 
+    from anna.domain import training_domain_statistics
     from anna.model import NetworkSpec, build_network, save_frozen
 
     keras.utils.set_random_seed(5)
@@ -45,8 +48,12 @@ def train_tiny_model(folder, wave=WAVE, epochs=6):
     network.compile(optimizer=keras.optimizers.Adam(3e-3), loss="mse")
     if epochs:
         network.fit(flux.astype(np.float32), unit.astype(np.float32), batch_size=32, epochs=epochs, verbose=0)
+    on_grid = toy_flux(unit, wave)
+    noisy = on_grid + np.random.default_rng(6).normal(0.0, 0.01, on_grid.shape)
     save_frozen(str(folder), network, spec, {"output_names": list(NAMES), "wavelengths": list(wave),
-                                             "min_params": list(MINIMA), "max_params": list(MAXIMA)})
+                                             "min_params": list(MINIMA), "max_params": list(MAXIMA),
+                                             "training_domain": (training_domain_statistics(noisy)
+                                                                 if training_domain else None)})
     return str(folder)
 
 

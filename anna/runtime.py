@@ -1,0 +1,109 @@
+"""The TensorFlow runtime ANNA-TF's commands run in: the environment it must see before it is imported, and its
+thread pools.  Shared core: every command calls :func:`prepare_tensorflow_environment` before importing a
+stage, and a stage calls :func:`configure_threads` before TensorFlow runs anything.
+
+Why the allocator: with TensorFlow's default CPU allocator every large activation is a fresh ``malloc``, which
+glibc serves above 32 MiB with ``mmap`` and returns with ``munmap`` when the batch is done, so each batch of a
+survey network pays a page fault per 4 KiB of its activations.  Measured on 2 cores, a StarNet-shaped network
+on 7214-pixel spectra spent 2.1 s of kernel time per 4000 spectra in those faults (570,000 of them), and
+predicted 1,300 spectra/s; with TensorFlow's pooling (BFC) allocator on the CPU, which keeps freed blocks for
+the next batch, the faults went and the rate rose to 2,500 spectra/s at the same peak memory
+(benchmarks/, inference rows).
+"""
+
+import os
+
+# Environment TensorFlow reads when it starts; set only where the user has not set them.
+TENSORFLOW_ENVIRONMENT = {
+    # C++ start-up notices (CPU features, oneDNN) are noise on a user's terminal; errors still show
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+    # the pooling allocator on the CPU (module docstring)
+    "TF_CPU_ALLOCATOR_USE_BFC": "true",
+}
+
+
+def prepare_tensorflow_environment(environ=None):
+    """Put :data:`TENSORFLOW_ENVIRONMENT` into ``environ`` (default ``os.environ``) where not already set.
+
+    Must run before TensorFlow is imported to have any effect; returns the names it set."""
+    environ = os.environ if environ is None else environ
+    added = []
+    for name, value in TENSORFLOW_ENVIRONMENT.items():
+        if name not in environ:
+            environ[name] = value
+            added.append(name)
+    return added
+
+
+def configure_threads():
+    """Use every core for the maths ops and two inter-op threads (the producer and the training step).
+
+    Must run before TensorFlow starts its runtime; later calls (tests in one process) are harmless no-ops.
+    """
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(os.cpu_count() or 1)
+        tf.config.threading.set_inter_op_parallelism_threads(2)
+    except RuntimeError:
+        pass
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Remembered timings: which compiled form was fastest for a network on this machine
+
+
+def compiled_form_cache_path():
+    """Where JIT_COMPILE AUTO remembers its choices: $ANNA_TF_CACHE_DIR, else ~/.cache/anna-tf."""
+    folder = os.environ.get("ANNA_TF_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "anna-tf")
+    return os.path.join(folder, "compiled-forms.json")
+
+
+def machine_description():
+    """CPU model, cores, TensorFlow version and GPU count: part of every remembered choice's key."""
+    import platform
+
+    import tensorflow as tf
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "tensorflow": tf.__version__,
+            "gpus": len(tf.config.list_physical_devices("GPU"))}
+
+
+def read_remembered(cache_path=None):
+    """The remembered choices (a dict key -> entry); empty when the file is missing or unreadable."""
+    import json
+
+    try:
+        with open(cache_path or compiled_form_cache_path(), encoding="utf-8") as handle:
+            data = json.load(handle)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def remember(key, entry, cache_path=None):
+    """Add ``key`` -> ``entry`` to the remembered choices (atomically); returns None, or the error text when the
+    file could not be written (the caller reports it: later runs will time again)."""
+    import json
+
+    from anna.atomic import atomic_output
+
+    cache_path = cache_path or compiled_form_cache_path()
+    cache = read_remembered(cache_path)
+    cache[key] = entry
+    try:
+        os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+        with atomic_output(cache_path, "w") as handle:
+            json.dump(cache, handle, indent=1)
+    except OSError as error:
+        return str(error.strerror or error)
+    return None
