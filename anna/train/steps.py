@@ -28,8 +28,13 @@ def make_train_steps(network, optimizer, spec, chunk_batches, batch_size, compil
     the machine: JIT_COMPILE AUTO times them (:func:`choose_compiled_form`).  ``costs`` is (chunk_batches,)
     with each step's squared-error cost (the reported cost, comparable with the xval cost); with a variance
     head ``parts`` holds the residual terms its bias refit needs (:func:`refit_variance_biases`), else None.
+
+    With a variance head a step takes the network's dropout-free pass (reported value, variance head) and a
+    dropout pass (label loss) from one run of the layers before the first dropout
+    (:func:`variance_head_parts`), and DER_SNR's noise term by selection (:func:`log_noise_variance`): the
+    same losses and gradients as two whole passes, at about 1.1-1.3x the plain step's cost instead of 2-3x
+    (benchmarks/rows_mc_training.py).
     """
-    import keras
     import tensorflow as tf
 
     from anna.losses import masked_squared_error, robust_heteroscedastic
@@ -37,22 +42,27 @@ def make_train_steps(network, optimizer, spec, chunk_batches, batch_size, compil
     nout = spec.nout
     heteroscedastic = spec.heteroscedastic
     if heteroscedastic:
-        # the same layers, also returning the two parts of the predicted variance (for the bias refit)
-        stepper = keras.Model(network.input, [network.outputs[0]] + [
-            network.get_layer(name).output for name in ("log_variance_fit", "log_noise_gain",
-                                                        "log_noise_variance")])
+        trunk, free_top, dropout_top, variance_sum = variance_head_parts(network, spec)
 
     def train_step(flux, labels, mask):
+        if heteroscedastic:
+            # DER_SNR's noise term depends on the spectra only: no gradient, so off the tape
+            log_noise_sq = log_noise_variance(flux)
         with tf.GradientTape() as tape:
             if heteroscedastic:
                 # The reported value is the mean of the dropout passes, which the dropout-free pass
                 # approximates (weight scaling); the variance head is fitted, in that dropout-free pass, to
                 # the residual of that value.  Fitted to a single dropout pass it would also learn the dropout
                 # jitter, which sigma_model already counts, and its own jitter would bias sigma upwards.
-                plain, log_var_fit, log_gain, log_noise_sq = stepper(flux, training=False)
-                reported = tf.stop_gradient(plain[:, :nout])
-                log_variance = plain[:, nout:]
-            out = network(flux, training=True)
+                # Both passes are the same up to the first dropout layer, so that trunk runs once and only the
+                # top runs twice (variance_head_parts): the same losses and gradients as two whole passes.
+                shared = trunk(flux, training=False)
+                plain_labels, log_var_fit, log_gain = free_top(shared, training=False)
+                reported = tf.stop_gradient(plain_labels)
+                log_variance = variance_sum([log_var_fit, log_gain, log_noise_sq])
+                out = dropout_top(shared, training=True)
+            else:
+                out = network(flux, training=True)
             cost = masked_squared_error(labels, out[:, :nout], mask)
             if heteroscedastic:
                 # robust (astroNN) loss: labels weighted by the predicted inverse variance ...
@@ -120,6 +130,96 @@ def make_train_steps(network, optimizer, spec, chunk_batches, batch_size, compil
     return train_steps
 
 
+def variance_head_parts(network, spec):
+    """The network with a variance head cut where the training step's two passes part: (trunk, free_top,
+    dropout_top, variance_sum), all sharing the network's own layers and weights.
+
+    ``trunk`` maps flux to the activations entering the first dropout layer (:meth:`NetworkSpec.chain`: the
+    convolutions up to the first with conv dropout, else through fc1), which no training flag changes; on
+    those activations ``free_top`` gives the rest of the network's dropout-free pass, (labels, log_variance_fit,
+    log_noise_gain), and ``dropout_top`` its labels with dropout.  ``variance_sum`` is the network's
+    VarianceSum layer.  Why: a step needs the dropout-free pass (the reported value and the variance head) and a
+    dropout pass (the label loss); run whole, each took the convolutions forward and backward, which is most of
+    a step's cost, while only the layers from the first dropout on differ between them.  The dropout layers are
+    the network's own, called in the same order, so with a dropout seed they draw the masks of a whole pass.
+    """
+    import keras
+
+    chain = spec.chain()
+    first_dropout = next(i for i, name in enumerate(chain) if "dropout" in name)
+    trunk = keras.Model(network.input, network.get_layer(chain[first_dropout - 1]).output, name="step_trunk")
+
+    def top(labels_only):
+        activations = keras.Input(shape=trunk.output.shape[1:], dtype="float32")
+        x = activations
+        for name in chain[first_dropout:-1]:  # up to the last hidden layer's dropout; "labels" is last
+            x = network.get_layer(name)(x)
+        labels = network.get_layer("labels")(x)
+        if labels_only:
+            return keras.Model(activations, labels)
+        return keras.Model(activations, [labels, network.get_layer("log_variance_fit")(x),
+                                         network.get_layer("log_noise_gain")(x)])
+
+    return trunk, top(False), top(True), network.get_layer("log_variance")
+
+
+def log_noise_variance(flux):
+    """The value of the network's LogNoiseVariance layer (ln noise², (batch, 1), noise by DER_SNR) for
+    (batch, npix) float32 flux, with the median found by exact selection (:func:`row_median`) instead of a
+    full sort.  Why: sorting each spectrum's npix - 4 second differences was the largest extra cost of a
+    training step with a variance head (measured on 2 cores, batch 100 at 7214 px: 175 ms compiled by XLA,
+    66 ms without, against 20 and 30 ms for the selection; benchmarks/rows_mc_training.py), more than the
+    whole plain step of a StarNet-shaped network.  The selection returns the same order statistics, so the
+    arithmetic after it, the layer's own, gives the same value (tests/test_mc_step.py); flux is finite."""
+    import numpy as np
+    import tensorflow as tf
+
+    from anna.model import DER_SNR_FACTOR, NOISE_FLOOR
+
+    if flux.shape[-1] is not None and flux.shape[-1] < 5:
+        return tf.fill([tf.shape(flux)[0], 1], tf.constant(2.0 * np.log(NOISE_FLOOR), flux.dtype))
+    second = tf.abs(2.0 * flux[:, 2:-2] - flux[:, :-4] - flux[:, 4:])
+    median = row_median(second)
+    noise = DER_SNR_FACTOR * median
+    return tf.math.log(tf.square(noise) + NOISE_FLOOR**2)[:, None]
+
+
+# Bisection steps of row_median: the bit patterns of non-negative float32 span less than 2^31.
+SELECTION_STEPS = 31
+
+
+def row_median(values):
+    """Median of each row of (batch, n) non-negative float32 ``values`` (n static), as the mean of the two
+    middle order statistics in float32, exactly as sorting gives them.
+
+    Non-negative floats order as their bit patterns do as integers, so the k-th smallest of a row is the
+    smallest pattern t with at least k + 1 values <= t: a bisection over the patterns keeps lo (fewer than
+    k + 1 values <= lo) and hi (at least k + 1), SELECTION_STEPS counting passes, each a compare and a sum
+    that vectorise; the next order statistic (n even) is the same value or the smallest above it.  Faster
+    than a sort (see :func:`log_noise_variance`), in both compiled forms.  A NaN counts as the largest value.
+    """
+    import tensorflow as tf
+
+    count = int(values.shape[-1])
+    bits = tf.bitcast(values, tf.int32)
+    rank = (count - 1) // 2
+    lo = tf.cast(tf.reduce_min(bits, axis=-1), tf.int64) - 1  # int64: hi - lo may reach 2^31
+    hi = tf.cast(tf.reduce_max(bits, axis=-1), tf.int64)
+    for _ in range(SELECTION_STEPS):
+        mid = lo + (hi - lo) // 2
+        at_or_below = tf.reduce_sum(tf.cast(bits <= tf.cast(mid, tf.int32)[:, None], tf.int32), axis=-1)
+        enough = at_or_below > rank
+        hi, lo = tf.where(enough, mid, hi), tf.where(enough, lo, mid)
+    lower_bits = tf.cast(hi, tf.int32)
+    lower = tf.bitcast(lower_bits, tf.float32)
+    if count % 2:
+        return 0.5 * (lower + lower)
+    at_or_below = tf.reduce_sum(tf.cast(bits <= lower_bits[:, None], tf.int32), axis=-1)
+    above = tf.reduce_min(tf.where(bits > lower_bits[:, None], bits, tf.int32.max), axis=-1)
+    upper = tf.bitcast(tf.where(at_or_below > rank + 1, lower_bits, above), tf.float32)
+    return 0.5 * (lower + upper)
+
+
 COMPILED_FORMS = ("xla", "xla_step", "graph")
 FORM_NAMES = {"xla": "XLA, one compiled call per chunk of steps", "xla_step": "XLA, one compiled call per step",
               "graph": "graph, one call per step, no XLA"}
@@ -152,8 +252,10 @@ def _machine_description():
 
 
 # Raised whenever the code of a compiled form changes its speed, so that AUTO times again rather than reuse a
-# choice made for the old code.  2: the per-step forms gather their batch (see make_train_steps).
-COMPILED_FORMS_REVISION = 2
+# choice made for the old code.  2: the per-step forms gather their batch (see make_train_steps).  3: a step
+# with a variance head runs the trunk once and selects DER_SNR's median without sorting (variance_head_parts,
+# log_noise_variance).
+COMPILED_FORMS_REVISION = 3
 
 
 def compiled_form_key(spec, batch_size, chunk_batches, keep_prob, candidates=COMPILED_FORMS):
