@@ -392,7 +392,7 @@ def _predict_and_write(cfg, model, pack, rel_sn, stats_path, batch_size, mc_samp
 
     Returns (true, inferred, sn or None, sigmas or None); ``sigmas`` maps sigma_total/sigma_model/sigma_pred
     to (n, nout) arrays (physical units) when ``mc_samples`` asks for MC dropout.  The pack is read with plain
-    reads in chunks of about ``batch_size`` stars (:meth:`anna.packs.Pack.read_block`), so memory does not grow
+    reads in chunks of about ``batch_size`` stars (:meth:`anna.packs.Pack.read_rows`), so memory does not grow
     with the pack; with PREPROCESS_TEST each TEST_NOISE_BLOCK stars are noised with their own generator, so
     the noise does not depend on the batch size.
     """
@@ -414,8 +414,7 @@ def _predict_and_write(cfg, model, pack, rel_sn, stats_path, batch_size, mc_samp
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(header)
         for start, stop in pack.iter_chunks(_chunk_stars(batch_size)):
-            block = pack.read_block(start, stop)
-            flux = block[:, 2 + pack.nout:]
+            ids, labels, flux = pack.read_rows(start, stop)
             if sn is not None:
                 noised = np.empty_like(flux)
                 for first in range(0, stop - start, TEST_NOISE_BLOCK):
@@ -425,7 +424,6 @@ def _predict_and_write(cfg, model, pack, rel_sn, stats_path, batch_size, mc_samp
                         seed=(int(cfg.seed or 0), (start + first) // TEST_NOISE_BLOCK))
                 flux = noised
             bad_flux_stars += int(np.count_nonzero(~np.isfinite(flux).all(axis=1)))
-            labels = np.array(block[:, 1:1 + pack.nout], dtype=np.float64)
             if missing_value is not None:
                 labels[labels == missing_value] = np.nan
             true[start:stop] = labels
@@ -435,7 +433,7 @@ def _predict_and_write(cfg, model, pack, rel_sn, stats_path, batch_size, mc_samp
                 for key in sigmas:
                     sigmas[key][start:stop] = chunk[key]
                 chunk_sigmas = [chunk[key] for _, key in ERROR_COLUMNS]
-            _write_rows(writer, block[:, 0], true[start:stop], inferred[start:stop],
+            _write_rows(writer, ids, true[start:stop], inferred[start:stop],
                         None if sn is None else sn[start:stop], chunk_sigmas)
         if bad_flux_stars:
             raise AnnaInputError(f"{bad_flux_stars} of {n} stars have NaN or infinite fluxes; anna-test needs "

@@ -102,6 +102,8 @@ MISSING_PART_FLAGS = {"training_domain": "domain_unchecked", "variance_calibrati
 # in the CPU cache: a whole multispec file at once (90 x 1000 values per array) ran 3.5x slower, 4096 values
 # (too few rows to share the per-call cost) 1.6x slower (benchmarks/, FITS row).
 ONTO_GRID_ELEMENTS = 16384
+# grid_flux_flags works on this many spectra at a time.
+FLAG_ROWS = 128
 # Within one long input (a big DEBUG pack) a progress line is printed at most this often.
 PROGRESS_SECONDS = 30.0
 
@@ -126,10 +128,15 @@ class GridBlock:
 
 
 def grid_flux_flags(flux):
-    """Flag sets for (n, npix) fluxes already on the grid: nonfinite, all_zero, zero_pixels."""
+    """Flag sets for (n, npix) fluxes already on the grid: nonfinite, all_zero, zero_pixels.  Computed
+    FLAG_ROWS spectra at a time, so the temporary masks stay small and in the CPU cache."""
     flux = np.asarray(flux)
-    finite = np.isfinite(flux).all(axis=1)
-    zeros = np.count_nonzero(flux == 0, axis=1)
+    finite = np.empty(flux.shape[0], dtype=bool)
+    zeros = np.empty(flux.shape[0], dtype=np.int64)
+    for start in range(0, flux.shape[0], FLAG_ROWS):
+        rows = flux[start:start + FLAG_ROWS]
+        finite[start:start + FLAG_ROWS] = np.isfinite(rows).all(axis=1)
+        zeros[start:start + FLAG_ROWS] = np.count_nonzero(rows == 0, axis=1)
     flags = [set() for _ in range(flux.shape[0])]
     for row in np.flatnonzero(~finite | (zeros > 0)):
         if not finite[row]:
@@ -248,7 +255,7 @@ def read_text_spectrum(path):
 def read_debug_pack(path, model, batch_size):
     """DEBUG mode: blocks of ``batch_size`` pack rows; the pack grid must be the model grid (no interpolation).
 
-    Rows are read with plain reads (:meth:`anna.packs.Pack.iter_blocks`), not through the memory map, so the
+    Rows are read with plain reads (:meth:`anna.packs.Pack.read_rows`), not through the memory map, so the
     process holds one block, however large the pack; the flux goes straight to float32, what the network
     reads (a value beyond float32's range becomes infinite there and is flagged ``nonfinite``)."""
     from anna.packs import open_pack
@@ -257,11 +264,9 @@ def read_debug_pack(path, model, batch_size):
     check_same_grid(pack.wavelengths, model.wavelengths, what="the DEBUG_DATA pack", path=pack.path,
                     key="DEBUG_DATA")
     for start, stop in pack.iter_chunks(int(batch_size)):
-        block = pack.read_block(start, stop)
-        with np.errstate(over="ignore"):
-            flux = block[:, 2 + pack.nout:].astype(np.float32)
-        yield GridBlock(star_ids=[format_star_id(value) for value in block[:, 0]],
-                        meta=[()] * (stop - start), flux=flux, flags=grid_flux_flags(flux))
+        ids, _, flux = pack.read_rows(start, stop, flux_dtype=np.float32)
+        yield GridBlock(star_ids=[format_star_id(value) for value in ids], meta=[()] * (stop - start), flux=flux,
+                        flags=grid_flux_flags(flux))
 
 
 def read_multispec(path, model):
@@ -402,7 +407,8 @@ class Predictor:
             flux = np.where(usable[:, None], flux, np.float32(1.0))
         scorer = self.domain_scorer if usable.any() else None
         # the domain statistics in their own thread while the network predicts: +15 % spectra/s (benchmarks/)
-        scoring = (self.domain_pool.submit(scorer.outside, flux[usable])
+        scored = flux if usable.all() else flux[usable]  # no copy of a block without fatal rows
+        scoring = (self.domain_pool.submit(scorer.outside, scored)
                    if scorer is not None and self.domain_pool is not None else None)
         labels, sigmas = self.model.predict_labels(flux, self.batch_size, self.mc_samples)
         for values in [labels, *(sigmas or {}).values()]:
@@ -426,7 +432,7 @@ class Predictor:
             for row in np.flatnonzero(large & usable):
                 block.flags[row].add("large_sigma")
         if scorer is not None:
-            outside = scoring.result() if scoring is not None else scorer.outside(flux[usable])
+            outside = scoring.result() if scoring is not None else scorer.outside(scored)
             for row in np.flatnonzero(usable)[outside]:
                 block.flags[row].add("outside_training_domain")
         for word in self.missing_flags:

@@ -47,6 +47,9 @@ def _float32_hint(path, nbytes):
 # Whole-pack passes read this many bytes per block by default: 64 MiB is 1100 stars of 7214 pixels (4096 stars
 # per block, the earlier fixed count, took 240 MB at that length) and still 8000 of 1001.
 BLOCK_BYTES = 64 << 20
+# Pack.read_rows reads through one buffer of about this many bytes: below glibc's 32 MiB limit for reusing
+# freed memory, so after the first read no read pays page faults for fresh memory again.
+READ_BUFFER_BYTES = 8 << 20
 
 
 class Pack:
@@ -101,6 +104,33 @@ class Pack:
         count = (stop - start) * self.star_length
         block = np.fromfile(self.path, dtype=PACK_DTYPE, count=count, offset=offset)
         return block.reshape(stop - start, self.star_length)
+
+    def read_rows(self, start, stop, flux_dtype=np.float64):
+        """(ids (n,), labels (n, nout), flux (n, npix) as ``flux_dtype``) of stars ``start:stop``, by plain reads.
+
+        The rows go through one reused buffer of about READ_BUFFER_BYTES, so a block of survey spectra costs
+        its own arrays only: read whole (:meth:`read_block`), a thousand 7214-pixel spectra were a fresh 58 MB
+        float64 array, then a float32 copy, and the page faults of the fresh memory took as long as the reading
+        (benchmarks/, survey-size inference).  A flux beyond float32's range becomes infinite in float32.
+        """
+        n = stop - start
+        ids, labels = np.empty(n), np.empty((n, self.nout))
+        flux = np.empty((n, self.npix), dtype=flux_dtype)
+        rows_per_read = max(1, READ_BUFFER_BYTES // (self.star_length * PACK_DTYPE.itemsize))
+        buffer = np.empty((min(rows_per_read, n), self.star_length), dtype=PACK_DTYPE)
+        with open(self.path, "rb") as handle:
+            handle.seek((HEADER_VALUES + self.npix + start * self.star_length) * PACK_DTYPE.itemsize)
+            for first in range(0, n, rows_per_read):
+                rows = buffer[:min(rows_per_read, n - first)]
+                if handle.readinto(memoryview(rows).cast("B")) != rows.nbytes:
+                    raise AnnaInputError(f"pack ended early while reading stars {start + first + 1}.."
+                                         f"{start + first + len(rows)} (was it truncated after opening?)",
+                                         path=self.path)
+                ids[first:first + len(rows)] = rows[:, 0]
+                labels[first:first + len(rows)] = rows[:, 1:1 + self.nout]
+                with np.errstate(over="ignore"):
+                    flux[first:first + len(rows)] = rows[:, 2 + self.nout:]
+        return ids, labels, flux
 
     def iter_blocks(self, chunk_stars=None):
         """Yield ``(start, stop, labels, flux)`` in-memory blocks covering the pack (bounded memory)."""
