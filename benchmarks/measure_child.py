@@ -4,6 +4,8 @@ rows as ``python measure_child.py KIND ARGS...``; prints one JSON line (the last
 ``infer PARAM_FILE``: anna-infer as the command runs it (the command's environment and threads; the timing
 covers ``run_infer``: model load, batch plan, reading, flags, domain statistics, prediction, CSV).
 
+``test PARAM_FILE``: anna-test likewise (``run_test``: everything up to the plots and the summary).
+
 ``predict MODEL_DIR PACK BATCHES``: the plain-Keras baseline.  The whole pack is read into memory as float32,
 then the frozen model's Keras network is timed with ``model.predict`` at each batch size of the
 comma-separated BATCHES, once compiled with ``jit_compile=True`` and once with ``False``; the best rate is the
@@ -44,6 +46,19 @@ def infer(param_file):
     written = run_infer(cfg, report=lines.append)
     seconds = time.perf_counter() - started
     return {"seconds": seconds, "written": written, "lines": lines, "peak_rss": peak_rss_bytes()}
+
+
+def test(param_file):
+    from anna.evaluate import run_test
+    from anna.params import load_config, validate_for_stage
+
+    cfg = load_config(param_file, stage="test")
+    validate_for_stage(cfg, "test")
+    lines = []
+    started = time.perf_counter()
+    summary = run_test(cfg, report=lines.append)
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "n": summary["n_stars"], "lines": lines, "peak_rss": peak_rss_bytes()}
 
 
 def _pack_in_memory(pack_path):
@@ -99,6 +114,8 @@ def main(argv):
     kind, *args = argv
     if kind == "infer":
         result = infer(*args)
+    elif kind == "test":
+        result = test(*args)
     elif kind == "predict":
         result = predict(args[0], args[1], [int(value) for value in args[2].split(",")])
     elif kind == "mc":

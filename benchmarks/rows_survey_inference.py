@@ -153,9 +153,39 @@ def survey_inference(ctx):
                         "largest of the runs; baseline = the plain predict process (whole pack in memory)",
                         higher_is_better=False))
         details[label] = {"runs": runs, "baseline": baseline}
+        if npix == 7214:
+            rows += test_rows(ctx, model_dir, pack, n, baseline, details)
     rows += mc_rows(ctx, details)
     rows += rss_against_pack_size(ctx, details)
     return rows, details
+
+
+def test_rows(ctx, model_dir, pack, n, baseline, details):
+    """anna-test on the APOGEE-size pack, without noising (the network's work, as the baseline's) and with
+    PREPROCESS_TEST at S/N 60 (what testing usually does: the noise is extra work the baseline has not)."""
+    rows = []
+    for noised in (False, True):
+        label = "anna-test, APOGEE-size 7214 px" + (", PREPROCESS_TEST S/N 60" if noised else "")
+        values = {"TEST_MODEL_LOC": model_dir, "TESTING_DATA": pack,
+                  "TEST_SAVE_LOC": ctx.ws.fresh_dir("survey_infer", "test", "noised" if noised else "plain"),
+                  "PREPROCESS_TEST": "YES" if noised else "NO"}
+        if noised:
+            from rows_survey import survey_data
+
+            values.update({"SN_RANGE_TEST": "60, 60", "REL_CONT_E_TEST": "-0.01, 0.01",
+                           "SN_TEMPLATE_TEST": os.path.join(survey_data(ctx), "sn.template")})
+        param = write_param_file(ctx.ws.sub("survey_infer", "params", f"test_{int(noised)}.param"), values)
+        ctx.log(f"  {label}: anna-test on {n} stars")
+        run = child(ctx, "test", param)
+        rows.append(Row("survey_infer", f"{label} ({n} stars)", n / run["seconds"], "spectra/s", baseline["rate"],
+                        Target("ratio", ">=", 0.8, ">= 0.8x") if not noised else None,
+                        "run_test up to the plots and summary (residual CSV, statistics, PNG plots included); "
+                        "baseline = the same plain predict as the anna-infer row"))
+        rows.append(Row("survey_infer", "  peak RSS of that anna-test", run["peak_rss"] / GB, "GB",
+                        baseline["peak_rss"] / GB, at_most(2.0, "2 GB"), "baseline = the plain predict process",
+                        higher_is_better=False))
+        details[label] = run
+    return rows
 
 
 def mc_rows(ctx, details):
