@@ -328,3 +328,44 @@ def test_reference_wavelength_template_interoperates(tmp_path):
     _, rows = read_csv(written[0])
     assert len(rows) == 1 and not set(rows[0][4].split("|")) & FATAL_FLAGS
     assert np.isfinite(values_of(rows, 1)).all()
+
+
+def test_a_model_lacking_parts_says_so_once_and_flags_every_star(tmp_path, model_dir):
+    """A frozen model without training-domain statistics and (MC dropout, variance head) without σ calibration,
+    as older versions and stopped runs left them: one line each at start, a flag on every star of anna-infer,
+    and ``model_missing_parts`` in anna-test's summary.  The whole toy model gets none of it."""
+    from anna.model import NetworkSpec, build_network, save_frozen
+
+    spec = NetworkSpec(npix=len(WAVE), nout=3, conv_layers=((5, 4),), fc_dims=(32, 32), heteroscedastic=True)
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    save_frozen(str(partial), build_network(spec, dropout_rate=0.1), spec,
+                {"output_names": list(NAMES), "wavelengths": list(WAVE), "min_params": list(MINIMA),
+                 "max_params": list(MAXIMA), "mc_dropout_rate": 0.1, "training_domain": None,
+                 "variance_calibration": None})
+    labels, flux, _ = toy_stars(40, seed=4)
+    write_pack(tmp_path / "stars.pack", WAVE, np.arange(1, 41), labels, flux)
+    for folder, uncertainty, missing in ((partial, "MC_DROPOUT", ("training_domain", "variance_calibration")),
+                                         (Path(model_dir), "NONE", ())):
+        cfg = make_config(tmp_path, infer_model_loc=folder, infer_mode="DEBUG", debug_data=tmp_path / "stars.pack",
+                          infer_save_loc=tmp_path / f"infer_{folder.name}", uncertainty=uncertainty, mc_samples=10,
+                          test_model_loc=folder, testing_data=tmp_path / "stars.pack",
+                          test_save_loc=tmp_path / f"test_{folder.name}")
+        lines = []
+        written = run_infer(cfg, report=lines.append)
+        notes = [line for line in lines if line.startswith("note: model has no")]
+        expected = {"training_domain": "note: model has no training-domain statistics: outside_training_domain is "
+                                       "not checked",
+                    "variance_calibration": "note: model has no uncertainty calibration: sigma not calibrated"}
+        assert [note.split(" (")[0] for note in notes] == [expected[part] for part in missing]
+        header, rows = read_csv(written[0])
+        words = {"training_domain": "domain_unchecked", "variance_calibration": "sigma_uncalibrated"}
+        # (an untrained network adds out_of_range; only the two words of missing parts are checked here)
+        assert all(set(row[-1].split("|")) & set(words.values()) == {words[part] for part in missing}
+                   for row in rows), rows[0]
+        lines = []
+        summary = run_test(cfg, report=lines.append)
+        assert sorted(summary["model_missing_parts"]) == sorted(missing)
+        assert len([line for line in lines if line.startswith("note: model has no")]) == len(missing)
+        on_disk = json.loads((tmp_path / f"test_{folder.name}" / "test_summary.json").read_text())
+        assert sorted(on_disk["model_missing_parts"]) == sorted(missing)
