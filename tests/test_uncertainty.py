@@ -395,10 +395,11 @@ def test_der_snr_recovers_the_sigma_of_gaussian_noise(npix):
     assert np.isnan(result[1]) and np.isfinite(result[[0, 2]]).all()
 
 
-@pytest.mark.parametrize("n, npix", [(300, 100), (200, 500)])
+@pytest.mark.parametrize("n, npix", [(300, 100), (200, 500), (1500, 600), (600, 1500)])
 def test_domain_components_are_the_principal_components_with_more_or_fewer_pixels_than_spectra(n, npix):
     """The scatter-matrix route (npix <= n) and the Gram-matrix route (survey spectra: npix > n) both give the
-    leading right singular vectors of the centred flux (up to sign)."""
+    leading right singular vectors of the centred flux (up to sign), with a dense eigensolver (the first two
+    sizes) and by Lanczos iteration (the last two)."""
     from anna.domain import DOMAIN_COMPONENTS, _domain_description
 
     rng = np.random.default_rng(n + npix)
@@ -407,3 +408,21 @@ def test_domain_components_are_the_principal_components_with_more_or_fewer_pixel
     _, _, vt = np.linalg.svd(flux - flux.mean(axis=0), full_matrices=False)
     assert components.shape == (DOMAIN_COMPONENTS, npix)
     np.testing.assert_allclose(np.abs(np.sum(components * vt[:DOMAIN_COMPONENTS], axis=1)), 1.0, atol=1e-9)
+
+
+def test_a_fold_described_from_the_shared_gram_matrix_equals_the_fold_described_alone():
+    """training_domain_statistics describes its folds from one Gram matrix of all the spectra, each block
+    centred on its fold's mean: the description is the one the fold's spectra give on their own."""
+    from anna.domain import _Describer, _domain_description
+
+    rng = np.random.default_rng(8)
+    flux = 1.0 + rng.normal(size=(700, 900)) * np.linspace(0.05, 0.002, 900)[None, :] + 0.3 * rng.uniform(size=(700, 1))
+    rows = np.arange(700) % 5 != 2
+    shared, alone = _Describer(flux).describe(rows), _domain_description(flux[rows])
+    sign = np.sign(np.sum(np.array(shared["components"]) * np.array(alone["components"]), axis=1))
+    np.testing.assert_allclose(shared["reference_spectrum"], alone["reference_spectrum"], rtol=1e-12)
+    np.testing.assert_allclose(np.array(shared["components"]) * sign[:, None], alone["components"], atol=1e-9)
+    np.testing.assert_allclose(np.array(shared["coefficient_mean"]) * sign, alone["coefficient_mean"], atol=1e-9)
+    inverse = np.array(alone["coefficient_inverse_covariance"])  # off the diagonal: zero to rounding
+    np.testing.assert_allclose(np.array(shared["coefficient_inverse_covariance"]) * np.outer(sign, sign), inverse,
+                               rtol=1e-7, atol=1e-10 * np.abs(inverse).max())
