@@ -398,8 +398,8 @@ def test_der_snr_recovers_the_sigma_of_gaussian_noise(npix):
 @pytest.mark.parametrize("n, npix", [(300, 100), (200, 500), (1500, 600), (600, 1500)])
 def test_domain_components_are_the_principal_components_with_more_or_fewer_pixels_than_spectra(n, npix):
     """The scatter-matrix route (npix <= n) and the Gram-matrix route (survey spectra: npix > n) both give the
-    leading right singular vectors of the centred flux (up to sign), with a dense eigensolver (the first two
-    sizes) and by Lanczos iteration (the last two)."""
+    leading right singular vectors of the centred flux (up to sign), with the dense eigensolver (100 pixels) and
+    by Lanczos iteration (the other sizes: anna.domain.ITERATIVE_EIGEN_MIN)."""
     from anna.domain import DOMAIN_COMPONENTS, _domain_description
 
     rng = np.random.default_rng(n + npix)
