@@ -67,17 +67,24 @@ def refit_variance_biases(network, squared_residual, fit_variance, noise_varianc
 
 
 def variance_parts(network, flux, batch_size=EVAL_BATCH):
-    """(F, N) of :func:`refit_variance_biases` for (n, npix) flux from the dropout-free pass, float64."""
+    """(F, N, σ²_pred) for (n, npix) flux from the dropout-free pass, float64: the parts F and N of
+    :func:`refit_variance_biases` and the variance head's σ² as a frozen model reads it (F + N, clipped as in
+    :func:`anna.model.compile_mc_forward`)."""
     import keras
 
+    from anna.losses import LOG_VARIANCE_MAX, LOG_VARIANCE_MIN
+
     probe = keras.Model(network.input, [network.get_layer(name).output for name in
-                                         ("log_variance_fit", "log_noise_gain", "log_noise_variance")])
-    fit, noise = [], []
+                                         ("log_variance_fit", "log_noise_gain", "log_noise_variance",
+                                          "log_variance")])
+    fit, noise, total = [], [], []
     for _, block in row_blocks(flux, batch_size):
-        log_fit, log_gain, log_noise_sq = (np.asarray(v, dtype=np.float64) for v in probe(block, training=False))
+        log_fit, log_gain, log_noise_sq, log_total = (np.asarray(v, dtype=np.float64)
+                                                      for v in probe(block, training=False))
         fit.append(np.exp(log_fit))
         noise.append(np.exp(log_gain + log_noise_sq))
-    return np.concatenate(fit), np.concatenate(noise)
+        total.append(np.exp(np.clip(log_total, LOG_VARIANCE_MIN, LOG_VARIANCE_MAX)))
+    return np.concatenate(fit), np.concatenate(noise), np.concatenate(total)
 
 
 def calibrate_variance_head(network, spec, flux, labels, mask, samples):
@@ -92,13 +99,19 @@ def calibrate_variance_head(network, spec, flux, labels, mask, samples):
     fixed dropout rate is not calibrated and, for small networks, exceeds the real error of the averaged
     prediction.  The head's scales move into its biases; κ (per label) is returned as ``model_variance_scale``
     for the frozen model.  Residuals are in normalised label units.
+
+    Two passes over the spectra's trunk, not three: the dropout passes are sampled for the labels alone (the
+    head's dropout-free pass, which the MC function would add, comes once, from :func:`variance_parts`).  This
+    runs whenever anna-train writes a frozen model, a stopped run included, where the user waits for it.
     """
+    import dataclasses
+
     from anna.model import compile_mc_forward, mc_moments
 
-    forward = compile_mc_forward(network, spec, int(samples))
-    mean, var_model, var_pred_before = mc_moments(forward, flux, spec.nout, samples)
+    forward = compile_mc_forward(network, dataclasses.replace(spec, heteroscedastic=False), int(samples))
+    mean, var_model, _ = mc_moments(forward, flux, spec.nout, samples)
     squared = np.where(mask > 0, np.square(labels - mean), 0.0)
-    fit, noise = variance_parts(network, flux)
+    fit, noise, var_pred_before = variance_parts(network, flux)
     scales = fit_variance_scales(squared, np.stack([fit, noise, var_model]), mask)
     shift_variance_biases(network, np.log(scales[:2]))
     kappa = scales[2]
