@@ -30,8 +30,9 @@ def _stage_parser(prog, stage, description):
 
 def _run(prog, debug, action):
     """Call ``action``; map input errors to one line + exit 2, Ctrl-C to exit 130."""
-    # TensorFlow's C++ start-up notices (CPU features, oneDNN) are noise on a user's terminal; errors still show
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from anna.runtime import prepare_tensorflow_environment
+
+    prepare_tensorflow_environment()  # before any stage imports TensorFlow
     try:
         action()
     except AnnaInputError as exc:
@@ -46,8 +47,12 @@ def _run(prog, debug, action):
     return 0
 
 
-def _stage_main(prog, stage, description, run_stage, argv):
-    args = _stage_parser(prog, stage, description).parse_args(argv)
+def _stage_main(prog, stage, description, run_stage, argv, flags=None):
+    """``flags`` ({option: help}): the stage's own on/off options, handed to ``run_stage`` as keywords."""
+    parser = _stage_parser(prog, stage, description)
+    for option, text in (flags or {}).items():
+        parser.add_argument(option, action="store_true", help=text)
+    args = parser.parse_args(argv)
 
     def action():
         from anna.params import load_config, validate_for_stage
@@ -60,12 +65,17 @@ def _stage_main(prog, stage, description, run_stage, argv):
             for line in check_stage(cfg, stage):
                 print(line)
             return
-        run_stage(cfg)
+        run_stage(cfg, **{option.lstrip("-"): getattr(args, option.lstrip("-")) for option in flags or {}})
 
     return _run(prog, args.debug, action)
 
 
-def _train(cfg):
+def _train(cfg, finish=False):
+    if finish:
+        from anna.train.finish import finish_model
+
+        finish_model(cfg)
+        return
     from anna.train import run_training
 
     result = run_training(cfg)
@@ -86,7 +96,10 @@ def _infer(cfg):
 
 
 def train_main(argv=None):
-    return _stage_main("anna-train", "train", "Train an ANNA-TF network as the parameter file says.", _train, argv)
+    return _stage_main("anna-train", "train", "Train an ANNA-TF network as the parameter file says.", _train, argv,
+                       flags={"--finish": "do not train: compute what SAVE_LOC's frozen model lacks (training-domain "
+                                          "statistics; with MC_DROPOUT the uncertainty calibration, from the "
+                                          "cross-validation pack) and write it back"})
 
 
 def test_main(argv=None):

@@ -22,9 +22,11 @@ training spectra for anna-infer's ``outside_training_domain`` flag.
 
 The cost is the mean squared error of the normalised labels (0..1 scale), the quantity minimised; the RMS per
 label is the same error in physical units.  Ctrl-C or SIGTERM stops after the steps of the current chunk
-(at most NUM_FETCH examples), keeps the best weights so far as a usable frozen model and says so.  After a
-crash or ``kill -9`` the same command resumes from the last checkpoint (at most one SAMPLE_INTERVAL of work
-is lost).
+(at most NUM_FETCH examples), keeps the best weights so far as a usable frozen model, whole like any other
+(training-domain statistics and calibration computed from those weights; a second signal skips what is left,
+and ``anna-train --finish`` computes it later, :mod:`~anna.train.finish`), and says so with the seconds the
+stop took.  After a crash or ``kill -9`` the same command resumes from the last checkpoint (at most one
+SAMPLE_INTERVAL of work is lost).
 
 The package's modules, each with one concern (as Keras separates a trainer's step, loop and callbacks):
 :mod:`~anna.train.loop` (the run: set-up, stages, the frozen model), :mod:`~anna.train.stage` (one stage's
@@ -32,10 +34,13 @@ loop and its interval bookkeeping), :mod:`~anna.train.steps` (the compiled train
 JIT_COMPILE AUTO), :mod:`~anna.train.schedule` (stage plans, early stopping, learning-rate schedules, the
 optimiser), :mod:`~anna.train.state` (checkpoints, the resume fingerprint, stop requests),
 :mod:`~anna.train.evaluation` (cross-validation cost and RMS), :mod:`~anna.train.variance` (the variance
-head's fits) and :mod:`~anna.train.summaries` (what goes to TensorBoard).  The names below are the package's public surface.
+head's fits), :mod:`~anna.train.describe` (the frozen model's parts beside its weights and the sets they come
+from), :mod:`~anna.train.finish` (``anna-train --finish``) and :mod:`~anna.train.summaries` (what goes to
+TensorBoard).  The names below are the package's public surface.
 """
 
-from anna.train.loop import DOMAIN_SAMPLE, Trainer, configure_threads, run_training
+from anna.train.describe import DOMAIN_SAMPLE
+from anna.train.loop import Trainer, configure_threads, run_training
 from anna.train.schedule import EarlyStopping, LearningRateSchedule, StagePlan, make_optimizer, stage_plans
 from anna.train.state import read_checkpoint, training_fingerprint, write_checkpoint
 from anna.train.steps import (COMPILED_FORMS, FORMS_OF_SETTING, choose_compiled_form, compiled_form_cache_path,

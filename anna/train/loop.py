@@ -1,5 +1,7 @@
 """The training run: the stage loop over producer chunks, cross-validation, logging, checkpoints and the frozen
-model at the end (:class:`Trainer`, entry point :func:`run_training`).
+model at the end (:class:`Trainer`, entry point :func:`run_training`).  The frozen model is whole however the
+run ends: its parts beside the weights (:mod:`anna.train.describe`) are computed from the best weights at the
+end of the stages, at a time budget and after Ctrl-C or SIGTERM alike.
 """
 
 import concurrent.futures
@@ -12,6 +14,9 @@ import numpy as np
 
 from anna.atomic import file_sha256
 from anna.errors import AnnaInputError
+from anna.runtime import configure_threads
+from anna.train.describe import (PART_TITLES, compute_parts, load_xval, missing_text, noise_models, parts_of,
+                                 training_sample)
 from anna.train.schedule import DEFAULT_WEIGHT_DECAY, EarlyStopping, make_optimizer, stage_plans, stage_schedule
 from anna.train.state import (CHECKPOINT_NAME, PARTIAL_MODEL_NAME, StopRequest, is_complete_model, read_checkpoint,
                               training_fingerprint, write_checkpoint)
@@ -19,58 +24,8 @@ from anna.train.stage import StageRun
 from anna.train.steps import FORMS_OF_SETTING, choose_compiled_form
 from anna.train.summaries import write_histogram, write_interval_scalars
 from anna.train.evaluation import make_evaluator
-from anna.train.variance import calibrate_variance_head
 
 ACTIVATION_SAMPLE = 256
-# Training spectra drawn (fixed seed) at the end of training for the training-domain statistics.
-DOMAIN_SAMPLE = 4000
-
-
-def configure_threads():
-    """Use every core for the maths ops and two inter-op threads (the producer and the training step).
-
-    Must run before TensorFlow starts its runtime; later calls (tests in one process) are harmless no-ops.
-    """
-    import tensorflow as tf
-
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(os.cpu_count() or 1)
-        tf.config.threading.set_inter_op_parallelism_threads(2)
-    except RuntimeError:
-        pass
-
-
-class _XvalSet:
-    """The cross-validation set, built once: float32 flux (noised once, fixed seed) and normalised labels."""
-
-    def __init__(self, flux, labels, mask):
-        self.flux, self.labels, self.mask = flux, labels, mask
-
-
-def _load_xval(cfg, pack, scaler, noise, seed, missing_value):
-    from anna.augment import noisy_copy
-    from anna.packs import open_pack
-
-    xval = open_pack(cfg.xval_data, expected_npix=pack.npix, expected_nout=pack.nout, max_stars=cfg.xval_size,
-                     check_flux=True, missing_label_value=missing_value)
-    if not np.allclose(xval.wavelengths, pack.wavelengths, rtol=1e-9, atol=0):
-        raise AnnaInputError("cross-validation wavelengths differ from the training pack's (max difference "
-                             f"{np.max(np.abs(xval.wavelengths - pack.wavelengths)):.3g} A)", path=xval.path,
-                             key="XVAL_DATA")
-    flux = np.array(xval.flux, dtype=np.float64)
-    if noise is not None and cfg.preprocess_xval:
-        flux, _ = noisy_copy(flux, noise.rel_sn, noise.sn_range, noise.cont_range, seed=(seed, 7919))
-    labels = np.array(xval.labels, dtype=np.float64)
-    mask = _label_mask(labels, missing_value)
-    normalised = np.where(mask, scaler.normalise(np.where(mask, labels, 0.0)), 0.0)
-    return _XvalSet(flux.astype(np.float32), normalised.astype(np.float32), mask.astype(np.float32))
-
-
-def _label_mask(labels, missing_value):
-    mask = np.isfinite(labels)
-    if missing_value is not None:
-        mask &= labels != missing_value
-    return mask
 
 
 def _mean_spectrum(pack):
@@ -86,10 +41,9 @@ class Trainer:
     def __init__(self, cfg, report=print):
         import tensorflow as tf
 
-        from anna.augment import NoiseModel, PackRows
+        from anna.augment import PackRows
         from anna.model import LabelScaler, NetworkSpec
         from anna.packs import open_pack
-        from anna.templates import relative_sn_on_grid
 
         self.cfg = cfg
         self.report = report
@@ -98,20 +52,14 @@ class Trainer:
         self.pack = open_pack(cfg.training_data, expected_npix=cfg.num_px, expected_nout=cfg.num_outs,
                               check_flux=True, missing_label_value=self.missing_value)
         self.scaler = LabelScaler(cfg.min_params, cfg.max_params)
-        self.noise = None
-        needs_template = cfg.preprocess_train or (cfg.training_xval and cfg.preprocess_xval)
-        self.rel_sn = relative_sn_on_grid(cfg.sn_template, self.pack.wavelengths) if needs_template else None
-        if cfg.preprocess_train:
-            self.noise = NoiseModel(self.rel_sn, tuple(cfg.sn_range_train), tuple(cfg.rel_cont_e_train))
+        self.noise, xval_noise = noise_models(cfg, self.pack.wavelengths)
         self.save_loc = cfg.save_loc
         os.makedirs(self.save_loc, exist_ok=True)
         self.checkpoint_path = os.path.join(self.save_loc, CHECKPOINT_NAME)
         self.state = self._initial_or_resumed_state()
         self.seed = self.state["seed"]
         self._seed_everything()
-        xval_noise = NoiseModel(self.rel_sn, tuple(cfg.sn_range_train), tuple(cfg.rel_cont_e_train)) \
-            if (cfg.training_xval and cfg.preprocess_xval) else None
-        self.xval = _load_xval(cfg, self.pack, self.scaler, xval_noise, self.seed, self.missing_value) \
+        self.xval = load_xval(cfg, self.pack, self.scaler, xval_noise, self.seed, self.missing_value) \
             if cfg.training_xval else None
         self.rows = PackRows(self.pack)
         self.spec = NetworkSpec.from_config(cfg, self.pack.npix, self.pack.nout)
@@ -218,9 +166,10 @@ class Trainer:
                 if stop.requested:
                     interrupted = stop.signal_name
                     break
-        if interrupted is None:
-            self._describe_for_inference()
-        return self._finish(stage_results, interrupted)
+            self._describe_for_inference(stop)
+            stop.hold()
+            path = self._write_model(stage_results, interrupted, stop)
+        return self._finish(path, stage_results, interrupted, stop)
 
     def _choose_compiled_form(self, plan):
         """JIT_COMPILE: the compiled form of the training steps (timed on a throwaway network unless NO).  The
@@ -239,42 +188,28 @@ class Trainer:
         self._seed_everything()
         return compiled
 
-    def _training_sample(self, count=DOMAIN_SAMPLE):
-        """Up to ``count`` training spectra (fixed seed), noised as in training; (flux, normalised labels, mask)."""
-        from anna.augment import noisy_copy
+    def _describe_for_inference(self, stop):
+        """The parts every frozen model carries beside its weights (:mod:`anna.train.describe`), computed from
+        the best weights whenever the model is written: at the end of the stages, at a time budget and after a
+        stop.  A signal meanwhile skips what is left (the model is then written without it, and says so)."""
+        sample = []
 
-        rng = np.random.default_rng((self.seed, 104729))
-        n = min(count, self.pack.n_stars)
-        indices = np.sort(rng.choice(self.pack.n_stars, size=n, replace=False))
-        flux, labels = self.rows.gather(indices)
-        flux = np.asarray(flux, dtype=np.float64)
-        if self.noise is not None:
-            flux, _ = noisy_copy(flux, self.noise.rel_sn, self.noise.sn_range, self.noise.cont_range,
-                                 seed=(self.seed, 104729))
-        mask = _label_mask(labels, self.missing_value)
-        normalised = np.where(mask, self.scaler.normalise(np.where(mask, labels, 0.0)), 0.0)
-        return flux, normalised, mask.astype(np.float64)
+        def training_set():
+            if not sample:
+                sample.append(training_sample(self.pack, self.rows, self.scaler, self.noise, self.seed,
+                                              self.missing_value))
+            return sample[0]
 
-    def _describe_for_inference(self):
-        """After training: training-domain statistics and, with MC_DROPOUT, the final variance calibration."""
-        from anna.domain import training_domain_statistics
-
-        flux, labels, mask = self._training_sample()
-        self.training_domain = training_domain_statistics(flux)
-        if self.spec.heteroscedastic:
+        def calibration_set():
             if self.xval is not None:  # held-out spectra, noised like the training ones
-                flux, labels, mask = self.xval.flux, self.xval.labels, self.xval.mask
-                source = "cross-validation set"
-            else:
-                source = "training sample"
-            self.variance_calibration = calibrate_variance_head(self.network, self.spec, flux, labels, mask,
-                                                                self.cfg.mc_samples)
-            self.variance_calibration["set"] = source
-            ratio = ", ".join(f"{name} {before:.3g} -> {after:.3g}" for name, before, after in zip(
-                self.cfg.output_names, self.variance_calibration["mean_chi2_before"],
-                self.variance_calibration["mean_chi2_after"]))
-            self.report(f"variance head calibrated on the {source} ({len(flux)} spectra, "
-                        f"{self.cfg.mc_samples} MC passes): mean d^2/sigma_total^2 {ratio}")
+                return self.xval.flux, self.xval.labels, self.xval.mask, "cross-validation set"
+            return (*training_set(), "training sample")
+
+        values, self.model_parts = compute_parts(
+            self.network, self.spec, parts_of(self.spec), training_set, calibration_set, self.cfg.mc_samples,
+            by="anna-train", names=self.cfg.output_names, report=self.report, stop=stop)
+        self.training_domain = values.get("training_domain")
+        self.variance_calibration = values.get("variance_calibration")
 
     def _batch_rms(self, evaluate, flux, labels, mask):
         _, rms = evaluate(flux.numpy(), labels.numpy(), mask.numpy())
@@ -342,7 +277,9 @@ class Trainer:
             job.result()
 
     # ----- the end ----------------------------------------------------------------------------------------
-    def _finish(self, stage_results, interrupted):
+    def _write_model(self, stage_results, interrupted, stop):
+        """The frozen model, written atomically: ``frozen.model``, or ``frozen.partial.model`` when a stopped
+        run would otherwise replace a finished run's model.  Returns its path."""
         from anna import model as model_module
 
         metadata = {
@@ -370,14 +307,25 @@ class Trainer:
                             "factor": self.cfg.lr_factor, "minimum": self.cfg.lr_min,
                             "decay_start": self.cfg.lr_decay_start},
             "time_limits_minutes": [self.cfg.max_minutes1, self.cfg.max_minutes2],
-            "training_domain": getattr(self, "training_domain", None),
-            "variance_calibration": getattr(self, "variance_calibration", None),
+            "training_domain": self.training_domain,
+            "variance_calibration": self.variance_calibration,
+            "model_parts": self.model_parts,
         }
+        if interrupted is not None:
+            # the seconds from the signal until the model's contents were ready (the write itself follows)
+            metadata["stop"] = {"signal": interrupted,
+                                "seconds_before_writing": round(time.perf_counter() - stop.signal_time, 3)}
         final_path = os.path.join(self.save_loc, model_module.FROZEN_MODEL_NAME)
         target = final_path
         if interrupted is not None and is_complete_model(final_path):
             target = os.path.join(self.save_loc, PARTIAL_MODEL_NAME)
         path = model_module.save_frozen(target, self.network, self.spec, metadata)
+        # the cost of stopping: from the signal to the model on disk
+        self.stop_seconds = None if interrupted is None else time.perf_counter() - stop.signal_time
+        return path
+
+    def _finish(self, path, stage_results, interrupted, stop):
+        """After the model is written: close the logs, settle the checkpoint, say what was written."""
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
@@ -385,15 +333,24 @@ class Trainer:
         self._checkpoint_pool.shutdown()
         if interrupted is None and os.path.exists(self.checkpoint_path):
             os.remove(self.checkpoint_path)
+        lacking = missing_text(self.model_parts, self.cfg.source or "<parameter file>")
+        stop_seconds = self.stop_seconds
         if interrupted is not None:
+            parts = ", ".join(f"{PART_TITLES[part]} {record['seconds']:.1f} s"
+                              for part, record in self.model_parts.items() if record.get("seconds") is not None)
             self.report(f"stopped by {interrupted}: the best weights so far are saved as a usable frozen model "
-                        f"{path}; rerun the same command to resume from the checkpoint")
+                        f"{path}, {stop_seconds:.1f} s after the signal ({parts or 'no parts computed'})"
+                        + (f", {lacking}" if lacking else "")
+                        + "; rerun the same command to resume from the checkpoint")
         else:
-            self.report(f"frozen model written to {path}")
+            self.report(f"frozen model written to {path}" + (f" {lacking}" if lacking else ""))
         if self.run_dir:
             self.report(f"TensorBoard logs in {self.run_dir}  (watch with: tensorboard --logdir {self.cfg.log_loc})")
-        return {"frozen_model": path, "stages": stage_results, "interrupted": interrupted,
-                "history": self.history, "run_dir": self.run_dir, "seed": self.seed}
+        # a signal that cut the parts short after training had finished still ends the command as interrupted
+        skipped = stop.skipped_by if lacking else None
+        return {"frozen_model": path, "stages": stage_results, "interrupted": interrupted or skipped,
+                "training_complete": interrupted is None, "model_parts": self.model_parts,
+                "stop_seconds": stop_seconds, "history": self.history, "run_dir": self.run_dir, "seed": self.seed}
 
 
 def run_training(cfg, report=print):
