@@ -249,9 +249,12 @@ def test_sigterm_stops_cleanly_with_usable_model(tmp_path, toy_packs):
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
-    assert "stopped by SIGTERM" in stdout and "usable frozen model" in stdout
+    assert "stopped by SIGTERM" in stdout and "usable frozen model" in stdout and "s after the signal" in stdout
     model = load_frozen(tmp_path / "model")
     assert model.metadata["complete"] is False and model.metadata["stages"][0]["iterations"] >= 20
+    # whole like a finished run's model: the training-domain statistics were computed before it was written
+    assert model.metadata["training_domain"]["n"] == 1500
+    assert model.metadata["model_parts"]["training_domain"]["status"] == "computed"
     assert np.all(np.isfinite(model.predict(np.ones((2, 64)))))
 
 
