@@ -32,8 +32,10 @@ def make_train_steps(network, optimizer, spec, chunk_batches, batch_size, compil
     With a variance head a step takes the network's dropout-free pass (reported value, variance head) and a
     dropout pass (label loss) from one run of the layers before the first dropout
     (:func:`variance_head_parts`), and DER_SNR's noise term by selection (:func:`log_noise_variance`): the
-    same losses and gradients as two whole passes, at about 1.1-1.3x the plain step's cost instead of 2-3x
-    (benchmarks/rows_mc_training.py).
+    same losses and gradients as two whole passes.  Measured on 2 shared cores (benchmarks/rows_mc_training.py),
+    the variance-head step cost 1.1-1.2x the plain step for the StarNet-shaped network at 7214 px (2.1x and
+    1.8x before, "xla_step" and "graph") and 1.1-1.3x for the tutorial network (2.7-2.9x with XLA, 1.9x
+    without, before); what remains is mostly the selection.
     """
     import tensorflow as tf
 
@@ -167,10 +169,11 @@ def log_noise_variance(flux):
     """The value of the network's LogNoiseVariance layer (ln noise², (batch, 1), noise by DER_SNR) for
     (batch, npix) float32 flux, with the median found by exact selection (:func:`row_median`) instead of a
     full sort.  Why: sorting each spectrum's npix - 4 second differences was the largest extra cost of a
-    training step with a variance head (measured on 2 cores, batch 100 at 7214 px: 175 ms compiled by XLA,
-    66 ms without, against 20 and 30 ms for the selection; benchmarks/rows_mc_training.py), more than the
-    whole plain step of a StarNet-shaped network.  The selection returns the same order statistics, so the
-    arithmetic after it, the layer's own, gives the same value (tests/test_mc_step.py); flux is finite."""
+    training step with a variance head: per batch of 100 on 2 cores, 140-175 ms compiled by XLA at 7214 px
+    (a StarNet-shaped plain step took 220-400 ms) and 17-22 ms at 1001 px, 65 and 9 ms without XLA; the
+    selection took 16-20 and 4-6 ms with XLA, 30-37 and 10-12 ms without.  It returns the same order
+    statistics, so the arithmetic after it, the layer's own, gives the same value (tests/test_mc_step.py);
+    flux is finite."""
     import numpy as np
     import tensorflow as tf
 
@@ -194,9 +197,13 @@ def row_median(values):
 
     Non-negative floats order as their bit patterns do as integers, so the k-th smallest of a row is the
     smallest pattern t with at least k + 1 values <= t: a bisection over the patterns keeps lo (fewer than
-    k + 1 values <= lo) and hi (at least k + 1), SELECTION_STEPS counting passes, each a compare and a sum
-    that vectorise; the next order statistic (n even) is the same value or the smallest above it.  Faster
-    than a sort (see :func:`log_noise_variance`), in both compiled forms.  A NaN counts as the largest value.
+    k + 1 values <= lo) and hi (at least k + 1), SELECTION_STEPS counting passes, each a compare and a sum;
+    the next order statistic (n even) is the same value or the smallest above it.  Faster than a sort (see
+    :func:`log_noise_variance`), except without XLA on short spectra, where the two are about even.  A NaN
+    counts as the largest value.  Tried and dropped: counting by a matrix product with a column of ones
+    (faster alone under XLA, but it made the StarNet-shaped XLA step 1.6x the plain one, against 1.1-1.2x),
+    4- to 16-way splits per pass, and moving lo and hi to the nearest values each pass (fewer passes, each
+    dearer).
     """
     import tensorflow as tf
 
