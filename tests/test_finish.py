@@ -215,3 +215,19 @@ def test_finish_without_a_model_or_with_changed_sets_is_one_line_exit_2(stopped,
     assert train_main([str(changed), "--finish"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "SN_RANGE_TRAIN" in err[0] and "trained with" in err[0], err
+
+
+def test_a_signal_while_a_finished_run_computes_its_parts_skips_them_and_keeps_the_run_finished(data, tmp_path):
+    """Training done, Ctrl-C while the parts are computed: the model is written at once as a finished run's
+    (complete, the checkpoint gone) without the parts not yet done, and the command ends as interrupted."""
+    path = write_params(tmp_path / "run" / "train.param", data, NUM_TRAIN_ITERS1=200, DO_TRAIN2="NO")
+    report = SignalAt("variance head calibrated")
+    result = run_training(load(path), report=report)
+    assert result["interrupted"] == "SIGINT" and result["training_complete"] is True
+    metadata = load_frozen(result["frozen_model"]).metadata
+    assert metadata["complete"] is True and "stop" not in metadata
+    assert metadata["training_domain"] is None and metadata["variance_calibration"] is not None
+    assert not (tmp_path / "run" / "model" / "checkpoint.anna").exists()
+    assert any(line.startswith(f"frozen model written to {result['frozen_model']} without its training-domain "
+                               f"statistics (skipped by SIGINT): compute it with anna-train --finish {path}")
+               for line in report.lines), report.lines[-3:]

@@ -51,7 +51,8 @@ def finish_model(cfg, report=print):
     if uses_training_set and trained_on is not None and file_sha256(pack.path) != trained_on:
         raise cfg.error("TRAINING_DATA", f"is not the pack {path} was trained on (its SHA-256 differs from the one "
                                          "the model records): the missing parts describe the training data")
-    seed = int(model.metadata["seed"])
+    # the run's seed draws and noises the sets as training did (a model without one: SEED, else 0)
+    seed = int(model.metadata.get("seed", cfg.seed if cfg.seed is not None else 0))
     keras.utils.set_random_seed(seed)  # the dropout masks of the calibration, as reproducible as training's
     noise, xval_noise = noise_models(cfg, pack.wavelengths)
     sample = []
