@@ -188,10 +188,13 @@ def measure(flux_of, networks=NETWORKS, forms=None, seconds=FULL_SECONDS, rounds
                     continue
                 details[f"{name}/{form}"] = result
                 cost = median([p / m for p, m in zip(result["plain"], result["mc"])])
+                note = f"cost {cost:.2f}x the plain step"
+                if not rows:
+                    note = (f"UNCERTAINTY MC_DROPOUT against NONE (baseline), same network, form, dropout "
+                            f"{DROPOUT:g} and batch {BATCH}; {rounds} alternating rounds of >= {seconds:g} s each; "
+                            f"ratio = median of the rounds' paired ratios; " + note)
                 rows.append(Row("mc_training", f"variance-head training step, {title}, {form}",
-                                median(result["mc"]), "ex/s", median(result["plain"]), target,
-                                f"UNCERTAINTY MC_DROPOUT against NONE, dropout {DROPOUT:g}, batch {BATCH}; "
-                                f"{rounds} alternating rounds of >= {seconds:g} s; cost {cost:.2f}x the plain step",
+                                median(result["mc"]), "ex/s", median(result["plain"]), target, note,
                                 ratio_value=median(result["ratios"])))
     finally:
         restore_op_determinism(was_on)
