@@ -33,9 +33,10 @@ def make_train_steps(network, optimizer, spec, chunk_batches, batch_size, compil
     dropout pass (label loss) from one run of the layers before the first dropout
     (:func:`variance_head_parts`), and DER_SNR's noise term by selection (:func:`log_noise_variance`): the
     same losses and gradients as two whole passes.  Measured on 2 shared cores (benchmarks/rows_mc_training.py),
-    the variance-head step cost 1.1-1.2x the plain step for the StarNet-shaped network at 7214 px (2.1x and
-    1.8x before, "xla_step" and "graph") and 1.1-1.3x for the tutorial network (2.7-2.9x with XLA, 1.9x
-    without, before); what remains is mostly the selection.
+    the variance-head step cost 1.0-1.2x the plain step for the StarNet-shaped network at 7214 px (2.0-2.1x
+    and 1.4-1.8x before, "xla_step" and "graph"), and for the tutorial network 1.2-1.3x with XLA (2.6-2.9x
+    before) and 0.9-1.1x without (1.6-1.9x before; the graph runs the selection beside the convolutions).
+    What remains is mostly the selection.
     """
     import tensorflow as tf
 
