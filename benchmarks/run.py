@@ -32,7 +32,7 @@ prepare_tensorflow_environment()
 import harness  # noqa: E402  (needs the path set above)
 
 GROUPS = ("train", "tutorial", "infer_pack", "infer_fits", "mc_dropout", "rss", "scaling", "accuracy", "survey",
-          "survey_infer")
+          "survey_infer", "mc_training", "uncertainty")
 GROUP_TITLES = {
     "train": "1. training throughput",
     "tutorial": "2. tutorial wall time",
@@ -44,6 +44,8 @@ GROUP_TITLES = {
     "accuracy": "8. accuracy against classical baselines",
     "survey": "9. survey spectra: accuracy at a fixed time budget against a plain Keras loop",
     "survey_infer": "10. survey-size inference: speed and peak memory against plain Keras predict",
+    "mc_training": "11. the cost of uncertainty-aware training: a step with the variance head against a plain step",
+    "uncertainty": "12. uncertainty calibration on unseen survey spectra: a time-budgeted and a SIGINT-stopped run",
 }
 LARGE_PACK_BYTES = 10**9  # tiled packs above this size are deleted as soon as no remaining row needs them
 STAR_BYTES = (1001 + 5 + 2) * 8
@@ -196,6 +198,14 @@ def run_group(name, ctx):
         import rows_survey_inference
 
         return rows_survey_inference.survey_inference(ctx)
+    if name == "mc_training":
+        import rows_mc_training
+
+        return rows_mc_training.mc_training_cost(ctx)
+    if name == "uncertainty":
+        import rows_uncertainty
+
+        return rows_uncertainty.calibration_on_unseen_data(ctx)
     raise ValueError(name)
 
 
