@@ -15,8 +15,6 @@ the S/N template of training, +-1 % continuum errors).  Per label and S/N the ro
 with |d| < σ (target 63-73 %; a Gaussian gives 68.3 %) and the standard deviation of d/σ (target 0.85-1.15);
 the notes give the fractions within 2σ and 3σ.  The σ comes from the calibration computed when the model was
 written, on the cross-validation pack: neither the test stars nor their noise were seen.
-
-Not registered in run.py here; the group name is ``uncertainty``, the function :func:`calibration_on_unseen_data`.
 """
 
 import math
