@@ -347,7 +347,8 @@ class SpectrumMaxPool1D(keras.layers.Layer):
 
 
 class LogNoiseVariance(keras.layers.Layer):
-    """ln(noise²) of each spectrum, (batch, npix) flux -> (batch, 1), noise estimated by DER_SNR.
+    """ln(noise²) of each spectrum, (batch, npix) flux -> (batch, 1), noise estimated by DER_SNR
+    (:func:`log_noise_variance`).
 
     DER_SNR takes the median of |2 f_i − f_(i−2) − f_(i+2)|: the second difference over two pixels cancels the
     (smooth) spectrum and keeps the pixel noise, and the median ignores lines and bad pixels.  For
@@ -355,16 +356,66 @@ class LogNoiseVariance(keras.layers.Layer):
     """
 
     def call(self, flux):
-        import tensorflow as tf
+        return log_noise_variance(flux)
 
-        if flux.shape[-1] is not None and flux.shape[-1] < 5:
-            return tf.fill([tf.shape(flux)[0], 1], tf.constant(2.0 * np.log(NOISE_FLOOR), flux.dtype))
-        second = tf.abs(2.0 * flux[:, 2:-2] - flux[:, :-4] - flux[:, 4:])
-        ordered = tf.sort(second, axis=-1)
-        count = tf.shape(ordered)[-1]
-        median = 0.5 * (tf.gather(ordered, (count - 1) // 2, axis=-1) + tf.gather(ordered, count // 2, axis=-1))
-        noise = DER_SNR_FACTOR * median
-        return tf.math.log(tf.square(noise) + NOISE_FLOOR**2)[:, None]
+
+def log_noise_variance(flux):
+    """ln(noise²) by DER_SNR, (batch, 1), for (batch, npix) float32 flux: :class:`LogNoiseVariance`'s value,
+    and what the training step and MC dropout compute beside the network (no gradient flows through it).
+
+    The median is found by exact selection (:func:`row_median`) rather than a sort: sorting each spectrum's
+    npix − 4 second differences was the largest extra cost of a training step with a variance head (per batch
+    of 100 on 2 cores, 140-175 ms compiled by XLA at 7214 px, where a StarNet-shaped plain step took 220-400
+    ms, and 17-22 ms at 1001 px; 65 and 9 ms without XLA); the selection took 16-20 and 4-6 ms with XLA,
+    30-37 and 10-12 ms without.  It returns the same order statistics a sort gives, so the value is the same
+    bit for bit (tests/test_mc_step.py)."""
+    import tensorflow as tf
+
+    if flux.shape[-1] is not None and flux.shape[-1] < 5:
+        return tf.fill([tf.shape(flux)[0], 1], tf.constant(2.0 * np.log(NOISE_FLOOR), flux.dtype))
+    second = tf.abs(2.0 * flux[:, 2:-2] - flux[:, :-4] - flux[:, 4:])
+    noise = DER_SNR_FACTOR * row_median(second)
+    return tf.math.log(tf.square(noise) + NOISE_FLOOR**2)[:, None]
+
+
+# Bisection steps of row_median: the bit patterns of non-negative float32 span less than 2^31.
+SELECTION_STEPS = 31
+
+
+def row_median(values):
+    """Median of each row of (batch, n) non-negative float32 ``values`` (n static), as the mean of the two
+    middle order statistics in float32, exactly as sorting gives them.
+
+    Non-negative floats order as their bit patterns do as integers, so the k-th smallest of a row is the
+    smallest pattern t with at least k + 1 values <= t: a bisection over the patterns keeps lo (fewer than
+    k + 1 values <= lo) and hi (at least k + 1), SELECTION_STEPS counting passes, each a compare and a sum;
+    the next order statistic (n even) is the same value or the smallest above it.  Faster than a sort (see
+    :func:`log_noise_variance`), except without XLA on short spectra, where the two are about even.  A NaN
+    counts as the largest value.  Tried and dropped: counting by a matrix product with a column of ones
+    (faster alone under XLA, but it made the StarNet-shaped XLA step 1.6x the plain one, against 1.1-1.2x),
+    4- to 16-way splits per pass, and moving lo and hi to the nearest values each pass (fewer passes, each
+    dearer).
+    """
+    import tensorflow as tf
+
+    count = int(values.shape[-1])
+    bits = tf.bitcast(values, tf.int32)
+    rank = (count - 1) // 2
+    lo = tf.cast(tf.reduce_min(bits, axis=-1), tf.int64) - 1  # int64: hi - lo may reach 2^31
+    hi = tf.cast(tf.reduce_max(bits, axis=-1), tf.int64)
+    for _ in range(SELECTION_STEPS):
+        mid = lo + (hi - lo) // 2
+        at_or_below = tf.reduce_sum(tf.cast(bits <= tf.cast(mid, tf.int32)[:, None], tf.int32), axis=-1)
+        enough = at_or_below > rank
+        hi, lo = tf.where(enough, mid, hi), tf.where(enough, lo, mid)
+    lower_bits = tf.cast(hi, tf.int32)
+    lower = tf.bitcast(lower_bits, tf.float32)
+    if count % 2:
+        return 0.5 * (lower + lower)
+    at_or_below = tf.reduce_sum(tf.cast(bits <= lower_bits[:, None], tf.int32), axis=-1)
+    above = tf.reduce_min(tf.where(bits > lower_bits[:, None], bits, tf.int32.max), axis=-1)
+    upper = tf.bitcast(tf.where(at_or_below > rank + 1, lower_bits, above), tf.float32)
+    return 0.5 * (lower + upper)
 
 
 class VarianceSum(keras.layers.Layer):
@@ -601,8 +652,8 @@ def compile_mc_forward(network, spec, samples):
     Everything before the first dropout layer (centring, the convolutions up to the first with dropout, or
     fc1 when only the dense layers have dropout) is the same in every pass: it runs once per spectrum, and only
     the rest of the network runs ``samples`` times, on the tiled activations in ONE call (dropout draws a fresh
-    mask for every row).  The result equals sampling the whole network.  ``var_pred`` comes from one
-    dropout-free pass (zeros without a variance head).  The function's ``rows_per_call`` attribute is the
+    mask for every row).  The result equals sampling the whole network.  ``var_pred`` comes from the
+    dropout-free top on the same trunk activations (zeros without a variance head).  The function's ``rows_per_call`` attribute is the
     number of sample-rows (spectra x passes) whose activations fit in :data:`MC_CALL_FLOATS`.
     """
     import keras
@@ -616,6 +667,15 @@ def compile_mc_forward(network, spec, samples):
     for name in chain[first_dropout:]:
         x = network.get_layer(name)(x)
     top = keras.Model(activations, x)
+    head = None
+    if heteroscedastic:
+        # the variance head read from the same trunk activations (dropout layers inactive: training=False)
+        x = activations
+        for name in chain[first_dropout:-1]:
+            x = network.get_layer(name)(x)
+        noise = keras.Input(shape=(1,), dtype="float32")
+        head = keras.Model([activations, noise], network.get_layer("log_variance")(
+            [network.get_layer("log_variance_fit")(x), network.get_layer("log_noise_gain")(x), noise]))
     floats_per_row = max(int(np.prod(layer.output.shape[1:])) for layer in top.layers)
     top_floats = sum(int(np.prod(layer.output.shape[1:])) for layer in top.layers)
 
@@ -629,8 +689,9 @@ def compile_mc_forward(network, spec, samples):
         mean = tf.reduce_mean(pred, axis=0)
         var_model = tf.math.reduce_variance(pred, axis=0)
         if heteroscedastic:
-            # the variance head is trained without dropout (anna.train), so it is read without dropout
-            log_var = network(flux, training=False)[:, nout:]
+            # the variance head is trained without dropout (anna.train), so it is read without dropout, from
+            # the trunk's activations already computed (a second pass over the trunk doubled the cost)
+            log_var = head([shared, log_noise_variance(flux)], training=False)
             var_pred = tf.exp(tf.clip_by_value(log_var, LOG_VARIANCE_MIN, LOG_VARIANCE_MAX))
         else:
             var_pred = tf.zeros_like(var_model)

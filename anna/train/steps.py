@@ -41,6 +41,7 @@ def make_train_steps(network, optimizer, spec, chunk_batches, batch_size, compil
     import tensorflow as tf
 
     from anna.losses import masked_squared_error, robust_heteroscedastic
+    from anna.model import log_noise_variance
 
     nout = spec.nout
     heteroscedastic = spec.heteroscedastic
@@ -164,68 +165,6 @@ def variance_head_parts(network, spec):
                                          network.get_layer("log_noise_gain")(x)])
 
     return trunk, top(False), top(True), network.get_layer("log_variance")
-
-
-def log_noise_variance(flux):
-    """The value of the network's LogNoiseVariance layer (ln noise², (batch, 1), noise by DER_SNR) for
-    (batch, npix) float32 flux, with the median found by exact selection (:func:`row_median`) instead of a
-    full sort.  Why: sorting each spectrum's npix - 4 second differences was the largest extra cost of a
-    training step with a variance head: per batch of 100 on 2 cores, 140-175 ms compiled by XLA at 7214 px
-    (a StarNet-shaped plain step took 220-400 ms) and 17-22 ms at 1001 px, 65 and 9 ms without XLA; the
-    selection took 16-20 and 4-6 ms with XLA, 30-37 and 10-12 ms without.  It returns the same order
-    statistics, so the arithmetic after it, the layer's own, gives the same value (tests/test_mc_step.py);
-    flux is finite."""
-    import numpy as np
-    import tensorflow as tf
-
-    from anna.model import DER_SNR_FACTOR, NOISE_FLOOR
-
-    if flux.shape[-1] is not None and flux.shape[-1] < 5:
-        return tf.fill([tf.shape(flux)[0], 1], tf.constant(2.0 * np.log(NOISE_FLOOR), flux.dtype))
-    second = tf.abs(2.0 * flux[:, 2:-2] - flux[:, :-4] - flux[:, 4:])
-    median = row_median(second)
-    noise = DER_SNR_FACTOR * median
-    return tf.math.log(tf.square(noise) + NOISE_FLOOR**2)[:, None]
-
-
-# Bisection steps of row_median: the bit patterns of non-negative float32 span less than 2^31.
-SELECTION_STEPS = 31
-
-
-def row_median(values):
-    """Median of each row of (batch, n) non-negative float32 ``values`` (n static), as the mean of the two
-    middle order statistics in float32, exactly as sorting gives them.
-
-    Non-negative floats order as their bit patterns do as integers, so the k-th smallest of a row is the
-    smallest pattern t with at least k + 1 values <= t: a bisection over the patterns keeps lo (fewer than
-    k + 1 values <= lo) and hi (at least k + 1), SELECTION_STEPS counting passes, each a compare and a sum;
-    the next order statistic (n even) is the same value or the smallest above it.  Faster than a sort (see
-    :func:`log_noise_variance`), except without XLA on short spectra, where the two are about even.  A NaN
-    counts as the largest value.  Tried and dropped: counting by a matrix product with a column of ones
-    (faster alone under XLA, but it made the StarNet-shaped XLA step 1.6x the plain one, against 1.1-1.2x),
-    4- to 16-way splits per pass, and moving lo and hi to the nearest values each pass (fewer passes, each
-    dearer).
-    """
-    import tensorflow as tf
-
-    count = int(values.shape[-1])
-    bits = tf.bitcast(values, tf.int32)
-    rank = (count - 1) // 2
-    lo = tf.cast(tf.reduce_min(bits, axis=-1), tf.int64) - 1  # int64: hi - lo may reach 2^31
-    hi = tf.cast(tf.reduce_max(bits, axis=-1), tf.int64)
-    for _ in range(SELECTION_STEPS):
-        mid = lo + (hi - lo) // 2
-        at_or_below = tf.reduce_sum(tf.cast(bits <= tf.cast(mid, tf.int32)[:, None], tf.int32), axis=-1)
-        enough = at_or_below > rank
-        hi, lo = tf.where(enough, mid, hi), tf.where(enough, lo, mid)
-    lower_bits = tf.cast(hi, tf.int32)
-    lower = tf.bitcast(lower_bits, tf.float32)
-    if count % 2:
-        return 0.5 * (lower + lower)
-    at_or_below = tf.reduce_sum(tf.cast(bits <= lower_bits[:, None], tf.int32), axis=-1)
-    above = tf.reduce_min(tf.where(bits > lower_bits[:, None], bits, tf.int32.max), axis=-1)
-    upper = tf.bitcast(tf.where(at_or_below > rank + 1, lower_bits, above), tf.float32)
-    return 0.5 * (lower + upper)
 
 
 COMPILED_FORMS = ("xla", "xla_step", "graph")
