@@ -4,11 +4,10 @@ fastest for this network on this machine.
 """
 
 import json
-import os
 import time
 
-from anna.atomic import atomic_output
 from anna.errors import AnnaInputError
+from anna.runtime import compiled_form_cache_path, machine_description, read_remembered, remember
 
 # JIT_COMPILE AUTO: seconds each compiled form is timed for (after its compiling call).
 TRIAL_SECONDS = 2.0
@@ -174,30 +173,6 @@ FORM_NAMES = {"xla": "XLA, one compiled call per chunk of steps", "xla_step": "X
 FORMS_OF_SETTING = {"AUTO": COMPILED_FORMS, "YES": ("xla", "xla_step"), "NO": ("graph",)}
 
 
-def compiled_form_cache_path():
-    """Where JIT_COMPILE AUTO remembers its choices: $ANNA_TF_CACHE_DIR, else ~/.cache/anna-tf."""
-    folder = os.environ.get("ANNA_TF_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "anna-tf")
-    return os.path.join(folder, "compiled-forms.json")
-
-
-def _machine_description():
-    import platform
-
-    import tensorflow as tf
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "tensorflow": tf.__version__,
-            "gpus": len(tf.config.list_physical_devices("GPU"))}
-
-
 # Raised whenever the code of a compiled form changes its speed, so that AUTO times again rather than reuse a
 # choice made for the old code.  2: the per-step forms gather their batch (see make_train_steps).  3: a step
 # with a variance head runs the trunk once and selects DER_SNR's median without sorting (variance_head_parts,
@@ -210,7 +185,7 @@ def compiled_form_key(spec, batch_size, chunk_batches, keep_prob, candidates=COM
     revision, the machine."""
     return json.dumps({"network": spec.to_dict(), "batch": int(batch_size), "chunk": int(chunk_batches),
                        "dropout": keep_prob < 1.0, "forms": list(candidates), "revision": COMPILED_FORMS_REVISION,
-                       "machine": _machine_description()}, sort_keys=True)
+                       "machine": machine_description()}, sort_keys=True)
 
 
 def time_compiled_form(form, spec, centre, chunk, batch_size, keep_prob, seconds=TRIAL_SECONDS):
@@ -257,7 +232,7 @@ def choose_compiled_form(setting, spec, centre, chunk, batch_size, keep_prob, ca
     chunk_batches = int(chunk[0].shape[0])
     key = compiled_form_key(spec, batch_size, chunk_batches, keep_prob, candidates)
     cache_path = cache_path or compiled_form_cache_path()
-    cache = _read_json(cache_path)
+    cache = read_remembered(cache_path)
     if key in cache and cache[key].get("form") in COMPILED_FORMS:
         entry = cache[key]
         report(f"JIT_COMPILE {setting}: {FORM_NAMES[entry['form']]}, as timed on this machine on {entry['when']} "
@@ -280,13 +255,9 @@ def choose_compiled_form(setting, spec, centre, chunk, batch_size, keep_prob, ca
     skipped = "".join(f"; {form_} failed ({error})" for form_, error in errors.items())
     report(f"JIT_COMPILE {setting}: {FORM_NAMES[form]} ({_rates_text(rates)}, timed over {trial_seconds:g} s each"
            f"{skipped})")
-    cache[key] = {"form": form, "rates": rates, "when": when}
-    try:
-        os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-        with atomic_output(cache_path, "w") as handle:
-            json.dump(cache, handle, indent=1)
-    except OSError as error:
-        report(f"JIT_COMPILE {setting}: could not remember the choice in {cache_path} ({error.strerror or error}); "
+    problem = remember(key, {"form": form, "rates": rates, "when": when}, cache_path)
+    if problem:
+        report(f"JIT_COMPILE {setting}: could not remember the choice in {cache_path} ({problem}); "
                f"later runs will time again")
     return {"setting": setting, "form": form, "source": "timed", "rates": rates, "timed_utc": when,
             "failed": errors}
@@ -294,12 +265,3 @@ def choose_compiled_form(setting, spec, centre, chunk, batch_size, keep_prob, ca
 
 def _rates_text(rates):
     return ", ".join(f"{form} {rate:,.0f} ex/s" for form, rate in sorted(rates.items(), key=lambda kv: -kv[1]))
-
-
-def _read_json(path):
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
