@@ -9,8 +9,8 @@ about 0.9 MB per spectrum, so the same count needed 3.7 GB per batch and the who
     batch = (MAX_MEMORY_GB − memory already in use − HEADROOM) / bytes per spectrum, within MIN..MAX_BATCH
 
 *bytes per spectrum* is measured on the built network: every layer's output for one spectrum, summed as if
-all were alive at once (an upper bound: a forward pass frees each activation once the next layer has read
-it), plus what the reading side holds per spectrum (:data:`PIPELINE_BYTES_PER_PIXEL`).  With MC dropout the
+all were alive at once, times :data:`ALLOCATOR_FACTOR` for what the allocator's pool keeps beside them, plus
+what the reading side holds per spectrum (:data:`PIPELINE_BYTES_PER_PIXEL`).  With MC dropout the
 part of the network after the first dropout layer runs once per pass on tiled rows, so one graph call handles
 as many spectra as the same budget allows for (network + passes × top) bytes per spectrum.  An explicit count
 still wins, and MC dropout then keeps the budget for its calls.
@@ -35,6 +35,12 @@ HEADROOM_BYTES = 256 << 20
 # (3 x 4), for the block being predicted and the next one being read (x 2); in anna-test the chunk as read,
 # its noised copy and the noise draws (float64, 3 x 8), and the float32 copy.
 PIPELINE_BYTES_PER_PIXEL = 48
+# The network's measured activations are counted this many times: TensorFlow's pooling allocator keeps freed
+# blocks and their fragments, and grows its pool in doubling regions.  Measured: a StarNet-shaped network on
+# 7214-pixel spectra (0.83 MB of activations per spectrum) took 2.06 GB at its peak with 512 spectra per batch
+# over 0.70 GB in use before, 2.3 MB per spectrum beyond what reading holds, i.e. 2.8x (benchmarks/,
+# survey_infer rows).
+ALLOCATOR_FACTOR = 3
 # Batches are rounded down to a power of two (a handful of compiled batch shapes) within these bounds:
 # below 16 spectra the per-call cost dominates; above 4096 nothing was faster (benchmarks/, inference rows).
 MIN_BATCH = 16
@@ -91,13 +97,14 @@ def plan_batches(setting, max_memory_gb, spectrum_bytes, npix, mc_bytes=None, in
     budget = float(max_memory_gb) * GIB
     in_use = resident_bytes() if in_use is None else int(in_use)
     free = budget - in_use - HEADROOM_BYTES
-    per_spectrum = spectrum_bytes + PIPELINE_BYTES_PER_PIXEL * npix
+    per_spectrum = ALLOCATOR_FACTOR * spectrum_bytes + PIPELINE_BYTES_PER_PIXEL * npix
     budget_text = f"MAX_MEMORY_GB {max_memory_gb:g}, {in_use / GIB:.2f} GB in use"
     short = free < MIN_BATCH * per_spectrum
     if setting == "AUTO":
         batch = power_of_two_at_most(free / per_spectrum)
         text = (f"{key} AUTO: {batch} spectra per batch ({per_spectrum / 2**20:.2f} MB each: network "
-                f"{spectrum_bytes / 2**20:.2f}, reading {PIPELINE_BYTES_PER_PIXEL * npix / 2**20:.2f}; {budget_text})")
+                f"{ALLOCATOR_FACTOR} x {spectrum_bytes / 2**20:.2f}, reading "
+                f"{PIPELINE_BYTES_PER_PIXEL * npix / 2**20:.2f}; {budget_text})")
     else:
         batch = int(setting)
         text = f"{key} {batch} (as set; AUTO would fit {power_of_two_at_most(free / per_spectrum)} in {budget_text})"
@@ -106,7 +113,7 @@ def plan_batches(setting, max_memory_gb, spectrum_bytes, npix, mc_bytes=None, in
         top, passes = mc_bytes
         left = free - batch * PIPELINE_BYTES_PER_PIXEL * npix
         # one call: the dropout-free pass (shared trunk, variance head) plus the top once per pass
-        mc_per_call = int(max(1, min(batch, left // (spectrum_bytes + passes * top))))
+        mc_per_call = int(max(1, min(batch, left // (ALLOCATOR_FACTOR * (spectrum_bytes + passes * top)))))
         text += f"; MC dropout: {mc_per_call} spectra x {passes} passes per call"
     if short:
         text += (f"; WARNING: the budget leaves room for fewer than {MIN_BATCH} spectra, so the run may use more "

@@ -128,7 +128,7 @@ class Sizes:
     # survey-size inference (group survey_infer): stars per pack, MC-dropout stars, the peak-RSS pack sizes
     survey_infer_stars: int = 20_000
     survey_mc_stars: int = 2000
-    survey_rss_stars: tuple = (20_000, 200_000, 1_000_000)
+    survey_rss_stars: tuple = (20_000, 200_000)  # 1,000,000 (57.8 GB) measured once: RESULTS.md
     # uncertainty calibration on unseen survey spectra (rows_uncertainty): the stage's time budget (minutes)
     calibration_minutes: float = 6.0
 

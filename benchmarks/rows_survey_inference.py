@@ -105,12 +105,17 @@ def starnet_layers():
 
 def infer_row(ctx, label, model_dir, pack_path, n_stars, extra=None):
     """anna-infer on the pack (child process) against the plain predict baseline (child process)."""
-    out = ctx.ws.fresh_dir("survey_infer", "out", label.replace(" ", "_"))
-    values = {"INFER_MODE": "DEBUG", "DEBUG_DATA": pack_path, "INFER_MODEL_LOC": model_dir, "INFER_SAVE_LOC": out,
-              **(extra or {})}
-    param = write_param_file(ctx.ws.sub("survey_infer", "params", f"{label.replace(' ', '_')}.param"), values)
     ctx.log(f"  {label}: anna-infer DEBUG on {n_stars} stars")
-    runs = [child(ctx, "infer", param) for _ in range(ctx.sizes.repeats)]
+    runs = []
+    for number in range(ctx.sizes.repeats):  # each run into a fresh folder: a rerun would skip finished outputs
+        out = ctx.ws.fresh_dir("survey_infer", "out", label.replace(" ", "_"), f"run{number}")
+        values = {"INFER_MODE": "DEBUG", "DEBUG_DATA": pack_path, "INFER_MODEL_LOC": model_dir,
+                  "INFER_SAVE_LOC": out, **(extra or {})}
+        param = write_param_file(ctx.ws.sub("survey_infer", "params", f"{label.replace(' ', '_')}_{number}.param"),
+                                 values)
+        runs.append(child(ctx, "infer", param))
+        if "skipped 0 done" not in runs[-1]["lines"][0]:
+            raise RuntimeError(f"anna-infer skipped its input: {runs[-1]['lines'][0]}")
     for line in runs[0]["lines"][:4]:
         ctx.log(f"    | {line}")
     ctx.log(f"  {label}: plain Keras predict, batches {BASELINE_BATCHES}")

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anna.memory import HEADROOM_BYTES, MAX_BATCH, MIN_BATCH, PIPELINE_BYTES_PER_PIXEL, plan_batches
+from anna.memory import (ALLOCATOR_FACTOR, HEADROOM_BYTES, MAX_BATCH, MIN_BATCH, PIPELINE_BYTES_PER_PIXEL,
+                         plan_batches)
 from anna.packs import write_pack
 
 from toy_model import NAMES, make_config, toy_stars, train_tiny_model
@@ -77,8 +78,8 @@ def written_values(folder):
 
 
 def test_plan_fits_the_budget_and_an_explicit_count_wins():
-    spectrum, npix = 1_000_000, 2000
-    per_spectrum = spectrum + PIPELINE_BYTES_PER_PIXEL * npix
+    spectrum, npix = 300_000, 2000
+    per_spectrum = ALLOCATOR_FACTOR * spectrum + PIPELINE_BYTES_PER_PIXEL * npix
     plan = plan_batches("AUTO", 2.0, spectrum, npix, in_use=0.5 * GIB)
     free = 2.0 * GIB - 0.5 * GIB - HEADROOM_BYTES
     assert plan.batch * per_spectrum <= free < 2 * plan.batch * per_spectrum  # the largest power of two that fits
@@ -89,10 +90,10 @@ def test_plan_fits_the_budget_and_an_explicit_count_wins():
     explicit = plan_batches(100, 2.0, spectrum, npix, in_use=0.5 * GIB)
     assert explicit.batch == 100 and "(as set" in explicit.text
     # MC dropout: a call's spectra times (network + passes x repeated part) fit what the batch's reading leaves
-    mc = plan_batches("AUTO", 2.0, spectrum, npix, mc_bytes=(200_000, 100), in_use=0.5 * GIB)
+    mc = plan_batches("AUTO", 2.0, spectrum, npix, mc_bytes=(20_000, 100), in_use=0.5 * GIB)
     left = free - mc.batch * PIPELINE_BYTES_PER_PIXEL * npix
     assert 1 <= mc.mc_spectra_per_call <= mc.batch
-    assert mc.mc_spectra_per_call * (spectrum + 100 * 200_000) <= left
+    assert mc.mc_spectra_per_call * ALLOCATOR_FACTOR * (spectrum + 100 * 20_000) <= left
 
 
 # ----------------------------------------------------------------------------------------------------------
