@@ -117,7 +117,8 @@ def test_variance_head_step_equals_two_whole_passes(name, form):
         cost, expected_parts, dropout_effect = oracle(*(a[index] for a in chunk))
         assert float(dropout_effect) > 1e-3  # the dropout pass differs from the reported value
         assert float(costs[0]) == pytest.approx(float(cost), rel=2e-5)  # results start at the first step run
-        np.testing.assert_allclose(parts.numpy()[0], expected_parts.numpy(), rtol=2e-5, atol=1e-7)
+        # float32 rounding of two arrangements of the same sums (a wrongly shared trunk differs by O(1))
+        np.testing.assert_allclose(parts.numpy()[0], expected_parts.numpy(), rtol=1e-4, atol=1e-6)
         for mine, theirs, start in zip(network.trainable_variables, oracle_network.trainable_variables, before):
             update, expected = start - mine.numpy(), start - theirs.numpy()
             scale = max(np.abs(expected).max(), 1e-6)

@@ -130,7 +130,8 @@ def write_values(path, values, dtype="<f8"):
 
 @pytest.fixture(scope="module")
 def frozen_model(tmp_path_factory):
-    """Folder holding an (untrained) frozen model over GRID with labels teff, logg."""
+    """Folder holding an (untrained) frozen model over GRID with labels teff, logg, without training-domain
+    statistics: anna-infer marks each star it predicts with it ``domain_unchecked``."""
     import keras
 
     from anna.model import NetworkSpec, build_network, save_frozen
@@ -487,7 +488,7 @@ def test_aperture_full_of_nan_is_a_flagged_row(tmp_path, capsys, frozen_model):
     assert lines[2] == "2,night.fits,2,1,nan,nan,nonfinite"
     for line in (lines[1], lines[3]):
         fields = line.split(",")
-        assert fields[-1] == "" and np.isfinite([float(v) for v in fields[4:6]]).all()
+        assert fields[-1] == "domain_unchecked" and np.isfinite([float(v) for v in fields[4:6]]).all()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -655,7 +656,7 @@ def _check_output(path):
         assert [line.split(",")[0] for line in lines[1:]] == [str(n) for n in range(1, apertures + 1)]
     for line in lines[1:]:
         fields = line.split(",")
-        assert fields[-1] == "" and np.isfinite([float(v) for v in fields[-3:-1]]).all(), line
+        assert fields[-1] == "domain_unchecked" and np.isfinite([float(v) for v in fields[-3:-1]]).all(), line
 
 
 def test_killed_infer_resumes_and_skips_finished_inputs(tmp_path, capsys, frozen_model):
