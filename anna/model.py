@@ -658,6 +658,8 @@ def compile_mc_forward(network, spec, samples):
     """
     import keras
 
+    from anna.memory import floats_per_row as memory_floats_per_row
+
     nout, heteroscedastic = spec.nout, spec.heteroscedastic
     chain = spec.chain()
     first_dropout = next(i for i, name in enumerate(chain) if "dropout" in name)
@@ -677,7 +679,6 @@ def compile_mc_forward(network, spec, samples):
         head = keras.Model([activations, noise], network.get_layer("log_variance")(
             [network.get_layer("log_variance_fit")(x), network.get_layer("log_noise_gain")(x), noise]))
     floats_per_row = max(int(np.prod(layer.output.shape[1:])) for layer in top.layers)
-    top_floats = sum(int(np.prod(layer.output.shape[1:])) for layer in top.layers)
 
     @tf.function(input_signature=[tf.TensorSpec([None, spec.npix], tf.float32)], reduce_retracing=True,
                  autograph=False)
@@ -698,7 +699,7 @@ def compile_mc_forward(network, spec, samples):
         return mean, var_model, var_pred
 
     mc_forward.rows_per_call = max(int(samples), MC_CALL_FLOATS // floats_per_row)
-    mc_forward.row_bytes = 4 * top_floats  # every layer of the repeated part, as anna.memory measures networks
+    mc_forward.row_bytes = 4 * memory_floats_per_row(top)  # the repeated part, measured as anna.memory measures
     return mc_forward
 
 

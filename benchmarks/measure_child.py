@@ -35,30 +35,22 @@ def peak_rss_bytes():
     return peak_resident_bytes()
 
 
-def infer(param_file):
-    from anna.infer import run_infer
+def run_stage(stage, param_file):
+    """``run_infer`` or ``run_test`` on the parameter file, as the command calls it, timed; its report lines,
+    its result and the peak memory of this process."""
     from anna.params import load_config, validate_for_stage
 
-    cfg = load_config(param_file, stage="infer")
-    validate_for_stage(cfg, "infer")
+    if stage == "infer":
+        from anna.infer import run_infer as run
+    else:
+        from anna.evaluate import run_test as run
+    cfg = load_config(param_file, stage=stage)
+    validate_for_stage(cfg, stage)
     lines = []
     started = time.perf_counter()
-    written = run_infer(cfg, report=lines.append)
+    result = run(cfg, report=lines.append)
     seconds = time.perf_counter() - started
-    return {"seconds": seconds, "written": written, "lines": lines, "peak_rss": peak_rss_bytes()}
-
-
-def test(param_file):
-    from anna.evaluate import run_test
-    from anna.params import load_config, validate_for_stage
-
-    cfg = load_config(param_file, stage="test")
-    validate_for_stage(cfg, "test")
-    lines = []
-    started = time.perf_counter()
-    summary = run_test(cfg, report=lines.append)
-    seconds = time.perf_counter() - started
-    return {"seconds": seconds, "n": summary["n_stars"], "lines": lines, "peak_rss": peak_rss_bytes()}
+    return {"seconds": seconds, "result": result, "lines": lines, "peak_rss": peak_rss_bytes()}
 
 
 def _pack_in_memory(pack_path):
@@ -112,10 +104,8 @@ def mc(model_dir, pack_path, samples, batch=256):
 def main(argv):
     configure_threads()
     kind, *args = argv
-    if kind == "infer":
-        result = infer(*args)
-    elif kind == "test":
-        result = test(*args)
+    if kind in ("infer", "test"):
+        result = run_stage(kind, *args)
     elif kind == "predict":
         result = predict(args[0], args[1], [int(value) for value in args[2].split(",")])
     elif kind == "mc":
