@@ -16,8 +16,10 @@ from anna.model import DER_SNR_FACTOR
 DOMAIN_COMPONENTS = 10
 DOMAIN_FALSE_ALARM = 0.0005
 DOMAIN_FOLDS = 5
-# DomainScorer scores this many spectra at a time (see DomainScorer.scores).
+# DomainScorer's DER_SNR works on this many spectra at a time, its projection on up to PROJECT_ROWS at a time
+# (see DomainScorer.scores).
 SCORE_ROWS = 128
+PROJECT_ROWS = 4096
 
 
 
@@ -91,21 +93,26 @@ class DomainScorer:
         return coefficients.numpy().astype(np.float64), residual_sum.numpy().astype(np.float64)
 
     def scores(self, flux):
-        """(n, 2) scores, computed SCORE_ROWS spectra at a time: the temporaries of one group (DER_SNR's second
-        differences, the projection's residual) stay in the CPU cache and are reused, where whole blocks of a
-        thousand 7214-pixel spectra made fresh arrays of 30 MB each, paid for in page faults (benchmarks/,
-        survey-size inference)."""
+        """(n, 2) scores.  The projection runs on up to PROJECT_ROWS spectra per graph call: each call has a
+        fixed cost (the thread pool wakes, spins and sleeps), and in 128-row calls that cost was 16 us of CPU per
+        1001-pixel spectrum against 7 us for the product itself (benchmarks/, survey-size inference).  DER_SNR's
+        numpy work goes SCORE_ROWS spectra at a time, so that its temporaries (second differences, partition)
+        stay in the CPU cache and are reused, where whole blocks of a thousand 7214-pixel spectra made fresh
+        arrays of 30 MB each, paid for in page faults."""
         flux = _working_precision(flux)
         dof = max(flux.shape[1] - self.components.shape[0], 1)
         result = np.empty((flux.shape[0], 2))
-        for start in range(0, flux.shape[0], SCORE_ROWS):
-            rows = flux[start:start + SCORE_ROWS]
-            coefficients, residual_sum = self._project(rows)
-            excess = residual_sum / dof - der_snr_noise(rows) ** 2
+        for block_start in range(0, flux.shape[0], PROJECT_ROWS):
+            block = flux[block_start:block_start + PROJECT_ROWS]
+            coefficients, residual_sum = self._project(block)
+            noise = np.concatenate([der_snr_noise(block[start:start + SCORE_ROWS])
+                                    for start in range(0, block.shape[0], SCORE_ROWS)])
+            excess = residual_sum / dof - noise ** 2
             offset = coefficients - self.coefficient_mean[None, :]
             mahalanobis = np.einsum("ij,jk,ik->i", offset, self.inverse_covariance, offset)
-            result[start:start + SCORE_ROWS, 0] = np.sqrt(np.maximum(excess, 0.0))
-            result[start:start + SCORE_ROWS, 1] = np.sqrt(np.maximum(mahalanobis, 0.0))
+            rows = slice(block_start, block_start + block.shape[0])
+            result[rows, 0] = np.sqrt(np.maximum(excess, 0.0))
+            result[rows, 1] = np.sqrt(np.maximum(mahalanobis, 0.0))
         return result
 
     def outside(self, flux):

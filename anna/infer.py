@@ -88,7 +88,7 @@ from anna.domain import DomainScorer
 from anna.model import ERROR_COLUMNS, load_frozen, mc_samples_for, resolve_model_path
 from anna.resample import GRID_RELATIVE_TOLERANCE, check_same_grid, cubic_resample_rows
 from anna.spectra import looks_like_fits, spectrum_stem
-from anna.tables import format_star_id, value_rows
+from anna.tables import csv_field, format_star_id, value_texts
 
 OUTPUT_SUFFIX = "_infer.out"
 FLAG_ORDER = ("no_coverage", "bad_wavelength", "nonfinite", "all_zero", "zero_pixels", "out_of_range",
@@ -481,7 +481,8 @@ class _OutputTable:
 
     def __enter__(self):
         self._atomic = atomic_output(self.output, "w", newline="", encoding="utf-8")
-        self._writer = csv.writer(self._atomic.__enter__(), lineterminator="\n")
+        self._handle = self._atomic.__enter__()
+        self._writer = csv.writer(self._handle, lineterminator="\n")
         self._header_written = False
         return self
 
@@ -490,12 +491,14 @@ class _OutputTable:
             self._writer.writerow(output_header(self.names, block.meta_columns, self.with_errors))
             self._header_written = True
         spectra, fatal, flagged = self.counts
-        values = value_rows(labels, *([sigmas[key] for _, key in ERROR_COLUMNS] if sigmas is not None else []))
-        writerow = self._writer.writerow
+        values = value_texts(labels, *([sigmas[key] for _, key in ERROR_COLUMNS] if sigmas is not None else []))
+        lines = []
         for star_id, meta, row_values, words in zip(block.star_ids, block.meta, values, block.flags):
-            writerow([star_id, *meta, *row_values, format_flags(words) if words else ""])
+            leading = ",".join(csv_field(str(field)) for field in (star_id, *meta))
+            lines.append(f"{leading},{row_values},{format_flags(words) if words else ''}\n")
             if words:
                 fatal, flagged = fatal + bool(words & FATAL_FLAGS), flagged + 1
+        self._handle.write("".join(lines))
         self.counts = (spectra + len(block.star_ids), fatal, flagged)
 
     def __exit__(self, *exc):

@@ -55,7 +55,9 @@ PREDICT_MIN_ROWS = 64
 # The forward pass's compiled forms (JIT_COMPILE for anna-test and anna-infer) and how long AUTO times each.
 FORWARD_FORMS = ("xla", "graph")
 FORWARD_FORM_NAMES = {"xla": "XLA", "graph": "graph, no XLA"}
-FORM_TRIAL_SECONDS = 1.0
+FORM_TRIAL_SECONDS = 0.6
+# ... and the calls it also times, as fractions of the batch (choose_forward_form).
+FORWARD_CALL_FRACTIONS = (1, 2, 4)
 # MC dropout: activation floats per graph call (2^23 floats = 32 MiB per activation); the sample-rows (spectra x
 # passes) of one call follow from the widest activation the sampled part of the network makes per row.
 MC_CALL_FLOATS = 1 << 23
@@ -200,9 +202,11 @@ def build_network(spec, dropout_rate=0.0, centre=None, dropout_seed=None, compil
     against Glorot's fan-in + fan-out 40 for StarNet's first layer).  Measured: on APOGEE-like spectra a
     StarNet-shaped network started with GLOROT left 0.65-0.94x the scatter of HE after 600 steps
     (configs/apogee.param uses it); with GLOROT the MC-dropout spread of a small test network grew less for
-    broad-lined spectra unlike its training set (tests/test_uncertainty.py), so HE stays the default.
+    broad-lined spectra unlike its training set (tests/test_uncertainty.py), so HE stays the default.  "NONE"
+    (zeros) is for weights about to be overwritten (:func:`load_frozen`): drawing the tutorial network's 1.3
+    million random kernel values was a third of the time it took to load a frozen model.
     """
-    kernel_init = {"HE": "he_normal", "GLOROT": "glorot_uniform"}[weight_init]
+    kernel_init = {"HE": "he_normal", "GLOROT": "glorot_uniform", "NONE": "zeros"}[weight_init]
     flux = keras.Input(shape=(spec.npix,), name="flux", dtype="float32")
     centre_layer = CentreLayer(spec.npix, name="centre")
     x = centre_layer(flux)
@@ -466,6 +470,7 @@ class FrozenModel:
         self.wavelengths = np.asarray(metadata["wavelengths"], dtype=np.float64)
         self.scaler = LabelScaler(metadata["min_params"], metadata["max_params"])
         self.forward_form = "xla"  # or "graph": see choose_forward_form
+        self.forward_rows = None  # spectra per network call; None: the batch given to predict_raw
         self.mc_spectra_per_call = None  # None: compile_mc_forward's own grouping; else anna.memory's plan
         self._forward = {}
         self._mc_forward = {}
@@ -516,43 +521,56 @@ class FrozenModel:
         """JIT_COMPILE for the forward pass: NO "graph", YES "xla", AUTO the faster of the two for this network
         and batch on this machine, timed on flat spectra (speed does not depend on the values) and remembered
         like the training step's choice (:mod:`anna.runtime`), so a rerun uses the same form and repeats its
-        numbers exactly.  Sets :attr:`forward_form`; returns a line for the report."""
+        numbers exactly.
+
+        AUTO also times each form on calls of a half and a quarter of the batch (:data:`FORWARD_CALL_FRACTIONS`):
+        the batch is what memory allows (:mod:`anna.memory`), but the network is not always fastest at its
+        largest call; measured on 2 cores, the tutorial network ran 10 % faster in calls of 512 than of 2048
+        spectra, and the StarNet-shaped one on 7214 pixels 19 % faster in calls of 256 than of 1024
+        (benchmarks/, survey-size inference baselines).  Sets :attr:`forward_form` and :attr:`forward_rows`;
+        returns a line for the report."""
         import json
 
         from anna.runtime import machine_description, read_remembered, remember
 
+        batch_size = int(batch_size)
+        self.forward_rows = batch_size
         if setting != "AUTO":
             self.forward_form = "xla" if setting == "YES" else "graph"
             return f"forward pass: {FORWARD_FORM_NAMES[self.forward_form]} (JIT_COMPILE {setting})"
-        batch_size = int(batch_size)
+        calls = sorted({batch_size // fraction for fraction in FORWARD_CALL_FRACTIONS
+                        if fraction == 1 or batch_size // fraction >= PREDICT_MIN_ROWS}, reverse=True)
         key = json.dumps({"forward": self.spec.to_dict(), "batch": batch_size, "forms": list(FORWARD_FORMS),
-                          "machine": machine_description()}, sort_keys=True)
+                          "calls": calls, "machine": machine_description()}, sort_keys=True)
         entry = read_remembered().get(key)
-        if entry and entry.get("form") in FORWARD_FORMS:
-            self.forward_form = entry["form"]
-            return (f"forward pass: {FORWARD_FORM_NAMES[self.forward_form]} (JIT_COMPILE AUTO, as timed on this "
-                    f"machine on {entry['when']}: {_rates_text(entry['rates'])})")
+        if entry and entry.get("form") in FORWARD_FORMS and entry.get("rows") in calls:
+            self.forward_form, self.forward_rows = entry["form"], entry["rows"]
+            return (f"forward pass: {_trial_name(self.forward_form, self.forward_rows)} (JIT_COMPILE AUTO, as "
+                    f"timed on this machine on {entry['when']}: {_rates_text(entry['rates'])})")
         flux = np.ones((batch_size, self.spec.npix), np.float32)
         rates = {}
         for form in FORWARD_FORMS:
             forward = self._compiled_forward(form)
-            try:
-                forward(flux).numpy()  # compiles
-            except (tf.errors.OpError, ValueError, RuntimeError) as error:
-                report(f"forward pass: {FORWARD_FORM_NAMES[form]} fails here ({type(error).__name__}), not used")
-                continue
-            done, start = 0, time.perf_counter()
-            while time.perf_counter() - start < seconds or done < 2:
-                forward(flux).numpy()
-                done += 1
-            rates[form] = done * batch_size / (time.perf_counter() - start)
+            for rows in calls:
+                try:
+                    forward(flux[:rows]).numpy()  # compiles
+                except (tf.errors.OpError, ValueError, RuntimeError) as error:
+                    report(f"forward pass: {FORWARD_FORM_NAMES[form]} fails here ({type(error).__name__}), not used")
+                    break
+                done, start = 0, time.perf_counter()
+                while time.perf_counter() - start < seconds or done < 2:
+                    forward(flux[:rows]).numpy()
+                    done += 1
+                rates[f"{form}@{rows}"] = done * rows / (time.perf_counter() - start)
         if not rates:
             raise AnnaInputError("neither compiled form of the forward pass runs on this machine", path=self.path)
-        self.forward_form = max(rates, key=rates.get)
+        best = max(rates, key=rates.get)
+        self.forward_form, self.forward_rows = best.split("@")[0], int(best.split("@")[1])
         when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        problem = remember(key, {"form": self.forward_form, "rates": rates, "when": when})
-        return (f"forward pass: {FORWARD_FORM_NAMES[self.forward_form]} (JIT_COMPILE AUTO: {_rates_text(rates)}, "
-                f"batch {batch_size}" + (f"; could not remember the choice: {problem}" if problem else "") + ")")
+        problem = remember(key, {"form": self.forward_form, "rows": self.forward_rows, "rates": rates,
+                                 "when": when})
+        return (f"forward pass: {_trial_name(self.forward_form, self.forward_rows)} (JIT_COMPILE AUTO: "
+                f"{_rates_text(rates)}" + (f"; could not remember the choice: {problem}" if problem else "") + ")")
 
     def predict_raw(self, flux, batch_size=4096):
         """Network outputs (normalised labels [+ log-variances]) for (n, npix) flux, float64 numpy.
@@ -562,7 +580,7 @@ class FrozenModel:
         shapes is ever compiled.  The padding rows' outputs are dropped.
         """
         flux = np.asarray(flux)
-        batch_size = int(batch_size)
+        batch_size = min(int(batch_size), self.forward_rows or int(batch_size))
         forward = self._compiled_forward()
         out = np.empty((flux.shape[0], self.network.output_shape[-1]), dtype=np.float64)
         for start, chunk in row_blocks(flux, batch_size):
@@ -791,7 +809,7 @@ def load_frozen(location, dropout_seed=None):
         raise AnnaInputError(f"frozen model's network description is unreadable ({type(exc).__name__}: {exc})",
                              path=path) from None
     network = build_network(spec, dropout_rate=float(metadata.get("mc_dropout_rate", 0.0)),
-                            dropout_seed=dropout_seed)
+                            dropout_seed=dropout_seed, weight_init="NONE")
     try:
         network.set_weights(weights)
     except ValueError as exc:
@@ -800,9 +818,16 @@ def load_frozen(location, dropout_seed=None):
     return FrozenModel(network, spec, metadata, path=path)
 
 
-def _rates_text(rates):
-    return ", ".join(f"{FORWARD_FORM_NAMES[form]} {rate:,.0f} spectra/s"
-                     for form, rate in sorted(rates.items(), key=lambda item: -item[1]))
+def _trial_name(form, rows):
+    return f"{FORWARD_FORM_NAMES[form]}, calls of {rows} spectra"
+
+
+def _rates_text(rates, shown=3):
+    """The ``shown`` fastest of AUTO's trials ("form@rows" -> spectra/s), fastest first."""
+    ranked = sorted(rates.items(), key=lambda item: -item[1])
+    text = "; ".join(f"{_trial_name(*trial.split('@'))} {rate:,.0f}/s" if "@" in trial
+                     else f"{FORWARD_FORM_NAMES[trial]} {rate:,.0f}/s" for trial, rate in ranked[:shown])
+    return text + (f"; {len(ranked) - shown} more tried" if len(ranked) > shown else "")
 
 
 def mc_samples_for(cfg, model, report):

@@ -9,6 +9,13 @@ on 7214-pixel spectra spent 2.1 s of kernel time per 4000 spectra in those fault
 predicted 1,300 spectra/s; with TensorFlow's pooling (BFC) allocator on the CPU, which keeps freed blocks for
 the next batch, the faults went and the rate rose to 2,500 spectra/s at the same peak memory
 (benchmarks/, inference rows).
+
+Why the persistent XLA cache: a command that runs a network compiled by XLA compiles it at start, per batch
+shape: 0.3-0.6 s for the tutorial network, more for survey networks, paid again by every run, which for
+anna-infer over a night's files or a short anna-test is a large part of the run.  TensorFlow can keep the
+compiled programs on disk (``--tf_xla_persistent_cache_directory`` in ``TF_XLA_FLAGS``); ANNA-TF points it at
+a folder of its cache named after the CPU (model and instruction-set flags) and the TensorFlow version, so a
+home folder shared by the nodes of a cluster never hands one CPU a program built for another.
 """
 
 import os
@@ -22,8 +29,13 @@ TENSORFLOW_ENVIRONMENT = {
 }
 
 
+# The TF_XLA_FLAGS flag that keeps XLA's compiled programs on disk (module docstring).
+XLA_CACHE_FLAG = "--tf_xla_persistent_cache_directory"
+
+
 def prepare_tensorflow_environment(environ=None):
-    """Put :data:`TENSORFLOW_ENVIRONMENT` into ``environ`` (default ``os.environ``) where not already set.
+    """Put :data:`TENSORFLOW_ENVIRONMENT` into ``environ`` (default ``os.environ``) where not already set, and
+    XLA's persistent cache (:func:`xla_cache_folder`) into ``TF_XLA_FLAGS`` unless the flags already name one.
 
     Must run before TensorFlow is imported to have any effect; returns the names it set."""
     environ = os.environ if environ is None else environ
@@ -32,7 +44,43 @@ def prepare_tensorflow_environment(environ=None):
         if name not in environ:
             environ[name] = value
             added.append(name)
+    flags = environ.get("TF_XLA_FLAGS", "")
+    if XLA_CACHE_FLAG not in flags:
+        environ["TF_XLA_FLAGS"] = f"{flags} {XLA_CACHE_FLAG}={xla_cache_folder(environ)}".strip()
+        added.append("TF_XLA_FLAGS")
     return added
+
+
+def cache_folder(environ=None):
+    """ANNA-TF's cache folder: $ANNA_TF_CACHE_DIR, else ~/.cache/anna-tf."""
+    environ = os.environ if environ is None else environ
+    return environ.get("ANNA_TF_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "anna-tf")
+
+
+def xla_cache_folder(environ=None):
+    """Where XLA keeps compiled programs: ``xla-<digest>`` in :func:`cache_folder`, the digest of this CPU's
+    model and instruction-set flags and the installed TensorFlow's version (read without importing it)."""
+    import hashlib
+    from importlib import metadata
+
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.startswith(("model name", "flags", "Features", "CPU part")):
+                    cpu += line
+                if line.strip() == "":
+                    break  # the first processor describes them all
+    except OSError:
+        import platform
+
+        cpu = f"{platform.machine()} {platform.processor()}"
+    try:
+        version = metadata.version("tensorflow")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    digest = hashlib.sha1(f"{cpu}\n{version}".encode()).hexdigest()[:12]
+    return os.path.join(cache_folder(environ), f"xla-{digest}")
 
 
 def configure_threads():
@@ -54,9 +102,8 @@ def configure_threads():
 
 
 def compiled_form_cache_path():
-    """Where JIT_COMPILE AUTO remembers its choices: $ANNA_TF_CACHE_DIR, else ~/.cache/anna-tf."""
-    folder = os.environ.get("ANNA_TF_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "anna-tf")
-    return os.path.join(folder, "compiled-forms.json")
+    """Where JIT_COMPILE AUTO remembers its choices: compiled-forms.json in :func:`cache_folder`."""
+    return os.path.join(cache_folder(), "compiled-forms.json")
 
 
 def machine_description():

@@ -10,12 +10,15 @@ table.  See benchmarks/README.md for what each row measures and how to read the 
 """
 
 import argparse
+import atexit
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -25,8 +28,14 @@ for folder in (REPO_ROOT, BENCH_DIR):
         sys.path.insert(0, folder)
 from anna.runtime import prepare_tensorflow_environment  # noqa: E402  (needs the path set above)
 
-# as the commands run: quiet start-up, the pooling CPU allocator (anna/runtime.py); baselines in this process
-# get the same allocator, so a ratio never counts its gain
+# The run's own cache folder (JIT_COMPILE AUTO's remembered timings, XLA's compiled programs), so that a run
+# neither depends on nor changes what earlier runs or the user's own runs left in ~/.cache/anna-tf; set before
+# prepare_tensorflow_environment, which points XLA's cache into it; removed at exit.
+RUN_CACHE = tempfile.mkdtemp(prefix="anna-bench-cache-")
+os.environ["ANNA_TF_CACHE_DIR"] = RUN_CACHE
+atexit.register(shutil.rmtree, RUN_CACHE, True)
+# as the commands run: quiet start-up, the pooling CPU allocator, XLA's persistent cache (anna/runtime.py);
+# baselines in this process get the same environment, so a ratio never counts its gain
 prepare_tensorflow_environment()
 
 import harness  # noqa: E402  (needs the path set above)
@@ -264,9 +273,6 @@ def main(argv=None):
     rows, details, durations, failures = [], {}, {}, {}
     started = time.perf_counter()
     with harness.Workspace(args.tmpdir) as ws:
-        # anna-train's JIT_COMPILE AUTO remembers its choices in a cache folder: one of the run's own, so that
-        # a run neither depends on nor changes what earlier runs or the user's trainings left there
-        os.environ["ANNA_TF_CACHE_DIR"] = ws.fresh_dir("anna-tf-cache")
         ctx = Context(sizes, ws, DataStore(ws, sizes, log), log, survey_data=args.survey_data)
         for index, name in enumerate(args.groups):
             log(f"== {GROUP_TITLES[name]}")

@@ -1,6 +1,8 @@
 """Shared fixtures: small synthetic packs made on the fly, and the reference folder beside the checkout."""
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -8,20 +10,20 @@ import pytest
 
 from anna.runtime import prepare_tensorflow_environment
 
+# JIT_COMPILE AUTO remembers its timings per network and machine, and XLA keeps its compiled programs, in
+# ANNA-TF's cache folder; the suite keeps its own (shared by its tests, so a network is timed once) instead of
+# the user's ~/.cache/anna-tf.  Set before prepare_tensorflow_environment, which puts XLA's folder into
+# TF_XLA_FLAGS for this process and every command the tests start.
+_SUITE_CACHE = tempfile.mkdtemp(prefix="anna-tf-test-cache-")
+os.environ["ANNA_TF_CACHE_DIR"] = _SUITE_CACHE
 prepare_tensorflow_environment()  # the suite runs in the environment the commands set up
 
 
 @pytest.fixture(autouse=True, scope="session")
-def compiled_form_cache(tmp_path_factory):
-    """JIT_COMPILE AUTO remembers its timings per network and machine; the suite keeps its own cache (shared by
-    its tests, so a network is timed once) instead of the user's ~/.cache/anna-tf."""
-    previous = os.environ.get("ANNA_TF_CACHE_DIR")
-    os.environ["ANNA_TF_CACHE_DIR"] = str(tmp_path_factory.mktemp("anna-tf-cache"))
-    yield os.environ["ANNA_TF_CACHE_DIR"]
-    if previous is None:
-        os.environ.pop("ANNA_TF_CACHE_DIR", None)
-    else:
-        os.environ["ANNA_TF_CACHE_DIR"] = previous
+def compiled_form_cache():
+    """The suite's cache folder (module comment above); removed when the session ends."""
+    yield _SUITE_CACHE
+    shutil.rmtree(_SUITE_CACHE, ignore_errors=True)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
