@@ -129,6 +129,8 @@ class Sizes:
     survey_infer_stars: int = 20_000
     survey_mc_stars: int = 2000
     survey_rss_stars: tuple = (20_000, 200_000)  # 1,000,000 (57.8 GB) measured once: RESULTS.md
+    # ... and (pixels, stars) of the rows at a survey's scale, where the start-up is a survey run's share of it
+    survey_infer_large: tuple = ((1001, 200_000), (3909, 100_000))
     # uncertainty calibration on unseen survey spectra (rows_uncertainty): the stage's time budget (minutes)
     calibration_minutes: float = 6.0
 
@@ -165,7 +167,8 @@ def quick_sizes(accuracy_iterations=100):
                  rss_pack_stars=(_stars(0.1), _stars(0.3), _stars(0.8)), rss_iterations=30,
                  scaling_npix=(1001, 4001, 8001), scaling_train_steps=3, scaling_predict_spectra=1024,
                  scaling_pack_stars=(2000, 6000, 20_000), accuracy_iterations=accuracy_iterations,
-                 survey_infer_stars=600, survey_mc_stars=64, survey_rss_stars=(600, 2400), calibration_minutes=0.5)
+                 survey_infer_stars=600, survey_mc_stars=64, survey_rss_stars=(600, 2400), calibration_minutes=0.5,
+                 survey_infer_large=((1001, 6000),))
 
 
 def linear_scaling_row(name, unit, npix, cost, reference):

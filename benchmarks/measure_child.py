@@ -37,7 +37,7 @@ def peak_rss_bytes():
 
 def run_stage(stage, param_file):
     """``run_infer`` or ``run_test`` on the parameter file, as the command calls it, timed; its report lines,
-    its result and the peak memory of this process."""
+    its result and the peak memory of this process; ``line_seconds``: when each line was reported."""
     from anna.params import load_config, validate_for_stage
 
     if stage == "infer":
@@ -46,11 +46,17 @@ def run_stage(stage, param_file):
         from anna.evaluate import run_test as run
     cfg = load_config(param_file, stage=stage)
     validate_for_stage(cfg, stage)
-    lines = []
+    lines, times = [], []
     started = time.perf_counter()
-    result = run(cfg, report=lines.append)
+
+    def report(line):
+        lines.append(line)
+        times.append(time.perf_counter() - started)
+
+    result = run(cfg, report=report)
     seconds = time.perf_counter() - started
-    return {"seconds": seconds, "result": result, "lines": lines, "peak_rss": peak_rss_bytes()}
+    return {"seconds": seconds, "result": result, "lines": lines, "line_seconds": times,
+            "peak_rss": peak_rss_bytes()}
 
 
 def _pack_in_memory(pack_path):
