@@ -34,7 +34,8 @@ UNITS = {"teff": "K", "logg": "dex", "feh": "dex", "vmic": "km/s", "vsini": "km/
 
 
 def survey_data(ctx):
-    """The folder of the APOGEE-like example data: ``ctx.survey_data`` when given, else made in the workspace."""
+    """The folder of the APOGEE-like example data: ``ctx.survey_data`` when given, else made in the workspace
+    once per run (and kept in ``ctx.survey_data`` for the later rows)."""
     given = getattr(ctx, "survey_data", None)
     if given:
         return given
@@ -45,6 +46,7 @@ def survey_data(ctx):
     ctx.log(f"survey: synthesising {counts[0]} + {counts[1]} + {counts[2]} APOGEE-like spectra (7214 px)")
     make_example_data(folder, grid="apogee", n_train=counts[0], n_xval=counts[1], n_test=counts[2],
                       n_apertures=2)
+    ctx.survey_data = folder
     return folder
 
 
