@@ -131,6 +131,9 @@ class Sizes:
     survey_rss_stars: tuple = (20_000, 200_000)  # 1,000,000 (57.8 GB) measured once: RESULTS.md
     # uncertainty calibration on unseen survey spectra (rows_uncertainty): the stage's time budget (minutes)
     calibration_minutes: float = 6.0
+    # anna-tune (rows_tune): the search's wall clock and one trial's budget (minutes)
+    tune_minutes: float = 20.0
+    tune_trial_minutes: float = 2.0
 
     def train_schedule(self, npix):
         """(iterations, SAMPLE_INTERVAL, warm-up intervals) of a row-1 anna-train run on ``npix`` pixels."""
@@ -165,7 +168,8 @@ def quick_sizes(accuracy_iterations=100):
                  rss_pack_stars=(_stars(0.1), _stars(0.3), _stars(0.8)), rss_iterations=30,
                  scaling_npix=(1001, 4001, 8001), scaling_train_steps=3, scaling_predict_spectra=1024,
                  scaling_pack_stars=(2000, 6000, 20_000), accuracy_iterations=accuracy_iterations,
-                 survey_infer_stars=600, survey_mc_stars=64, survey_rss_stars=(600, 2400), calibration_minutes=0.5)
+                 survey_infer_stars=600, survey_mc_stars=64, survey_rss_stars=(600, 2400), calibration_minutes=0.5,
+                 tune_minutes=3.0, tune_trial_minutes=0.5)
 
 
 def linear_scaling_row(name, unit, npix, cost, reference):

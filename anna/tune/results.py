@@ -32,10 +32,9 @@ def write_results(cfg, study, optuna, report, plots=True):
             values = trial.user_attrs.get("values", {})
             state = trial.state.name
             reason = trial.user_attrs.get(FAILED) or trial.user_attrs.get(LOST) or trial.user_attrs.get(PRUNED) or ""
-            if state == "FAIL" and not reason:
-                reason = "lost: its process ended during the trial"
-            if trial.user_attrs.get(LOST):
+            if state == "FAIL" and FAILED not in trial.user_attrs:  # lost to its process: not counted
                 state = "LOST"
+                reason = reason or "its process ended during the trial"
             value = trial.value if trial.value is not None else (
                 trial.intermediate_values[max(trial.intermediate_values)] if trial.intermediate_values else None)
             seconds = trial.duration.total_seconds() if trial.duration is not None else ""

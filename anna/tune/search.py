@@ -81,21 +81,30 @@ def open_study(cfg, optuna):
     engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
     if url.startswith("sqlite:///"):
         os.makedirs(os.path.dirname(url[len("sqlite:///"):]) or ".", exist_ok=True)
-    try:
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_SECONDS,
-                                             grace_period=GRACE_SECONDS)
-    except Exception as error:  # a bad URL, a missing driver, a server that does not answer
+    for attempt in range(5):
+        try:
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
+                                                 heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS)
+            break
+        except Exception as error:  # a bad URL, a missing driver, a server that does not answer, or another
+            last = error            # process creating the same fresh database's tables at this moment
+            time.sleep(0.5 * (attempt + 1))
+    else:
         raise cfg.error("TUNE_STORAGE" if cfg.tune_storage else "SAVE_LOC",
-                        f"cannot open the study's storage {url} ({type(error).__name__}: "
-                        f"{str(error).splitlines()[0] if str(error) else ''})") from None
+                        f"cannot open the study's storage {url} ({type(last).__name__}: "
+                        f"{str(last).splitlines()[0] if str(last) else ''})") from None
     return optuna.create_study(study_name=study_name(cfg), storage=storage, direction="minimize",
                                load_if_exists=True, pruner=make_pruner(cfg, optuna), sampler=make_sampler(cfg, 0,
                                                                                                         optuna))
 
 
 def make_sampler(cfg, trial_number, optuna):
-    """TPE, seeded from SEED and the trial number (None without SEED: a fresh draw every time)."""
-    seed = None if cfg.seed is None else (cfg.seed * 1_000_003 + trial_number) % 2**32
+    """TPE, seeded from SEED and the trial number (None without SEED: a fresh draw every time).  The two are mixed
+    by a SeedSequence: Mersenne Twister's first draws from neighbouring seeds are alike (seeds 3000009 to
+    3000012 all drew the same choice of two)."""
+    import numpy as np
+
+    seed = None if cfg.seed is None else int(np.random.SeedSequence([cfg.seed, trial_number]).generate_state(1)[0])
     return optuna.samplers.TPESampler(seed=seed)
 
 
@@ -210,7 +219,7 @@ def trial_folder(cfg, study, number):
     return os.path.join(cfg.save_loc, "trials", study.study_name, f"trial-{number:04d}")
 
 
-def _stage_budgets(trial_cfg, minutes):
+def stage_budgets(trial_cfg, minutes):
     """MAX_MINUTES1/2 for a trial budget of ``minutes``: shared by the stages in proportion to their
     iterations, and never above a limit the file itself sets."""
     iterations = [trial_cfg.num_train_iters1] + ([trial_cfg.num_train_iters2] if trial_cfg.do_train2 else [])
@@ -233,7 +242,7 @@ def trial_config(cfg, folder, values, note):
     write_filled_parameter_file(cfg, path, {**values, **fixed}, note)
     trial_cfg = load_config(path)
     if cfg.tune_trial_minutes is not None:
-        fixed.update(_stage_budgets(trial_cfg, cfg.tune_trial_minutes))
+        fixed.update(stage_budgets(trial_cfg, cfg.tune_trial_minutes))
         write_filled_parameter_file(cfg, path, {**values, **fixed}, note)
         trial_cfg = load_config(path)
     validate_for_stage(trial_cfg, "train")
@@ -352,6 +361,7 @@ def run_tune(cfg, report=print):
     stopped = None
     try:
         while True:
+            fail_lost_trials(study, optuna)  # another process may have died since
             trials = study.get_trials(deepcopy=False)
             done = sum(counted(t) for t in trials)
             running = sum(t.state.name == "RUNNING" for t in trials)
