@@ -228,8 +228,8 @@ KEY_TABLE = (
             "int(low, high[, log|step]), choice(a | b | c)", required_for=_TU),
     KeySpec("TUNE_TRIALS", _COUNT, 20, _TU, "trials the search finishes (all processes of a shared study together)"),
     KeySpec("TUNE_MINUTES", Float(above=0), None, _TU,
-            "wall-clock limit of the whole search (minutes); the running trial is stopped and run again by the "
-            "next start; empty = none"),
+            "wall-clock limit of the whole search (minutes); the running trial is stopped and lost (the next "
+            "start runs another in its place); empty = none"),
     KeySpec("TUNE_TRIAL_MINUTES", Float(above=0), None, _TU,
             "wall-clock budget of one trial (minutes), shared by its stages in proportion to their iterations "
             "(as MAX_MINUTES1/2); empty = iterations only"),
@@ -243,7 +243,7 @@ KEY_TABLE = (
             "HYPERBAND or NONE"),
     KeySpec("TUNE_PRUNE_STARTUP", Int(minimum=0), 5, _TU, "MEDIAN: trials that finish before any is pruned"),
     KeySpec("TUNE_PRUNE_WARMUP", Int(minimum=0), 2, _TU,
-            "sample intervals a trial runs before it may be pruned (HYPERBAND: its smallest budget, at least 1)"),
+            "sample intervals a trial runs before it may be pruned (MEDIAN and HYPERBAND)"),
 )
 
 _SPECS = MappingProxyType({spec.name: spec for spec in KEY_TABLE})

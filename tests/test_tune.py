@@ -17,6 +17,7 @@ optuna = pytest.importorskip("optuna")
 from anna.params import load_config  # noqa: E402
 
 BAD_RATE = "1e-07"  # a learning rate at which nothing is learnt in a trial's few iterations
+PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def command(name):
@@ -121,9 +122,11 @@ def test_search_killed_then_rerun_writes_best_param_model_csv_plots_and_prunes_t
     # the model beside it is the best trial's, byte for byte
     trial_model = Path(best["folder"]) / "frozen.model"
     assert (save / "frozen.model").read_bytes() == trial_model.read_bytes()
-    for name in ("tune_history", "tune_importance", "tune_slice_LEARN_RATE1", "tune_slice_KEEP_PROB1",
-                 "tune_slice_FC1_OUTDIM"):
-        assert (save / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    for name in ("tune_history", "tune_slice_LEARN_RATE1", "tune_slice_KEEP_PROB1", "tune_slice_FC1_OUTDIM"):
+        assert (save / f"{name}.png").read_bytes()[:8] == PNG, name
+    # importances need two complete trials (the median may prune a good one too: see above)
+    assert (save / "tune_importance.png").exists() == (len(complete) >= 2)
+    assert ("parameter importances need two complete trials" in result.stdout) == (len(complete) < 2)
     # the study is complete: another start runs nothing more
     again = tune(param)
     assert again.returncode == 0 and "4 of 4 trials done" in again.stdout
@@ -145,6 +148,8 @@ def test_two_processes_share_one_sqlite_study(tmp_path, toy_packs):
     assert len(set(folders)) == 3  # no trial ran twice
     for folder in folders:  # each folder holds one run (one start of stage 1)
         assert (Path(folder) / "train.log").read_text().count("stage 1: learning rate") == 1
+    for name in ("tune_history", "tune_importance", "tune_slice_KEEP_PROB1"):
+        assert (tmp_path / "search" / f"{name}.png").read_bytes()[:8] == PNG, name
 
 
 def test_bad_search_space_entries_each_get_a_line_and_exit_2(tmp_path, toy_packs):
@@ -174,6 +179,24 @@ def test_bad_search_space_entries_each_get_a_line_and_exit_2(tmp_path, toy_packs
     param = write_search(tmp_path, toy_packs, TRAINING_XVAL="NO")
     result = tune(param, "--check")
     assert result.returncode == 2 and "TRAINING_XVAL: must be YES for anna-tune" in result.stderr
+
+
+def test_refused_values_fail_with_their_reason_and_count_and_the_time_limit_stops_the_search(tmp_path, toy_packs):
+    from anna.tune import run_tune
+
+    lines = []
+    param = write_search(tmp_path, toy_packs, TUNE_SPACE="CONV1_SHAPE=choice(1, 80, 1, 4 | 1, 90, 1, 4)",
+                         TUNE_TRIALS=2, TUNE_MINUTES=1e-6)
+    summary = run_tune(load_config(param), report=lines.append)
+    assert summary["stopped_by"] == "TUNE_MINUTES" and summary["counted"] == 0 and any("TUNE_MINUTES (1e-06) reached" in line for line in lines)
+    summary = run_tune(load_config(param, overrides=["TUNE_MINUTES="]), report=lines.append)
+    # every trial is refused by anna-train's checks (kernel wider than NUM_PX): failed, with the reason, counted
+    assert summary["states"]["FAIL"] == 2 and summary["counted"] == 2 and summary["best"] is None
+    rows = list(csv.DictReader(open(tmp_path / "search" / "tune_trials.csv", newline="")))
+    assert [row["state"] for row in rows] == ["FAIL", "FAIL"]
+    assert all(row["reason"].startswith("values refused: ") and "exceeds the 64 pixels" in row["reason"]
+               for row in rows), rows
+    assert "no trial completed: no best.param yet" in lines and not (tmp_path / "search" / "best.param").exists()
 
 
 def test_filled_parameter_file_keeps_comments_and_adds_what_the_file_lacks(tmp_path):

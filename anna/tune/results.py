@@ -80,6 +80,8 @@ def _save(figure, path):
 
 def _write_plots(cfg, study, optuna, keys, complete, report):
     """Optuna's matplotlib plots, each saved as PNG (Agg backend: no display needed)."""
+    if not complete:
+        return {}
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,8 +90,6 @@ def _write_plots(cfg, study, optuna, keys, complete, report):
 
     from optuna.visualization import matplotlib as plots
 
-    if not complete:
-        return {}
     drawn = {}
     jobs = [("history", "tune_history.png", lambda: plots.plot_optimization_history(study))]
     varied = [key for key in keys if len({t.params.get(key) for t in complete if key in t.params}) > 1]

@@ -117,13 +117,14 @@ def intervals_per_trial(cfg):
 
 
 def make_pruner(cfg, optuna):
+    """The pruner TUNE_PRUNER names.  Steps are sample intervals counted from 1 (:class:`_Scorer`), so a trial
+    runs TUNE_PRUNE_WARMUP intervals before the earliest step at which it may be pruned."""
+    earliest = cfg.tune_prune_warmup + 1
     if cfg.tune_pruner == "MEDIAN":
-        return optuna.pruners.MedianPruner(n_startup_trials=cfg.tune_prune_startup,
-                                           n_warmup_steps=cfg.tune_prune_warmup)
+        return optuna.pruners.MedianPruner(n_startup_trials=cfg.tune_prune_startup, n_warmup_steps=earliest)
     if cfg.tune_pruner == "HYPERBAND":
         most = max(intervals_per_trial(cfg), 2)
-        return optuna.pruners.HyperbandPruner(min_resource=min(max(1, cfg.tune_prune_warmup), most - 1),
-                                              max_resource=most)
+        return optuna.pruners.HyperbandPruner(min_resource=min(earliest, most - 1), max_resource=most)
     return optuna.pruners.NopPruner()
 
 
@@ -276,10 +277,6 @@ def run_trial(cfg, study, trial, deadline, optuna):
     """Train one trial; tell the study how it ended.  Returns (state, detail) for the progress line, where
     state is COMPLETE, PRUNED, FAIL or LOST; raises KeyboardInterrupt after telling when the run was stopped
     by a signal."""
-    import keras
-
-    from anna.train import run_training
-
     State = optuna.trial.TrialState
     trial.set_user_attr("host", socket.gethostname())
     trial.set_user_attr("pid", os.getpid())
@@ -299,6 +296,10 @@ def run_trial(cfg, study, trial, deadline, optuna):
         trial_cfg = trial_config(cfg, folder, values, note)
     except AnnaInputError as error:
         return fail(f"values refused: {error}")
+    import keras  # TensorFlow starts here, when a trial has values to train
+
+    from anna.train import run_training
+
     scorer = _Scorer(trial, deadline)
     keras.backend.clear_session()
     started = time.monotonic()
