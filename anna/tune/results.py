@@ -9,6 +9,7 @@ import csv
 import io
 import os
 import shutil
+import warnings
 
 from anna.atomic import atomic_output
 from anna.params import FROZEN_MODEL_NAME
@@ -101,7 +102,9 @@ def _write_plots(cfg, study, optuna, keys, complete, report):
         jobs.append((f"slice_{key}", f"tune_slice_{key}.png", lambda key=key: plots.plot_slice(study, params=[key])))
     for name, filename, draw in jobs:
         try:
-            axes = draw()
+            with warnings.catch_warnings():  # a slice of one value warns of its singular x range; it draws well
+                warnings.simplefilter("ignore", UserWarning)
+                axes = draw()
         except (ValueError, RuntimeError, ZeroDivisionError) as error:
             report(f"{filename}: not drawn ({error})")
             continue
