@@ -237,7 +237,8 @@ KEY_TABLE = (
                                  "postgresql://user@host/db"), None, _TU,
             "Optuna storage URL (postgresql://..., mysql://..., sqlite:///...) shared by several anna-tune "
             "processes; empty = SQLite file tune.db in SAVE_LOC"),
-    KeySpec("TUNE_STUDY", Text(r"[A-Za-z0-9_.-]+", "a name of letters, digits, '_', '.' and '-'"), None, _TU, "study name; empty = the parameter file's name without .param"),
+    KeySpec("TUNE_STUDY", Text(r"[A-Za-z0-9_.-]+", "a name of letters, digits, '_', '.' and '-'"), None, _TU,
+            "study name; empty = the parameter file's name without .param"),
     KeySpec("TUNE_PRUNER", Choice(("MEDIAN", "HYPERBAND", "NONE")), "MEDIAN", _TU,
             "stop poor trials early: MEDIAN (worse than the median of earlier trials at the same interval), "
             "HYPERBAND or NONE"),

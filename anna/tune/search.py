@@ -357,8 +357,9 @@ def run_tune(cfg, report=print):
     deadline = None if cfg.tune_minutes is None else started + 60.0 * cfg.tune_minutes
     study = open_study(cfg, optuna)
     fail_lost_trials(study, optuna)
-    report(f"study {study.study_name} in {storage_url(cfg)}: {sum(counted(t) for t in study.get_trials(deepcopy=False))}"
-           f" of {cfg.tune_trials} trials done; pruner {cfg.tune_pruner}")
+    done = sum(counted(t) for t in study.get_trials(deepcopy=False))
+    report(f"study {study.study_name} in {storage_url(cfg)}: {done} of {cfg.tune_trials} trials done; "
+           f"pruner {cfg.tune_pruner}")
     stopped = None
     try:
         while True:
