@@ -3,11 +3,13 @@ completes it (what it writes, pruning of a bad region), two processes sharing on
 TUNE_SPACE entries; plus the parameter-file rewriting that best.param and each trial.param use."""
 
 import csv
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -107,6 +109,10 @@ def test_search_killed_then_rerun_writes_best_param_model_csv_plots_and_prunes_t
     for row in bad_after_good:
         assert row["state"] == "PRUNED" and row["reason"].startswith("pruned at interval 1 "), row
         assert float(row["xval_cost"]) > 5 * float(rows[first_good - 1]["xval_cost"])
+        # anna-train's run ended there by its caller's word, and left a whole frozen model saying so
+        with zipfile.ZipFile(Path(row["folder"]) / "frozen.model") as archive:
+            stage = json.loads(archive.read("metadata.json"))["stages"][-1]
+        assert stage["stopped_by"] == "caller" and stage["iterations"] == 20 and stage["caller_reason"] == row["reason"]
     complete = [row for row in rows if row["state"] == "COMPLETE"]
     best = min(complete, key=lambda row: float(row["xval_cost"]))
     # best.param: the user's file, comments kept, the best values in, ready for anna-train
