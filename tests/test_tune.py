@@ -226,3 +226,16 @@ def test_filled_parameter_file_keeps_comments_and_adds_what_the_file_lacks(tmp_p
     copy.write_text(text)
     again = load_config(copy)
     assert again.training_data == cfg.training_data and again.fc2_outdim == 24 and again.learn_rate1 == 0.000123456
+
+
+def test_interval_scores_reach_the_trial_and_a_non_finite_cost_or_the_time_limit_ends_the_run():
+    from anna.tune.search import _Scorer
+
+    study = optuna.create_study(pruner=optuna.pruners.NopPruner())
+    trial = study.ask()
+    scorer = _Scorer(trial, deadline=None)
+    record = {"stage": 1, "iteration": 20, "xval_cost": 0.5}
+    assert scorer(record) is None and scorer({**record, "iteration": 40, "xval_cost": 0.25}) is None
+    assert study.trials[0].intermediate_values == {1: 0.5, 2: 0.25}  # one step per sample interval
+    assert scorer({**record, "xval_cost": float("nan")}) == "non-finite cross-validation cost"
+    assert _Scorer(study.ask(), deadline=time.monotonic() - 1)(record) == "TUNE_MINUTES reached"
