@@ -112,6 +112,26 @@ def infer_main(argv=None):
                        _infer, argv)
 
 
+def tune_main(argv=None):
+    parser = _stage_parser("anna-tune", "tune", "Search anna-train's hyper-parameters (TUNE_SPACE) with Optuna; "
+                           "write best.param, the best frozen model, a CSV of the trials and plots to SAVE_LOC.")
+    args = parser.parse_args(argv)
+
+    def action():
+        from anna.params import load_config
+        from anna.tune import check_tune, run_tune, validate_tune
+
+        cfg = load_config(args.param_file, overrides=args.overrides, stage="train")
+        validate_tune(cfg)
+        if args.check:
+            for line in check_tune(cfg, args.overrides):
+                print(line)
+            return
+        run_tune(cfg)
+
+    return _run("anna-tune", args.debug, action)
+
+
 def spectra_main(argv=None):
     parser = argparse.ArgumentParser(prog="anna-spectra",
                                      description="Show what ANNA-TF's readers see in spectrum files (the same code "

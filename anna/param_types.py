@@ -348,3 +348,132 @@ class Fraction:
         if not 0.0 < value < 1.0:
             raise _Problem(f"must be {self.description}")
         return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Text:
+    """One piece of text matching ``pattern`` (a name, a URL), kept as written."""
+
+    pattern: str = r".+"
+    description: str = "text"
+
+    def parse(self, text, base_dir):
+        if not re.fullmatch(self.pattern, text) or len(text) > 1000:
+            raise _Problem(f"expected {self.description}")
+        return text
+
+
+# --------------------------------------------------------------------------------------------- search space
+
+
+class _Problems(_Problem):
+    """Several problems in one value, each (message, the part of the value it is about): a search space reports
+    every bad entry at once."""
+
+    def __init__(self, entries):
+        super().__init__("; ".join(message for message, _ in entries))
+        self.entries = tuple(entries)
+
+
+_ENTRY_PATTERN = re.compile(r"(?P<key>[^=()]*?)\s*=\s*(?P<kind>[A-Za-z]+)\s*\((?P<args>.*)\)", re.DOTALL)
+_SEARCH_KINDS = ("float", "log", "int", "choice")
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpace:
+    """anna-tune's TUNE_SPACE: ``KEY=kind(arguments)`` entries separated by ``;``, one per searched key::
+
+        LEARN_RATE1=log(1e-5, 3e-3); FC1_OUTDIM=int(64, 512, log); KEEP_PROB1=float(0.6, 1.0);
+        CONV_LAYERS=choice(4x8, 16x8 | 8x16, 32x8); BATCH_SIZE1=choice(64 | 100 | 256)
+
+    ``float(low, high)`` and ``int(low, high)`` take a third argument ``log`` (sample the logarithm evenly) or a
+    step; ``log(low, high)`` is ``float(low, high, log)``; ``choice`` lists values separated by ``|``, each
+    written as it would be after ``KEY:``.  Bounds and choices are checked by the searched key's own type, so a
+    value the key refuses is refused here.  ``searchable(name)`` (given by :data:`anna.params.KEY_TABLE`) returns
+    the key's canonical name and type, or raises :class:`_Problem` saying why the key cannot be searched.
+
+    Parsed to a tuple of dicts (key, kind "float"/"int"/"choice", low, high, log, step, choices, entry); every
+    bad entry is reported (:class:`_Problems`), not only the first.
+    """
+
+    searchable: object = None
+    description = "entries 'KEY=kind(...)' separated by ';' (kinds: float, log, int, choice)"
+
+    def parse(self, text, base_dir):
+        dimensions, problems, seen = [], [], {}
+        entries = [entry.strip() for entry in text.split(";")]
+        for number, entry in enumerate(entries, start=1):
+            if not entry:
+                continue
+            try:
+                dimension = self._entry(entry, base_dir)
+            except _Problem as problem:
+                problems.append((f"entry {number}: {problem}", entry))
+                continue
+            if dimension["key"] in seen:
+                problems.append((f"entry {number}: {dimension['key']} is searched already by entry "
+                                 f"{seen[dimension['key']]}", entry))
+                continue
+            seen[dimension["key"]] = number
+            dimensions.append(dimension)
+        if problems:
+            raise _Problems(problems)
+        if not dimensions:
+            raise _Problem(f"expected {self.description}; no entry given")
+        return tuple(dimensions)
+
+    def _entry(self, entry, base_dir):
+        match = _ENTRY_PATTERN.fullmatch(entry)
+        if not match or not match.group("key"):
+            raise _Problem("expected KEY=kind(...), e.g. LEARN_RATE1=log(1e-5, 3e-3)")
+        key, value_type = self.searchable(match.group("key"))
+        kind = match.group("kind").lower()
+        if kind not in _SEARCH_KINDS:
+            raise _Problem(f"{key}: unknown kind {match.group('kind')!r}; expected float, log, int or choice")
+        args = match.group("args")
+        dimension = {"key": key, "kind": "float" if kind == "log" else kind, "low": None, "high": None,
+                     "log": kind == "log", "step": None, "choices": None, "entry": entry}
+        if kind == "choice":
+            options = [option.strip() for option in args.split("|")]
+            if any(option == "" for option in options):
+                raise _Problem(f"{key}: empty choice (choices are separated by '|')")
+            for option in options:
+                try:
+                    value_type.parse(option, base_dir)
+                except _Problem as problem:
+                    raise _Problem(f"{key}: choice {option!r}: {problem}") from None
+            dimension["choices"] = tuple(options)
+            return dimension
+        numeric = {"int": (Int,), "float": (Float, Probability, Fraction), "log": (Float, Probability, Fraction)}
+        if not isinstance(value_type, numeric[kind]):
+            takes = "int(...) or choice(...)" if isinstance(value_type, Int) else \
+                "float(...), log(...) or choice(...)" if isinstance(value_type, numeric["float"]) else "choice(...)"
+            raise _Problem(f"{key}: {kind}(...) does not fit this key ({value_type.description}); use {takes}")
+        parts = [part.strip() for part in args.split(",")]
+        if len(parts) not in ((2,) if kind == "log" else (2, 3)):
+            raise _Problem(f"{key}: {kind}(...) takes low, high" + ("" if kind == "log" else " and optionally "
+                                                                     "'log' or a step"))
+        bounds = []
+        for name, part in zip(("low", "high"), parts):
+            try:
+                bounds.append(value_type.parse(part, base_dir))
+            except _Problem as problem:
+                raise _Problem(f"{key}: {name} bound {part!r}: {problem}") from None
+        low, high = bounds
+        if not low < high:
+            raise _Problem(f"{key}: low bound {parts[0]} is not below high bound {parts[1]}")
+        if len(parts) == 3:
+            if parts[2].lower() == "log":
+                dimension["log"] = True
+            else:
+                try:
+                    step = _parse_int(parts[2]) if kind == "int" else _parse_float(parts[2])
+                except _Problem:
+                    raise _Problem(f"{key}: third argument {parts[2]!r}: expected 'log' or a step") from None
+                if not 0 < step <= high - low:
+                    raise _Problem(f"{key}: step {parts[2]} must be above 0 and at most high - low")
+                dimension["step"] = step
+        if dimension["log"] and low <= 0:
+            raise _Problem(f"{key}: a log range needs a low bound above 0")
+        dimension["low"], dimension["high"] = low, high
+        return dimension

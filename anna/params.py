@@ -32,13 +32,15 @@ from types import MappingProxyType
 from anna.errors import AnnaInputError
 from anna.param_types import (Choice, ConvLayerList, ConvShape, CountList, CountOrAuto, FilePattern,
                               FilesystemPath, Flag, FlagOrAuto, Float, FloatList, Fraction, Int, NameList,
-                              Probability, Range, _Problem, _resolve_path)
+                              Probability, Range, SearchSpace, Text, _Problem, _resolve_path)
 
 TRAIN = "train"
 TEST = "test"
 INFER = "infer"
 STAGES = (TRAIN, TEST, INFER)
 STAGE_NAMES = {TRAIN: "training", TEST: "testing", INFER: "inference"}
+#: anna-tune's keys (a search over anna-train runs; not a stage of its own: it drives anna-train)
+TUNE = "tune"
 
 #: Inference input modes (``Config.infer_mode``).  FITS: 1-D or multispec FITS files listed by INFER_FILES.
 INFER_MODES = ("DEBUG", "MS_FITS", "TEXT", "FITS")
@@ -83,7 +85,25 @@ _ALL = (TRAIN, TEST, INFER)
 _TR = (TRAIN,)
 _TE = (TEST,)
 _IN = (INFER,)
+_TU = (TUNE,)
 _COUNT = Int()
+
+
+def _searchable(raw_key):
+    """TUNE_SPACE's rule for which keys a search may vary: keys that change what training computes (a training
+    key not marked ``resume_neutral``), except where the run writes (SAVE_LOC) and its time budget, which the
+    search sets per trial.  Returns (canonical name, value type); raises _Problem saying why not."""
+    name = _canonical(raw_key)
+    if name is None:
+        raise _Problem(f"{raw_key.strip()}: {_suggestion(raw_key.strip())}")
+    spec = _SPECS[name]
+    if TRAIN not in spec.stages:
+        raise _Problem(f"{name}: not a training key, so a search cannot vary it")
+    if spec.resume_neutral or name in ("SAVE_LOC", "TRAINING_DATA", "XVAL_DATA", "SN_TEMPLATE"):
+        raise _Problem(f"{name}: does not decide what a network learns (where it runs, logs or reads from, its "
+                       "time budget), so a search cannot vary it")
+    return name, spec.type
+
 
 KEY_TABLE = (
     # ---- training, in the user guide's order
@@ -202,6 +222,29 @@ KEY_TABLE = (
             "fraction of MAX-MIN beyond which a prediction is flagged out of range"),
     KeySpec("MAX_REL_SIGMA", Float(above=0), None, _IN,
             "with MC_DROPOUT: flag a star whose sigma exceeds this fraction of MAX-MIN; empty = no flag"),
+    # ---- anna-tune (hyper-parameter search over anna-train runs)
+    KeySpec("TUNE_SPACE", SearchSpace(_searchable), None, _TU,
+            "keys to search, 'KEY=kind(...)' separated by ';': float(low, high[, log|step]), log(low, high), "
+            "int(low, high[, log|step]), choice(a | b | c)", required_for=_TU),
+    KeySpec("TUNE_TRIALS", _COUNT, 20, _TU, "trials the search finishes (all processes of a shared study together)"),
+    KeySpec("TUNE_MINUTES", Float(above=0), None, _TU,
+            "wall-clock limit of the whole search (minutes); the running trial is stopped and lost (the next "
+            "start runs another in its place); empty = none"),
+    KeySpec("TUNE_TRIAL_MINUTES", Float(above=0), None, _TU,
+            "wall-clock budget of one trial (minutes), shared by its stages in proportion to their iterations "
+            "(as MAX_MINUTES1/2); empty = iterations only"),
+    KeySpec("TUNE_STORAGE", Text(r"[A-Za-z][A-Za-z0-9+.-]*://\S+", "a storage URL 'dialect://...', e.g. "
+                                 "postgresql://user@host/db"), None, _TU,
+            "Optuna storage URL (postgresql://..., mysql://..., sqlite:///...) shared by several anna-tune "
+            "processes; empty = SQLite file tune.db in SAVE_LOC"),
+    KeySpec("TUNE_STUDY", Text(r"[A-Za-z0-9_.-]+", "a name of letters, digits, '_', '.' and '-'"), None, _TU,
+            "study name; empty = the parameter file's name without .param"),
+    KeySpec("TUNE_PRUNER", Choice(("MEDIAN", "HYPERBAND", "NONE")), "MEDIAN", _TU,
+            "stop poor trials early: MEDIAN (worse than the median of earlier trials at the same interval), "
+            "HYPERBAND or NONE"),
+    KeySpec("TUNE_PRUNE_STARTUP", Int(minimum=0), 5, _TU, "MEDIAN: trials that finish before any is pruned"),
+    KeySpec("TUNE_PRUNE_WARMUP", Int(minimum=0), 2, _TU,
+            "sample intervals a trial runs before it may be pruned (MEDIAN and HYPERBAND)"),
 )
 
 _SPECS = MappingProxyType({spec.name: spec for spec in KEY_TABLE})
@@ -449,7 +492,9 @@ class _Collector:
         except _Problem as problem:
             self.values[name] = spec.default
             self.failed.add(name)
-            self.problem(str(problem), path=path, line=line, key=name, value=text)
+            # a value of many parts (TUNE_SPACE) names each bad part on a line of its own
+            for message, part in getattr(problem, "entries", ((str(problem), text),)):
+                self.problem(message, path=path, line=line, key=name, value=part)
 
     def where(self, key):
         origin = self.origins.get(key)

@@ -41,7 +41,7 @@ prepare_tensorflow_environment()
 import harness  # noqa: E402  (needs the path set above)
 
 GROUPS = ("train", "tutorial", "infer_pack", "infer_fits", "mc_dropout", "rss", "scaling", "accuracy", "survey",
-          "survey_infer", "mc_training", "uncertainty")
+          "survey_infer", "mc_training", "uncertainty", "tune")
 GROUP_TITLES = {
     "train": "1. training throughput",
     "tutorial": "2. tutorial wall time",
@@ -55,6 +55,7 @@ GROUP_TITLES = {
     "survey_infer": "10. survey-size inference: speed and peak memory against plain Keras predict",
     "mc_training": "11. the cost of uncertainty-aware training: a step with the variance head against a plain step",
     "uncertainty": "12. uncertainty calibration on unseen survey spectra: a time-budgeted and a SIGINT-stopped run",
+    "tune": "13. anna-tune: a timed search against configs/tutorial.param trained for one trial's minutes",
 }
 LARGE_PACK_BYTES = 10**9  # tiled packs above this size are deleted as soon as no remaining row needs them
 STAR_BYTES = (1001 + 5 + 2) * 8
@@ -215,6 +216,10 @@ def run_group(name, ctx):
         import rows_uncertainty
 
         return rows_uncertainty.calibration_on_unseen_data(ctx)
+    if name == "tune":
+        import rows_tune
+
+        return rows_tune.tune_against_tutorial(ctx)
     raise ValueError(name)
 
 

@@ -586,7 +586,7 @@ def test_known_keys_cover_table_and_are_unique():
     assert len(keys) == len(set(keys)) == len(KEY_TABLE)
     assert keys[0] == "NUM_PX" and "INFER_MODE" in keys and "NUM_PIX" not in keys
     for spec in KEY_TABLE:
-        assert spec.doc and set(spec.stages) <= {"train", "test", "infer"}
+        assert spec.doc and set(spec.stages) <= {"train", "test", "infer", "tune"}
         assert set(spec.required_for) <= set(spec.stages)
 
 

@@ -38,7 +38,7 @@ def _mean_spectrum(pack):
 class Trainer:
     """Holds one training run's state; :func:`run_training` is the entry point."""
 
-    def __init__(self, cfg, report=print):
+    def __init__(self, cfg, report=print, on_interval=None):
         import tensorflow as tf
 
         from anna.augment import PackRows
@@ -47,6 +47,8 @@ class Trainer:
 
         self.cfg = cfg
         self.report = report
+        self.on_interval = on_interval
+        self.ended_by_caller = None
         self.tf = tf
         self.missing_value = cfg.magic_number
         self.pack = open_pack(cfg.training_data, expected_npix=cfg.num_px, expected_nout=cfg.num_outs,
@@ -163,6 +165,9 @@ class Trainer:
                     network.set_weights(stopper.best_weights)
                 previous_weights = [np.array(w) for w in network.get_weights()]
                 self.network = network
+                if result["stopped_by"] == "caller":
+                    self.ended_by_caller = result["caller_reason"]
+                    break
                 if stop.requested:
                     interrupted = stop.signal_name
                     break
@@ -350,11 +355,20 @@ class Trainer:
         skipped = stop.skipped_by if lacking else None
         return {"frozen_model": path, "stages": stage_results, "interrupted": interrupted or skipped,
                 "training_complete": interrupted is None, "model_parts": self.model_parts,
-                "stop_seconds": stop_seconds, "history": self.history, "run_dir": self.run_dir, "seed": self.seed}
+                "stop_seconds": stop_seconds, "history": self.history, "run_dir": self.run_dir, "seed": self.seed,
+                "ended_by_caller": self.ended_by_caller}
 
 
-def run_training(cfg, report=print):
-    """Train as the parameter file says; returns a summary dict (frozen model path, stages, history)."""
+def run_training(cfg, report=print, on_interval=None):
+    """Train as the parameter file says; returns a summary dict (frozen model path, stages, history).
+
+    ``on_interval(record)``, when given, is called at the end of every sample interval with that interval's
+    history record (stage, iteration, global_step, batch_cost, xval_cost, ...; read-only).  It lets a caller
+    that drives many runs (anna-tune: reporting to a search, pruning) follow and end a run without a loop of
+    its own: a returned text ends the run there, as early stopping ends a stage (the best weights are kept and
+    the frozen model is written whole; later stages are skipped), and the text is the reason, kept in the stage's
+    summary (``caller_reason``) and returned as ``ended_by_caller``.  None lets the run go on.
+    """
     configure_threads()
-    trainer = Trainer(cfg, report)
+    trainer = Trainer(cfg, report, on_interval)
     return trainer.run()

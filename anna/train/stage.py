@@ -2,8 +2,9 @@
 compiled steps, and at the end of every SAMPLE_INTERVAL the interval's bookkeeping — cross-validation, early
 stopping, the schedule, TensorBoard and the progress line, the checkpoint — in that order.
 
-A stage ends when its iterations are done, when early stopping says so, when its time limit is spent, or when
-a stop is requested (Ctrl-C, SIGTERM); :meth:`StageRun.run` returns how it ended.  The run-level state (the
+A stage ends when its iterations are done, when early stopping says so, when its time limit is spent, when the
+run's caller says so (``on_interval``, :func:`~anna.train.loop.run_training`), or when a stop is requested
+(Ctrl-C, SIGTERM); :meth:`StageRun.run` returns how it ended.  The run-level state (the
 history, the global step, the TensorBoard writer, the checkpoint writer) belongs to the
 :class:`~anna.train.loop.Trainer` that starts the stage.
 """
@@ -94,6 +95,7 @@ class StageRun:
         self.wait_time = 0.0
         self.profiling = False
         self.stopped_by = "iterations"
+        self.caller_reason = None
         self.rate = None
 
     # ----- the stage ---------------------------------------------------------------------------------------
@@ -215,6 +217,12 @@ class StageRun:
             self.progress.line(f"stage {plan.number}: early stop at iteration {self.iteration}: no improvement in "
                                f"{cfg.es_sample} intervals; {best}")
             return "early_stopping"
+        if trainer.on_interval is not None:
+            self.caller_reason = trainer.on_interval(record)
+            if self.caller_reason is not None:
+                self.progress.line(f"stage {plan.number}: ended at iteration {self.iteration} by the caller "
+                                   f"({self.caller_reason}); {best}")
+                return "caller"
         if out_of_time and self.iteration < plan.iterations:
             self.progress.line(f"stage {plan.number}: time limit of {plan.max_seconds / 60:g} min reached at "
                                f"iteration {self.iteration}; {best}")
@@ -257,6 +265,7 @@ class StageRun:
         stopper, plan = self.stopper, self.plan
         return {"stage": plan.number, "iterations": self.iteration,
                 "stopped_early": self.stopped_by == "early_stopping", "stopped_by": self.stopped_by,
+                "caller_reason": self.caller_reason,
                 "best_cost": stopper.best_cost, "best_iteration": stopper.best_iteration,
                 "monitored": "xval" if self.trainer.xval is not None else "batch",
                 "seconds": time.perf_counter() - self.stage_clock, "learning_rate": {
