@@ -86,6 +86,15 @@ def test_local_cluster_gives_the_in_process_files(tmp_path, model_dir, spectra, 
     assert f"skipped {N_FILES} done" in lines[0]
 
 
+@pytest.fixture(scope="module")
+def external_cluster(tmp_path_factory):
+    """One external 2-worker cluster for the tests that need one (each cluster costs two worker processes that
+    import TensorFlow); the test that kills a worker runs last."""
+    proc, address = _start_scheduler(tmp_path_factory.mktemp("cluster"), 2)
+    yield address
+    _stop(proc)
+
+
 def _start_scheduler(tmp_path, workers):
     """An external cluster on 127.0.0.1 in its own process (scheduler and worker processes); returns
     (process, address)."""
@@ -119,31 +128,6 @@ def _worker_pids(address):
         return sorted(client.run(os.getpid).values())
 
 
-def test_external_cluster_and_a_killed_worker(tmp_path, model_dir, spectra, in_process):
-    """Over an external 2-worker cluster, one worker is killed (SIGKILL) while the run is under way: its tasks run
-    again elsewhere, the run completes, every output is the in-process one and is reported once."""
-    scheduler, address = _start_scheduler(tmp_path, 2)
-    try:
-        pids = _worker_pids(address)
-        assert len(pids) == 2
-        cfg = _config(tmp_path, model_dir, spectra, infer_scheduler=address)
-        run = subprocess.Popen([sys.executable, "-c", "import sys; from anna.cli import infer_main; "
-                                "sys.exit(infer_main(sys.argv[1:]))", cfg.source], cwd=tmp_path,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        out = tmp_path / "out"
-        deadline = time.time() + 120
-        while time.time() < deadline and run.poll() is None and len(list(out.glob("*_infer.out"))) < 10:
-            time.sleep(0.05)
-        os.kill(pids[0], signal.SIGKILL)
-        stdout, stderr = run.communicate(timeout=240)
-    finally:
-        _stop(scheduler)
-    assert run.returncode == 0, stderr[-3000:]
-    assert _outputs(tmp_path) == in_process
-    reported = [line.rsplit(" -> ", 1)[1].split(" (")[0] for line in stdout.splitlines() if " -> " in line]
-    assert sorted(reported) == sorted(str(out / name) for name in in_process)  # each exactly once
-
-
 def test_unreachable_scheduler_one_line_exit_2(tmp_path, model_dir, spectra, capsys):
     from anna.cli import infer_main
 
@@ -157,7 +141,7 @@ def test_unreachable_scheduler_one_line_exit_2(tmp_path, model_dir, spectra, cap
     assert not list((tmp_path / "out").glob("*_infer.out"))
 
 
-def test_bad_input_is_named_and_the_others_are_written(tmp_path, model_dir, spectra):
+def test_bad_input_is_named_and_the_others_are_written(tmp_path, model_dir, spectra, external_cluster):
     folder = tmp_path / "inputs"
     folder.mkdir()
     for name in ("star0000.fits", "star0001.fits"):
@@ -165,7 +149,8 @@ def test_bad_input_is_named_and_the_others_are_written(tmp_path, model_dir, spec
     (folder / "broken.fits").write_bytes(b"SIMPLE  =                    T" + b" " * 50)
     lines = []
     cfg = make_config(tmp_path, infer_model_loc=model_dir, infer_save_loc=tmp_path / "out", infer_mode="FITS",
-                      infer_files=folder / "*.fits", infer_batch_size=64, jit_compile="NO", infer_scheduler="local:1")
+                      infer_files=folder / "*.fits", infer_batch_size=64, jit_compile="NO",
+                      infer_scheduler=external_cluster)
     with pytest.raises(AnnaInputError) as caught:
         run_infer(cfg, report=lines.append)
     assert "1 of 3 inputs could not be read" in str(caught.value) and "broken.fits" in str(caught.value)
@@ -173,12 +158,12 @@ def test_bad_input_is_named_and_the_others_are_written(tmp_path, model_dir, spec
     assert any("broken.fits: FAILED" in line for line in lines)
 
 
-def test_debug_pack_in_row_blocks(tmp_path, model_dir):
+def test_debug_pack_in_row_blocks(tmp_path, model_dir, external_cluster):
     labels, flux, _ = toy_stars(700, seed=23)
     pack = tmp_path / "stars.pack"
     write_pack(pack, WAVE, np.arange(700) + 5, labels, flux)
     results = {}
-    for name, scheduler in (("alone", None), ("dask", "local:2")):
+    for name, scheduler in (("alone", None), ("dask", external_cluster)):
         keys = {"infer_scheduler": scheduler} if scheduler else {}
         folder = tmp_path / name
         folder.mkdir()
@@ -188,3 +173,27 @@ def test_debug_pack_in_row_blocks(tmp_path, model_dir):
         results[name] = Path(written).read_bytes()
     assert results["dask"] == results["alone"]
     assert results["alone"].count(b"\n") == 701
+
+
+def test_external_cluster_and_a_killed_worker(tmp_path, model_dir, spectra, in_process, external_cluster):
+    """Over an external 2-worker cluster, one worker is killed (SIGKILL) while the run is under way: its tasks run
+    again elsewhere, the run completes, every output is the in-process one and is reported once."""
+    pids = _worker_pids(external_cluster)
+    assert len(pids) == 2
+    cfg = _config(tmp_path, model_dir, spectra, infer_scheduler=external_cluster)
+    run = subprocess.Popen([sys.executable, "-c", "import sys; from anna.cli import infer_main; "
+                            "sys.exit(infer_main(sys.argv[1:]))", cfg.source], cwd=tmp_path,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = tmp_path / "out"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and run.poll() is None and len(list(out.glob("*_infer.out"))) < 10:
+            time.sleep(0.05)
+        os.kill(pids[0], signal.SIGKILL)
+        stdout, stderr = run.communicate(timeout=240)
+    finally:
+        run.kill()
+    assert run.returncode == 0, stderr[-3000:]
+    assert _outputs(tmp_path) == in_process
+    reported = [line.rsplit(" -> ", 1)[1].split(" (")[0] for line in stdout.splitlines() if " -> " in line]
+    assert sorted(reported) == sorted(str(out / name) for name in in_process)  # each exactly once
