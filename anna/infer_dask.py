@@ -147,7 +147,8 @@ def infer_rows_task(path, start, stop):
 
 
 def _connect(cfg, distributed):
-    """(client, cluster or None, TensorFlow threads per worker or None): the scheduler INFER_SCHEDULER names, or a LocalCluster of this run."""
+    """(client, cluster or None, TensorFlow threads per worker or None): the scheduler INFER_SCHEDULER names,
+    or a LocalCluster of this run."""
     address = cfg.infer_scheduler
     timeout = float(cfg.infer_scheduler_timeout)
     if address.startswith("local:"):
@@ -190,14 +191,14 @@ def infer_on_cluster(cfg, model, todo, n_planned, batch, mc_samples, correction,
         if cfg.infer_mode == "DEBUG":
             return [_debug_pack_on_cluster(client, distributed, path, output, batch, report, number, len(todo))
                     for number, (path, _, output) in enumerate(todo, start=1)]
-        return _files_on_cluster(cfg, client, distributed, todo, dependencies, workers, report)
+        return _files_on_cluster(cfg, client, distributed, todo, n_planned, dependencies, workers, report)
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
 
 
-def _files_on_cluster(cfg, client, distributed, todo, dependencies, workers, report):
+def _files_on_cluster(cfg, client, distributed, todo, n_planned, dependencies, workers, report):
     items = [(f"[{number}/{len(todo)}] {path}", path, reader, output)
              for number, (path, reader, output) in enumerate(todo, start=1)]
     groups = _groups(items, workers)
@@ -213,6 +214,8 @@ def _files_on_cluster(cfg, client, distributed, todo, dependencies, workers, rep
         report(f"Dask: {done}/{len(futures)} tasks done, {inputs_done}/{len(todo)} inputs")
     order = {output: number for number, (_, _, output) in enumerate(todo)}
     written.sort(key=order.get)
+    if failures and n_planned == 1:  # one input: its own error, as in one process
+        raise AnnaInputError(failures[0])
     if failures:
         raise AnnaInputError(f"{len(failures)} of {len(todo)} inputs could not be read (the other outputs were "
                              f"written); first: {failures[0]}", path=cfg.source, key="INFER_FILES")

@@ -112,7 +112,6 @@ def make_distributed_train_steps(network, optimizer, spec, chunk_batches, batch_
     strategy = distribution.strategy
     local = distribution.local_replicas
     per_replica = batch_size // local
-    nout = spec.nout
     heteroscedastic = spec.heteroscedastic
     train_step = _train_step_function(network, optimizer, spec,
                                       loss_scale=1.0 / strategy.num_replicas_in_sync)
