@@ -21,6 +21,7 @@ lines of a local run.
 """
 
 import csv
+import importlib.util
 import io
 import math
 import os
@@ -182,7 +183,10 @@ def infer_on_cluster(cfg, model, todo, n_planned, batch, mc_samples, correction,
     client, cluster, intra_op_threads = _connect(cfg, distributed)
     try:
         workers = len(client.scheduler_info().get("workers", {})) or 1
-        report(f"Dask scheduler {client.scheduler.address}: {workers} worker(s); dashboard {client.dashboard_link}")
+        dashboard = client.dashboard_link
+        if cluster is not None and importlib.util.find_spec("bokeh") is None:  # Dask serves no dashboard then
+            dashboard = "not served (pip install bokeh to get one)"
+        report(f"Dask scheduler {client.scheduler.address}: {workers} worker(s); dashboard {dashboard}")
         settings = {"model_loc": cfg.infer_model_loc, "dropout_seed": cfg.seed or 0,
                     "forward_form": getattr(model, "forward_form", None), "batch": int(batch),
                     "range_margin": float(cfg.range_margin), "correction": correction, "mc_samples": mc_samples,
