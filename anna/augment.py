@@ -142,10 +142,14 @@ class BatchProducer:
     augmentation); ``threads`` producer calls in flight (PP_THREADS); ``fetch`` stars drawn per producer call
     (NUM_FETCH, rounded to whole batches); ``depth`` examples buffered ahead (MAX_PP_DEPTH, at most
     MAX_QUEUE_BYTES of flux).  Missing labels (NaN or ``missing_value``) come out as 0 with mask 0.
+
+    ``shard`` (index, count), for one worker of several (DISTRIBUTE MULTI_WORKER): draw only rows index,
+    index + count, ... of the pack, with the worker's own random stream (SEED, stage, chunk, index); None: every
+    row, the stream (SEED, stage, chunk).
     """
 
     def __init__(self, rows, scaler, noise, *, batch_size, seed, stage, threads=1, fetch=1000, depth=10000,
-                 missing_value=None):
+                 missing_value=None, shard=None):
         self.rows = rows
         self.scaler = scaler
         self.noise = noise
@@ -158,12 +162,21 @@ class BatchProducer:
         batch_bytes = self.batch_size * rows.npix * 4
         self.depth_batches = max(2, min(int(depth) // self.batch_size, MAX_QUEUE_BYTES // batch_bytes))
         self.missing_value = missing_value
+        self.stream = ()
+        self.shard_rows = None
+        if shard is not None:
+            index, count = (int(value) for value in shard)
+            self.stream = (index,)
+            self.shard_rows = np.arange(index, rows.pack.n_stars, count, dtype=np.int64)
 
     def _draw_chunk(self, chunk):
         """One producer call: random rows (with replacement), noised when augmenting, and their normalised
         labels.  Everything random comes from one generator seeded with (SEED, stage, chunk)."""
-        rng = np.random.default_rng((self.seed, self.stage, int(chunk)))
-        indices = rng.integers(0, self.rows.pack.n_stars, size=self.chunk_size)
+        rng = np.random.default_rng((self.seed, self.stage, int(chunk), *self.stream))
+        if self.shard_rows is None:
+            indices = rng.integers(0, self.rows.pack.n_stars, size=self.chunk_size)
+        else:
+            indices = self.shard_rows[rng.integers(0, len(self.shard_rows), size=self.chunk_size)]
         flux, labels = self.rows.gather(indices)
         if self.noise is not None:
             # the same function as for the fixed sets; numpy's float32 sampler needs ~9 ms of one core per

@@ -637,6 +637,11 @@ def run_infer(cfg, report=print):
     report(plan.text)
     if mc_samples is None:  # MC dropout runs its own sampled graph
         report(model.choose_forward_form(cfg.jit_compile, plan.batch, report))
+    if cfg.infer_scheduler:  # the same work on a Dask cluster's workers (anna.infer_dask)
+        from anna.infer_dask import infer_on_cluster
+
+        return infer_on_cluster(cfg, model, todo, len(planned), plan.batch, mc_samples, correction, dependencies,
+                                report)
     with ThreadPoolExecutor(1) as domain_pool:
         predictor = Predictor(model, plan.batch, float(cfg.range_margin), correction, mc_samples,
                               cfg.max_rel_sigma, domain_pool)

@@ -477,3 +477,25 @@ class SearchSpace:
             raise _Problem(f"{key}: a log range needs a low bound above 0")
         dimension["low"], dimension["high"] = low, high
         return dimension
+_SCHEDULER_ADDRESS = re.compile(r"(tcp|tls)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})")
+_LOCAL_CLUSTER = re.compile(r"local:([0-9]{1,4})", re.IGNORECASE)
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerAddress:
+    """Where anna-infer's work runs: ``tcp://host:port`` (or ``tls://``) of a running Dask scheduler, or
+    ``local:N`` (a local cluster of N worker processes, 1 to 1024); stored as given (``local`` lower case)."""
+
+    description = "tcp://host:port or local:N"
+
+    def parse(self, text, base_dir):
+        local = _LOCAL_CLUSTER.fullmatch(text)
+        if local:
+            workers = int(local.group(1))
+            if not 1 <= workers <= 1024:
+                raise _Problem("local:N needs 1 to 1024 workers")
+            return f"local:{workers}"
+        address = _SCHEDULER_ADDRESS.fullmatch(text)
+        if not address or not 0 < int(address.group(3)) < 65536:
+            raise _Problem(f"expected {self.description}")
+        return text

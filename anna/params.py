@@ -32,7 +32,8 @@ from types import MappingProxyType
 from anna.errors import AnnaInputError
 from anna.param_types import (Choice, ConvLayerList, ConvShape, CountList, CountOrAuto, FilePattern,
                               FilesystemPath, Flag, FlagOrAuto, Float, FloatList, Fraction, Int, NameList,
-                              Probability, Range, SearchSpace, Text, _Problem, _resolve_path)
+                              Probability, Range, SchedulerAddress, SearchSpace, Text, _Problem,
+                              _resolve_path)
 
 TRAIN = "train"
 TEST = "test"
@@ -201,6 +202,9 @@ KEY_TABLE = (
     KeySpec("MAX_MINUTES2", Float(above=0), None, _TR, "wall-clock limit of stage 2 (minutes); empty = none",
             resume_neutral=True),
     KeySpec("RESUME", Flag(), True, _TR, "continue from a checkpoint in SAVE_LOC if one exists", resume_neutral=True),
+    KeySpec("DISTRIBUTE", Choice(("NONE", "MIRRORED", "MULTI_WORKER")), "NONE", _TR,
+            "NONE (one device), MIRRORED (every local GPU, or the logical CPU devices) or MULTI_WORKER (the "
+            "cluster in the TF_CONFIG environment variable); BATCH_SIZEn stays the global batch"),
     KeySpec("MAGIC_NUMBER", Float(), -9999.0, _ALL, "value that marks a missing label or bad pixel"),
     KeySpec("UNCERTAINTY", Choice(("NONE", "MC_DROPOUT")), "NONE", _ALL, "per-star uncertainty estimate"),
     KeySpec("MC_SAMPLES", _COUNT, 100, _ALL, "forward passes for MC_DROPOUT", resume_neutral=True),
@@ -245,6 +249,11 @@ KEY_TABLE = (
     KeySpec("TUNE_PRUNE_STARTUP", Int(minimum=0), 5, _TU, "MEDIAN: trials that finish before any is pruned"),
     KeySpec("TUNE_PRUNE_WARMUP", Int(minimum=0), 2, _TU,
             "sample intervals a trial runs before it may be pruned (MEDIAN and HYPERBAND)"),
+    KeySpec("INFER_SCHEDULER", SchedulerAddress(), None, _IN,
+            "empty: in this process; tcp://host:port: an existing Dask scheduler; local:N: a Dask cluster of N "
+            "worker processes for this run (needs the dask extra)"),
+    KeySpec("INFER_SCHEDULER_TIMEOUT", Float(above=0), 30.0, _IN,
+            "seconds to wait for INFER_SCHEDULER's scheduler before giving up"),
 )
 
 _SPECS = MappingProxyType({spec.name: spec for spec in KEY_TABLE})

@@ -15,6 +15,7 @@ import numpy as np
 from anna.atomic import file_sha256
 from anna.errors import AnnaInputError
 from anna.runtime import configure_threads
+from anna.train.distribute import Distribution, make_distribution
 from anna.train.describe import (PART_TITLES, compute_parts, load_xval, missing_text, noise_models, parts_of,
                                  training_sample)
 from anna.train.schedule import DEFAULT_WEIGHT_DECAY, EarlyStopping, make_optimizer, stage_plans, stage_schedule
@@ -38,7 +39,7 @@ def _mean_spectrum(pack):
 class Trainer:
     """Holds one training run's state; :func:`run_training` is the entry point."""
 
-    def __init__(self, cfg, report=print, on_interval=None):
+    def __init__(self, cfg, report=print, on_interval=None, distribution=None):
         import tensorflow as tf
 
         from anna.augment import PackRows
@@ -50,6 +51,9 @@ class Trainer:
         self.on_interval = on_interval
         self.ended_by_caller = None
         self.tf = tf
+        # DISTRIBUTE (anna.train.distribute): only the chief writes checkpoints, logs and the frozen model
+        self.distribution = distribution or Distribution("NONE")
+        self.is_chief = self.distribution.is_chief
         self.missing_value = cfg.magic_number
         self.pack = open_pack(cfg.training_data, expected_npix=cfg.num_px, expected_nout=cfg.num_outs,
                               check_flux=True, missing_label_value=self.missing_value)
@@ -64,6 +68,9 @@ class Trainer:
         self.xval = load_xval(cfg, self.pack, self.scaler, xval_noise, self.seed, self.missing_value) \
             if cfg.training_xval else None
         self.rows = PackRows(self.pack)
+        if self.pack.n_stars < self.distribution.num_workers:
+            raise AnnaInputError(f"{self.pack.n_stars} spectra cannot be shared by {self.distribution.num_workers} "
+                                 "workers", path=self.pack.path, key="DISTRIBUTE")
         self.spec = NetworkSpec.from_config(cfg, self.pack.npix, self.pack.nout)
         self.centre = _mean_spectrum(self.pack) if cfg.input_centering == "MEAN" else None
         self.writer = None
@@ -72,7 +79,7 @@ class Trainer:
         self._checkpoint_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1,
                                                                       thread_name_prefix="checkpoint")
         self._checkpoint_job = None
-        if cfg.tboard_output or cfg.timeline_output:
+        if (cfg.tboard_output or cfg.timeline_output) and self.is_chief:
             self.run_dir = self.state.setdefault("run_dir", os.path.join(
                 cfg.log_loc, time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())))
             os.makedirs(self.run_dir, exist_ok=True)
@@ -125,21 +132,26 @@ class Trainer:
             previous_weights = arrays.get("stage_start_weights")
         stage_results = self.state.setdefault("stage_results", [])
         self.compiled = self.state.get("compiled") or self._choose_compiled_form(plans[0])
+        if self.distribution.distributed:
+            self.report(f"DISTRIBUTE {self.distribution.kind}: {self.distribution.replicas} replica(s), "
+                        f"{self.distribution.num_workers} worker(s); this is worker {self.distribution.worker_index}"
+                        + (" (chief)" if self.is_chief else ""))
         self.state["compiled"] = self.compiled
         interrupted = None
         with StopRequest() as stop:
             for stage_index in range(self.state["stage_index"], len(plans)):
                 plan = plans[stage_index]
-                network = build_network(self.spec, dropout_rate=1.0 - plan.keep_prob, centre=self.centre,
-                                        compiled_form=self.compiled["form"], weight_init=cfg.weight_init)
+                with self.distribution.scope():  # variables made here are mirrored over the replicas
+                    network = build_network(self.spec, dropout_rate=1.0 - plan.keep_prob, centre=self.centre,
+                                            compiled_form=self.compiled["form"], weight_init=cfg.weight_init)
+                    optimizer = make_optimizer(cfg, plan.learn_rate)
+                    optimizer.build(network.trainable_variables)
                 resuming_here = arrays is not None and stage_index == self.state["stage_index"]
                 if resuming_here:
                     network.set_weights(arrays["weights"])
                 elif previous_weights is not None:
                     network.set_weights(previous_weights)
                 stage_start_weights = [np.array(w) for w in network.get_weights()]
-                optimizer = make_optimizer(cfg, plan.learn_rate)
-                optimizer.build(network.trainable_variables)
                 stopper = EarlyStopping(cfg.es_sample, enabled=cfg.early_stop)
                 schedule = stage_schedule(cfg, plan)
                 start_iteration, elapsed_before = 0, 0.0
@@ -171,10 +183,20 @@ class Trainer:
                 if stop.requested:
                     interrupted = stop.signal_name
                     break
+            if not self.is_chief:  # the chief describes and writes the model
+                return self._finish_worker(stage_results, interrupted)
             self._describe_for_inference(stop)
             stop.hold()
             path = self._write_model(stage_results, interrupted, stop)
         return self._finish(path, stage_results, interrupted, stop)
+
+    def _finish_worker(self, stage_results, interrupted):
+        """The end of a worker other than the chief: it wrote nothing."""
+        self._checkpoint_pool.shutdown()
+        self.report(f"worker {self.distribution.worker_index}: training done; the chief writes the frozen model")
+        return {"frozen_model": None, "stages": stage_results, "interrupted": interrupted,
+                "training_complete": interrupted is None, "model_parts": {}, "stop_seconds": None,
+                "history": self.history, "run_dir": None, "seed": self.seed}
 
     def _choose_compiled_form(self, plan):
         """JIT_COMPILE: the compiled form of the training steps (timed on a throwaway network unless NO).  The
@@ -182,6 +204,8 @@ class Trainer:
         the choice came from the cache, training starts from the same state."""
         from anna.augment import BatchProducer
 
+        if self.distribution.distributed:  # the strategy's steps have one form (anna.train.steps)
+            return {"setting": self.cfg.jit_compile, "form": "graph", "source": "DISTRIBUTE"}
         chunk = None  # only a timing needs one: a single candidate form is returned without it
         if len(FORMS_OF_SETTING[self.cfg.jit_compile]) > 1:
             producer = BatchProducer(self.rows, self.scaler, None, batch_size=plan.batch_size, seed=self.seed,
@@ -260,6 +284,8 @@ class Trainer:
 
     def _write_checkpoint(self, stage_index, iteration, network, optimizer, stopper, schedule, stage_elapsed,
                           stage_start_weights):
+        if not self.is_chief:
+            return
         state = {key: value for key, value in self.state.items() if key != "arrays"}
         state.update({"stage_index": stage_index, "iteration": iteration, "global_step": self.global_step,
                       "schedule": schedule.state(), "stage_elapsed": stage_elapsed,
@@ -315,6 +341,7 @@ class Trainer:
             "training_domain": self.training_domain,
             "variance_calibration": self.variance_calibration,
             "model_parts": self.model_parts,
+            "distribute": self.distribution.describe(),
         }
         if interrupted is not None:
             # the seconds from the signal until the model's contents were ready (the write itself follows)
@@ -370,5 +397,14 @@ def run_training(cfg, report=print, on_interval=None):
     summary (``caller_reason``) and returned as ``ended_by_caller``.  None lets the run go on.
     """
     configure_threads()
-    trainer = Trainer(cfg, report, on_interval)
-    return trainer.run()
+    distribution = make_distribution(cfg)  # before TensorFlow runs anything: MULTI_WORKER joins its cluster
+    trainer = Trainer(cfg, report, on_interval, distribution)
+    if distribution.kind != "MULTI_WORKER":
+        return trainer.run()
+    try:
+        return trainer.run()
+    except trainer.tf.errors.OpError as error:  # a peer died or went silent: its collective failed here
+        lines = [line.strip() for line in str(error).splitlines() if line.strip() and not line.endswith(":")]
+        raise AnnaInputError(f"worker {distribution.worker_index} lost the cluster ({lines[0] if lines else error}); "
+                             f"the last checkpoint is in {cfg.save_loc}: start every worker again to resume",
+                             key="DISTRIBUTE") from None

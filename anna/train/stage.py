@@ -78,12 +78,16 @@ class StageRun:
         self.stop, self.final_stage = stop, final_stage
         self.heteroscedastic = trainer.spec.heteroscedastic
         self.evaluate = trainer._make_eval(network)
-        producer = BatchProducer(trainer.rows, trainer.scaler, trainer.noise, batch_size=plan.batch_size,
+        distribution = trainer.distribution
+        # this worker's share of the global batch (all of it unless MULTI_WORKER), from its shard of the rows
+        worker_batch = distribution.worker_batch(plan.batch_size, f"BATCH_SIZE{plan.number}")
+        producer = BatchProducer(trainer.rows, trainer.scaler, trainer.noise, batch_size=worker_batch,
                                  seed=trainer.seed, stage=plan.number, threads=cfg.pp_threads, fetch=cfg.num_fetch,
-                                 depth=cfg.max_pp_depth, missing_value=trainer.missing_value)
+                                 depth=cfg.max_pp_depth, missing_value=trainer.missing_value,
+                                 shard=distribution.shard)
         self.chunk_batches = producer.batches_per_chunk
-        self.train_steps = make_train_steps(network, optimizer, trainer.spec, self.chunk_batches, plan.batch_size,
-                                            trainer.compiled["form"])
+        self.train_steps = make_train_steps(network, optimizer, trainer.spec, self.chunk_batches, worker_batch,
+                                            trainer.compiled["form"], distribution=distribution)
         first_chunk, self.offset = divmod(start_iteration, self.chunk_batches)
         self.chunks = iter(producer.chunk_dataset(first_chunk))
         self.chunk = None

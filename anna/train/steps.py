@@ -15,7 +15,7 @@ TRIAL_SECONDS = 2.0
 TRIAL_STEPS_PER_CALL = 3
 
 
-def make_train_steps(network, optimizer, spec, chunk_batches, batch_size, compiled_form):
+def make_train_steps(network, optimizer, spec, chunk_batches, batch_size, compiled_form, distribution=None):
     """``train_steps(chunk, first, count) -> (costs, parts)``: optimiser steps on batches first ..
     first+count-1 of a producer chunk (flux, labels, mask), each (chunk_batches, batch, ...).
 
@@ -39,48 +39,11 @@ def make_train_steps(network, optimizer, spec, chunk_batches, batch_size, compil
     """
     import tensorflow as tf
 
-    from anna.losses import masked_squared_error, robust_heteroscedastic
-    from anna.model import log_noise_variance
-
+    if distribution is not None and distribution.distributed:
+        return make_distributed_train_steps(network, optimizer, spec, chunk_batches, batch_size, distribution)
     nout = spec.nout
     heteroscedastic = spec.heteroscedastic
-    if heteroscedastic:
-        trunk, free_top, dropout_top, variance_sum = variance_head_parts(network, spec)
-
-    def train_step(flux, labels, mask):
-        if heteroscedastic:
-            # DER_SNR's noise term depends on the spectra only: no gradient, so off the tape
-            log_noise_sq = log_noise_variance(flux)
-        with tf.GradientTape() as tape:
-            if heteroscedastic:
-                # The reported value is the mean of the dropout passes, which the dropout-free pass
-                # approximates (weight scaling); the variance head is fitted, in that dropout-free pass, to
-                # the residual of that value.  Fitted to a single dropout pass it would also learn the dropout
-                # jitter, which sigma_model already counts, and its own jitter would bias sigma upwards.
-                # Both passes are the same up to the first dropout layer, so that trunk runs once and only the
-                # top runs twice (variance_head_parts): the same losses and gradients as two whole passes.
-                shared = trunk(flux, training=False)
-                plain_labels, log_var_fit, log_gain = free_top(shared, training=False)
-                reported = tf.stop_gradient(plain_labels)
-                log_variance = variance_sum([log_var_fit, log_gain, log_noise_sq])
-                out = dropout_top(shared, training=True)
-            else:
-                out = network(flux, training=True)
-            cost = masked_squared_error(labels, out[:, :nout], mask)
-            if heteroscedastic:
-                # robust (astroNN) loss: labels weighted by the predicted inverse variance ...
-                loss = (robust_heteroscedastic(labels, out[:, :nout], tf.stop_gradient(log_variance), mask)
-                        # ... plus the variance head fitted to the residual of the reported value
-                        + robust_heteroscedastic(labels, reported, log_variance, mask))
-            else:
-                loss = cost
-        grads = tape.gradient(loss, network.trainable_variables)
-        optimizer.apply_gradients(zip(grads, network.trainable_variables))
-        if heteroscedastic:
-            parts = tf.stack([tf.square(labels - reported) * mask, tf.exp(log_var_fit),
-                              tf.exp(log_gain + log_noise_sq), mask])
-            return cost, parts
-        return cost, None
+    train_step = _train_step_function(network, optimizer, spec)
 
     def batch_at(flux, labels, mask, index):
         """Batch ``index`` of a chunk.  A gather, not ``flux[index]``: XLA compiled the strided slice with a
@@ -131,6 +94,115 @@ def make_train_steps(network, optimizer, spec, chunk_batches, batch_size, compil
         return costs, parts
 
     return train_steps
+
+
+def make_distributed_train_steps(network, optimizer, spec, chunk_batches, batch_size, distribution):
+    """:func:`make_train_steps` under a ``tf.distribute`` strategy (DISTRIBUTE MIRRORED or MULTI_WORKER, see
+    :mod:`anna.train.distribute`): the same ``train_steps(chunk, first, count) -> (costs, parts)``.
+
+    ``batch_size`` is this worker's batch (the global batch over the workers).  One graph call per step: the
+    batch is taken from the chunk once, each of this worker's replicas steps on its own slice of it with its loss
+    divided by the number of replicas (the optimiser sums their gradients: the gradient of the global batch's
+    mean), the cost is averaged over every replica, and the variance head's residual terms are gathered from
+    every replica, so the refit that follows is the same on every worker.  No XLA here: the strategy's
+    all-reduce sits between the gradient and the update.
+    """
+    import tensorflow as tf
+
+    strategy = distribution.strategy
+    local = distribution.local_replicas
+    per_replica = batch_size // local
+    heteroscedastic = spec.heteroscedastic
+    train_step = _train_step_function(network, optimizer, spec,
+                                      loss_scale=1.0 / strategy.num_replicas_in_sync)
+
+    def replica_step(flux, labels, mask):
+        replica = tf.distribute.get_replica_context().replica_id_in_sync_group % local
+        first = replica * per_replica
+        return train_step(flux[first:first + per_replica], labels[first:first + per_replica],
+                          mask[first:first + per_replica])
+
+    @tf.function(autograph=False)
+    def distributed_step(flux, labels, mask, index):
+        batch = tf.gather(flux, index), tf.gather(labels, index), tf.gather(mask, index)
+        cost, parts = strategy.run(replica_step, args=batch)
+        cost = strategy.reduce(tf.distribute.ReduceOp.MEAN, cost, axis=None)
+        if heteroscedastic:
+            parts = strategy.gather(parts, axis=1)  # (4, global batch, nout)
+            return cost, parts
+        return cost, tf.zeros([1])
+
+    constants = {}
+
+    def as_tensor(value):
+        if value not in constants:
+            constants[value] = tf.constant(value, dtype=tf.int32)
+        return constants[value]
+
+    def train_steps(chunk, first, count):
+        results = [distributed_step(*chunk, as_tensor(index)) for index in range(first, first + count)]
+        costs = tf.concat([tf.stack([cost for cost, _ in results]), tf.zeros([chunk_batches - count])], 0)
+        if not heteroscedastic:
+            return costs, None
+        stacked = tf.stack([p for _, p in results])
+        parts = tf.concat([stacked, tf.zeros([chunk_batches - count] + list(stacked.shape[1:]))], 0)
+        return costs, parts
+
+    return train_steps
+
+
+def _train_step_function(network, optimizer, spec, loss_scale=None):
+    """``train_step(flux, labels, mask) -> (cost, parts)``: one optimiser step on one batch (see
+    :func:`make_train_steps`).  ``loss_scale`` multiplies the loss whose gradient is taken (1 / replicas under
+    a distribution strategy, whose optimiser sums the replicas' gradients); the returned cost is unscaled."""
+    import tensorflow as tf
+
+    from anna.losses import masked_squared_error, robust_heteroscedastic
+    from anna.model import log_noise_variance
+
+    nout = spec.nout
+    heteroscedastic = spec.heteroscedastic
+    if heteroscedastic:
+        trunk, free_top, dropout_top, variance_sum = variance_head_parts(network, spec)
+
+    def train_step(flux, labels, mask):
+        if heteroscedastic:
+            # DER_SNR's noise term depends on the spectra only: no gradient, so off the tape
+            log_noise_sq = log_noise_variance(flux)
+        with tf.GradientTape() as tape:
+            if heteroscedastic:
+                # The reported value is the mean of the dropout passes, which the dropout-free pass
+                # approximates (weight scaling); the variance head is fitted, in that dropout-free pass, to
+                # the residual of that value.  Fitted to a single dropout pass it would also learn the dropout
+                # jitter, which sigma_model already counts, and its own jitter would bias sigma upwards.
+                # Both passes are the same up to the first dropout layer, so that trunk runs once and only the
+                # top runs twice (variance_head_parts): the same losses and gradients as two whole passes.
+                shared = trunk(flux, training=False)
+                plain_labels, log_var_fit, log_gain = free_top(shared, training=False)
+                reported = tf.stop_gradient(plain_labels)
+                log_variance = variance_sum([log_var_fit, log_gain, log_noise_sq])
+                out = dropout_top(shared, training=True)
+            else:
+                out = network(flux, training=True)
+            cost = masked_squared_error(labels, out[:, :nout], mask)
+            if heteroscedastic:
+                # robust (astroNN) loss: labels weighted by the predicted inverse variance ...
+                loss = (robust_heteroscedastic(labels, out[:, :nout], tf.stop_gradient(log_variance), mask)
+                        # ... plus the variance head fitted to the residual of the reported value
+                        + robust_heteroscedastic(labels, reported, log_variance, mask))
+            else:
+                loss = cost
+            if loss_scale is not None:
+                loss = loss * loss_scale
+        grads = tape.gradient(loss, network.trainable_variables)
+        optimizer.apply_gradients(zip(grads, network.trainable_variables))
+        if heteroscedastic:
+            parts = tf.stack([tf.square(labels - reported) * mask, tf.exp(log_var_fit),
+                              tf.exp(log_gain + log_noise_sq), mask])
+            return cost, parts
+        return cost, None
+
+    return train_step
 
 
 def variance_head_parts(network, spec):
