@@ -226,6 +226,11 @@ KEY_TABLE = (
             "fraction of MAX-MIN beyond which a prediction is flagged out of range"),
     KeySpec("MAX_REL_SIGMA", Float(above=0), None, _IN,
             "with MC_DROPOUT: flag a star whose sigma exceeds this fraction of MAX-MIN; empty = no flag"),
+    KeySpec("INFER_SCHEDULER", SchedulerAddress(), None, _IN,
+            "empty: in this process; tcp://host:port: an existing Dask scheduler; local:N: a Dask cluster of N "
+            "worker processes for this run (needs the dask extra)"),
+    KeySpec("INFER_SCHEDULER_TIMEOUT", Float(above=0), 30.0, _IN,
+            "seconds to wait for INFER_SCHEDULER's scheduler before giving up"),
     # ---- anna-tune (hyper-parameter search over anna-train runs)
     KeySpec("TUNE_SPACE", SearchSpace(_searchable), None, _TU,
             "keys to search, 'KEY=kind(...)' separated by ';': float(low, high[, log|step]), log(low, high), "
@@ -249,11 +254,6 @@ KEY_TABLE = (
     KeySpec("TUNE_PRUNE_STARTUP", Int(minimum=0), 5, _TU, "MEDIAN: trials that finish before any is pruned"),
     KeySpec("TUNE_PRUNE_WARMUP", Int(minimum=0), 2, _TU,
             "sample intervals a trial runs before it may be pruned (MEDIAN and HYPERBAND)"),
-    KeySpec("INFER_SCHEDULER", SchedulerAddress(), None, _IN,
-            "empty: in this process; tcp://host:port: an existing Dask scheduler; local:N: a Dask cluster of N "
-            "worker processes for this run (needs the dask extra)"),
-    KeySpec("INFER_SCHEDULER_TIMEOUT", Float(above=0), 30.0, _IN,
-            "seconds to wait for INFER_SCHEDULER's scheduler before giving up"),
 )
 
 _SPECS = MappingProxyType({spec.name: spec for spec in KEY_TABLE})

@@ -158,27 +158,13 @@ def test_mirrored_over_two_logical_cpus_matches_one_device(tmp_path, toy_packs):
 # ----- MULTI_WORKER ---------------------------------------------------------------------------------------
 
 
-def test_multi_worker_two_processes_write_one_frozen_model(tmp_path, toy_packs):
+def test_multi_worker_killed_worker_then_restart_resumes_and_writes_one_frozen_model(tmp_path, toy_packs):
+    """Two worker processes on 127.0.0.1; one is killed after the first checkpoint, the other ends with one
+    line; both started again resume from the checkpoint, train to the end, and the chief alone writes one
+    frozen model and TensorBoard's logs (one test, as two runs of the cluster take a minute each)."""
     path = write_params(tmp_path, toy_packs, DISTRIBUTE="MULTI_WORKER",
-                        **dict(SMALL, TBOARD_OUTPUT="YES"))
-    outputs = _finish(_start_workers(path, tmp_path))
-    for (stdout, stderr), index in zip(outputs, range(2)):
-        assert f"this is worker {index}" in stdout, stderr[-3000:]
-    assert "frozen model written to" in outputs[0][0] and "frozen model written" not in outputs[1][0]
-    assert "the chief writes the frozen model" in outputs[1][0]
-    assert sorted(os.listdir(tmp_path / "model")) == ["frozen.model"]  # one model, no checkpoint left
-    assert len(os.listdir(tmp_path / "logs")) == 1  # TensorBoard: the chief's run only
-    model = load_frozen(str(tmp_path / "model"))
-    assert model.metadata["complete"] is True
-    assert model.metadata["distribute"]["workers"] == 2 and model.metadata["distribute"]["replicas"] == 2
-    # both workers took the same decisions on the same weights: their interval lines agree
-    lines = [[line.split("|")[0] for line in stdout.splitlines() if " iter " in line] for stdout, _ in outputs]
-    assert lines[0] == lines[1] and len(lines[0]) == 2
-
-
-def test_multi_worker_killed_worker_then_restart_resumes(tmp_path, toy_packs):
-    path = write_params(tmp_path, toy_packs, DISTRIBUTE="MULTI_WORKER",
-                        **dict(SMALL, NUM_TRAIN_ITERS1=100, SAMPLE_INTERVAL=20, EARLY_STOP="NO"))
+                        **dict(SMALL, NUM_TRAIN_ITERS1=100, SAMPLE_INTERVAL=20, EARLY_STOP="NO",
+                               TBOARD_OUTPUT="YES"))
     checkpoint = tmp_path / "model" / "checkpoint.anna"
     procs = _start_workers(path, tmp_path)
     deadline = time.time() + 180
@@ -195,10 +181,17 @@ def test_multi_worker_killed_worker_then_restart_resumes(tmp_path, toy_packs):
     assert "lost the cluster" in survivor_err and "start every worker again" in survivor_err
     assert not (tmp_path / "model" / "frozen.model").exists()
     outputs = _finish(_start_workers(path, tmp_path))
-    for stdout, stderr in outputs:
-        assert "resuming from" in stdout, stderr[-3000:]
+    for (stdout, stderr), index in zip(outputs, range(2)):
+        assert "resuming from" in stdout and f"this is worker {index}" in stdout, stderr[-3000:]
     resumed_at = int(re.search(r"resuming from .*: stage 1, iteration (\d+)", outputs[0][0]).group(1))
     assert 0 < resumed_at < 100
-    assert sorted(os.listdir(tmp_path / "model")) == ["frozen.model"]
+    assert "frozen model written to" in outputs[0][0] and "frozen model written" not in outputs[1][0]
+    assert "the chief writes the frozen model" in outputs[1][0]
+    assert sorted(os.listdir(tmp_path / "model")) == ["frozen.model"]  # one model, no checkpoint left
+    assert len(os.listdir(tmp_path / "logs")) == 1  # TensorBoard: the chief's run only
     model = load_frozen(str(tmp_path / "model"))
     assert model.metadata["complete"] is True and model.metadata["stages"][0]["iterations"] == 100
+    assert model.metadata["distribute"]["workers"] == 2 and model.metadata["distribute"]["replicas"] == 2
+    # both workers took the same decisions on the same weights: their interval lines agree
+    lines = [[line.split("|")[0] for line in stdout.splitlines() if " iter " in line] for stdout, _ in outputs]
+    assert lines[0] == lines[1] and lines[0]
