@@ -116,18 +116,21 @@ def spectra_main(argv=None):
     parser = argparse.ArgumentParser(prog="anna-spectra",
                                      description="Show what ANNA-TF's readers see in spectrum files (the same code "
                                                  "anna-infer uses).")
-    parser.add_argument("files", nargs="+", help="FITS files (multispec or 1-D)")
-    parser.add_argument("--text", metavar="DIR", help="also write each aperture as two-column text into DIR")
+    parser.add_argument("files", nargs="+", help="FITS files (LAMOST, SDSS/BOSS, APOGEE, multispec or 1-D)")
+    parser.add_argument("--text", metavar="DIR", help="also write each spectrum as text into DIR (wavelength, "
+                                                      "flux, and error for survey files)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
     args = parser.parse_args(argv)
 
     def action():
         from anna.fits_io import describe_file, write_text_spectra
+        from anna.survey.show import describe_survey_file, write_survey_text
 
         for path in args.files:
-            print(describe_file(path))
+            print(describe_survey_file(path) or describe_file(path))
             if args.text:
-                written = write_text_spectra(path, args.text)
+                written = write_survey_text(path, args.text)
+                written = written if written is not None else write_text_spectra(path, args.text)
                 print(f"wrote {len(written)} text spectra to {args.text}")
 
     return _run("anna-spectra", args.debug, action)

@@ -1,0 +1,161 @@
+"""The survey-format registry: which reader a FITS file needs, told from the file's own structure.
+
+Each format is a :class:`SurveyFormat`: a name, an ``identify(hdus)`` function that looks only at the opened
+file (HDU names and kinds, header keywords, table columns; never the file name) and a ``read(hdus, path)``
+function that returns :class:`SurveySpectrum` objects.  :func:`identify` asks every registered format in
+order and returns the first that recognises the file, so more specific formats are registered before more
+general ones (the plain 1-D reader with an error extension comes last).  A file no format recognises is left
+to :mod:`anna.fits_io` (IRAF multispec and plain 1-D spectra), which is what :func:`read_survey_file` does.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from anna.errors import AnnaInputError
+
+C_KMS = 299792.458
+
+
+@dataclass(frozen=True)
+class SurveySpectrum:
+    """One spectrum of a file, as the file gives it.
+
+    ``wavelength``, ``flux`` (n,) float64, wavelengths in Angstrom (vacuum or air as the survey gives them);
+    ``error`` (n,) one-sigma flux error or None when the file has none (inverse variances are converted:
+    sigma = 1/sqrt(ivar), infinite where ivar is 0); ``bad`` (n,) bool, the pixels the file marks unusable
+    (mask bits the survey documents as bad, zero inverse variance), or None.  ``columns`` names what was read
+    besides wavelength and flux (for anna-spectra).  ``velocity`` the radial velocity (km/s) the file states
+    for this spectrum, ``velocity_key`` where it came from; ``rest_frame`` True when the wavelengths are
+    already in the star's rest frame (APOGEE apStar, aspcapStar).  ``normalised`` True when the flux is
+    already continuum-normalised (aspcapStar).
+    """
+
+    name: str
+    wavelength: np.ndarray
+    flux: np.ndarray
+    error: np.ndarray = None
+    bad: np.ndarray = None
+    columns: tuple = ()
+    velocity: float = None
+    velocity_key: str = ""
+    rest_frame: bool = False
+    normalised: bool = False
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SurveyFormat:
+    name: str
+    identify: object
+    read: object
+    description: str = ""
+
+
+def sigma_from_ivar(ivar):
+    """One-sigma errors from inverse variances: 1/sqrt(ivar), +inf where ivar <= 0 or is not finite."""
+    ivar = np.asarray(ivar, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sigma = 1.0 / np.sqrt(ivar)
+    sigma[~(np.isfinite(ivar) & (ivar > 0))] = np.inf
+    return sigma
+
+
+def table_columns(hdu):
+    """Upper-case column names of a binary table HDU ({} for anything else)."""
+    columns = getattr(hdu, "columns", None)
+    if columns is None or not hasattr(columns, "names"):
+        return {}
+    return {name.upper(): name for name in columns.names}
+
+
+def require_columns(hdu, names, path, what):
+    """The actual column names for ``names`` (upper case) in ``hdu``; an input error naming the missing ones."""
+    present = table_columns(hdu)
+    missing = [name for name in names if name not in present]
+    if missing:
+        raise AnnaInputError(f"{what}: extension {hdu.name or '?'} lacks column(s) {', '.join(missing)}; it has "
+                             f"{', '.join(present.values()) or 'none'}", path=path)
+    return [present[name] for name in names]
+
+
+def check_same_length(path, name, reference, **arrays):
+    """Refuse per-pixel arrays whose length differs from the flux's (e.g. an ivar of the wrong length)."""
+    for key, values in arrays.items():
+        if values is not None and np.asarray(values).shape != np.asarray(reference).shape:
+            raise AnnaInputError(f"{name}: {key} has {np.asarray(values).size} values but the flux has "
+                                 f"{np.asarray(reference).size}", path=path)
+
+
+def header_number(header, key):
+    """A finite float header value, or None."""
+    value = header.get(key)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if np.isfinite(value) else None
+
+
+def open_fits(path):
+    """The HDU list of a FITS file (read fully into memory), with astropy's warnings about odd headers off."""
+    from astropy.io import fits
+
+    if not os.path.exists(path):
+        raise AnnaInputError("FITS file not found", path=path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hdus = fits.open(path, ignore_missing_end=True, memmap=False, lazy_load_hdus=False)
+            for hdu in hdus:
+                _ = hdu.data  # read now: errors surface here, and the file can be closed
+    except (OSError, ValueError, TypeError, IndexError) as exc:
+        raise AnnaInputError(f"cannot read FITS file: {exc}", path=path) from None
+    return hdus
+
+
+def registered_formats():
+    """The formats in the order they are asked (specific first)."""
+    from anna.survey import apogee, lamost, plain, sdss
+
+    return (*lamost.FORMATS, *sdss.FORMATS, *apogee.FORMATS, *plain.FORMATS)
+
+
+def identify(hdus):
+    """The first registered :class:`SurveyFormat` that recognises ``hdus``, or None."""
+    for survey_format in registered_formats():
+        try:
+            if survey_format.identify(hdus):
+                return survey_format
+        except (KeyError, IndexError, AttributeError, TypeError, ValueError):
+            continue
+    return None
+
+
+def read_survey_file(path):
+    """(format name or None, list of SurveySpectrum) for a FITS file.
+
+    Survey formats are read by their own reader; anything else by :func:`anna.fits_io.read_spectra` (IRAF
+    multispec, 1-D FITS), each of its spectra becoming a SurveySpectrum without errors or mask.
+    """
+    path = os.fspath(path)
+    hdus = open_fits(path)
+    with hdus:
+        survey_format = identify(hdus)
+        if survey_format is not None:
+            spectra = survey_format.read(hdus, path)
+            if not spectra:
+                raise AnnaInputError(f"{survey_format.name} file holds no spectrum", path=path)
+            return survey_format.name, spectra
+    from anna.fits_io import read_spectra
+
+    spectra = []
+    for spectrum in read_spectra(path):
+        name = str(spectrum.aperture) if spectrum.aperture is not None else str(spectrum.index + 1)
+        spectra.append(SurveySpectrum(name=name, wavelength=spectrum.wavelength, flux=spectrum.flux,
+                                      meta={"aperture": spectrum.aperture, "beam": spectrum.beam}))
+    return None, spectra
