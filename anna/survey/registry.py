@@ -136,6 +136,22 @@ def identify(hdus):
     return None
 
 
+def identify_file(path):
+    """The name of the survey format of the FITS file ``path``, or None (also when astropy cannot open it: the
+    multispec reader then reports the problem).  Opens the file memory-mapped, so a multispec file costs its
+    headers, not its data."""
+    from astropy.io import fits
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with fits.open(os.fspath(path), ignore_missing_end=True, memmap=True) as hdus:
+                survey_format = identify(hdus)
+    except (OSError, ValueError, TypeError, IndexError):
+        return None
+    return None if survey_format is None else survey_format.name
+
+
 def read_survey_file(path):
     """(format name or None, list of SurveySpectrum) for a FITS file.
 
