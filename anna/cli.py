@@ -172,25 +172,34 @@ def synth_main(argv=None):
 
 def pack_main(argv=None):
     parser = argparse.ArgumentParser(prog="anna-pack",
-                                     description="Build a training pack from spectra files (two-column text or "
-                                                 "FITS) and a CSV of labels, interpolated onto a wavelength grid.")
+                                     description="Build a training pack from spectra files (two-column text, "
+                                                 "FITS, or LAMOST/SDSS/APOGEE survey files) and a CSV or FITS "
+                                                 "table of labels, interpolated onto a wavelength grid.")
     parser.add_argument("spectra", nargs="+", help="spectrum files")
     parser.add_argument("--labels", required=True, help="CSV with one row per spectrum")
     parser.add_argument("--grid", required=True, help="wavelength template (two columns) defining the grid")
     parser.add_argument("--out", required=True, help="pack to write")
     parser.add_argument("--id-column", default="star_id")
     parser.add_argument("--label-columns", help="comma-separated label columns (default: all other columns)")
+    parser.add_argument("--continuum", choices=("NONE", "SPLINE", "QUANTILE"), default="NONE",
+                        help="continuum normalisation of survey files (train with the same CONTINUUM)")
+    parser.add_argument("--bad-pixel-fill", choices=("CONTINUUM", "INTERPOLATE"), default="INTERPOLATE",
+                        help="neutral value of survey files' bad pixels (train with the same BAD_PIXEL_FILL)")
+    parser.add_argument("--spectrum", help="which spectrum of each survey file (default: its only or first "
+                                           "combined one)")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
 
     def action():
+        from anna.continuum import continuum_settings
         from anna.packer import build_pack_from_spectra
         from anna.templates import read_wavelength_template
 
         grid = read_wavelength_template(args.grid)
         columns = args.label_columns.split(",") if args.label_columns else None
         build_pack_from_spectra(args.spectra, args.labels, grid, args.out, id_column=args.id_column,
-                                label_columns=columns)
+                                label_columns=columns, continuum=continuum_settings(args.continuum),
+                                fill=args.bad_pixel_fill, spectrum_name=args.spectrum)
         print(f"wrote {args.out}")
 
     return _run("anna-pack", args.debug, action)

@@ -147,3 +147,42 @@ def test_bad_pixel_fraction_augmentation_fills_like_inference():
     dropped = drop_pixels(flux, noise, np.random.default_rng(1))
     assert dropped.dtype == np.float32 and 0.04 < np.mean(dropped == 1.0) < 0.06
     assert drop_pixels(flux, NoiseModel(np.ones(500), (50, 100), (0, 0)), rng) is flux
+
+
+def test_anna_pack_from_a_survey_file_prepares_it_as_anna_infer_does(tmp_path):
+    """Labels from an allStar-like FITS table matched by APOGEE id; the pack row equals anna-infer's grid flux."""
+    from astropy.table import Table
+
+    from anna.badpixels import bad_on_grid
+    from anna.infer import spectra_onto_grid
+    from anna.packer import build_pack_from_spectra
+    from anna.packs import open_pack
+
+    apstar = os.path.join(DATA, "apStar-r6-2M00452143+1634446.cut.fits")
+    table = Table({"APOGEE_ID": ["2M00000000+0000000", "2M00452143+1634446"], "TEFF": [5000.0, 4321.5],
+                   "LOGG": [3.0, 2.25], "X_H_SPEC": np.zeros((2, 3))})
+    table.write(tmp_path / "allStar-like.fits")
+    grid = np.arange(15300.0, 15400.0, 0.25)
+    settings = continuum_settings("SPLINE")
+    out = build_pack_from_spectra([apstar], tmp_path / "allStar-like.fits", grid, tmp_path / "train.pack",
+                                  id_column="APOGEE_ID", label_columns=["TEFF", "LOGG"], continuum=settings)
+    pack = open_pack(out)
+    _, rows = read_survey_file(apstar)
+    expected, _, fraction, _ = survey_onto_grid(rows[:1], grid, spectra_onto_grid, continuum=settings)
+    ids, labels, flux = pack.read_rows(0, 1)
+    np.testing.assert_allclose(labels, [[4321.5, 2.25]])
+    np.testing.assert_allclose(flux[0], expected[0], rtol=1e-12, atol=1e-12)
+    assert 0 < fraction[0] < 0.2 and 0.5 < np.median(flux) < 1.5
+
+
+def test_anna_pack_asks_which_spectrum_of_a_multi_spectrum_file(tmp_path):
+    from anna.errors import AnnaInputError
+    from anna.packer import build_pack_from_spectra
+
+    mrs = os.path.join(DATA, "med-58408-TD230151N343645T01_sp01-015.cut.fits")
+    (tmp_path / "labels.csv").write_text("star_id,teff\n681001015,5800\n")
+    with pytest.raises(AnnaInputError, match="choose one with --spectrum"):
+        build_pack_from_spectra([mrs], tmp_path / "labels.csv", np.arange(5010.0, 5070.0, 0.2), tmp_path / "p")
+    out = build_pack_from_spectra([mrs], tmp_path / "labels.csv", np.arange(5010.0, 5070.0, 0.2), tmp_path / "p",
+                                  spectrum_name="COADD_B", continuum=continuum_settings("QUANTILE"))
+    assert os.path.exists(out)

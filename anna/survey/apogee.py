@@ -22,7 +22,7 @@ no usable flux) and bit 12 (SIG_SKYLINE: a strong sky line), a non-finite or non
 import numpy as np
 
 from anna.errors import AnnaInputError
-from anna.survey.registry import (SurveyFormat, SurveySpectrum, check_same_length, header_number)
+from anna.survey.registry import SurveyFormat, SurveySpectrum, check_same_length, header_number, table_columns
 
 BAD_MASK_BITS = sum(1 << bit for bit in (0, 1, 2, 3, 4, 5, 6, 7, 12))
 BAD_ERROR = 1e9
@@ -76,7 +76,7 @@ def read_apstar(hdus, path):
     return [SurveySpectrum(name=name, wavelength=wavelength, flux=flux[row], error=error[row],
                            bad=_bad(flux[row], error[row], mask[row]), columns=("error", "mask"),
                            velocity=velocity, velocity_key="VHELIO" if velocity is not None else "",
-                           rest_frame=True)
+                           rest_frame=True, object_id=str(primary.get("OBJID", "")).strip())
             for row, name in enumerate(names)]
 
 
@@ -93,9 +93,13 @@ def read_aspcapstar(hdus, path):
     check_same_length(path, "APOGEE aspcapStar", flux, error=error)
     bad = _bad(flux, error, None) | (flux == 0)
     velocity = header_number(hdus[0].header, "VHELIO")
+    object_id = ""
+    if len(hdus) > 4 and "APOGEE_ID" in table_columns(hdus[4]) and len(hdus[4].data):
+        object_id = str(hdus[4].data[table_columns(hdus[4])["APOGEE_ID"]][0]).strip()
     return [SurveySpectrum(name="combined", wavelength=_log_linear(hdus[1].header, flux.size), flux=flux,
                            error=error, bad=bad, columns=("error",), velocity=velocity,
-                           velocity_key="VHELIO" if velocity is not None else "", rest_frame=True, normalised=True)]
+                           velocity_key="VHELIO" if velocity is not None else "", rest_frame=True, normalised=True,
+                           object_id=object_id)]
 
 
 def identify_apvisit(hdus):
@@ -120,7 +124,8 @@ def read_apvisit(hdus, path):
     key = "VREL" if header_number(primary, "VREL") is not None else "VRAD"
     velocity = header_number(primary, key)
     return [SurveySpectrum(name="visit", wavelength=wavelength, flux=flux, error=error, bad=_bad(flux, error, mask),
-                           columns=("error", "mask"), velocity=velocity, velocity_key=key if velocity is not None else "")]
+                           columns=("error", "mask"), velocity=velocity, velocity_key=key if velocity is not None else "",
+                           object_id=str(primary.get("OBJID", "")).strip())]
 
 
 FORMATS = (

@@ -61,7 +61,7 @@ def read_lrs_image(hdus, path):
     name = str(header.get("OBSID", "")).strip() or "1"
     columns = ("ivar", "andmask") if andmask is not None else ("ivar",)
     return [SurveySpectrum(name=name, wavelength=wavelength, flux=flux, error=sigma_from_ivar(ivar),
-                           bad=_bad(ivar, andmask), columns=columns, velocity=velocity, velocity_key=key)]
+                           bad=_bad(ivar, andmask), columns=columns, velocity=velocity, velocity_key=key, object_id=name)]
 
 
 def identify_lrs_table(hdus):
@@ -90,7 +90,7 @@ def read_lrs_table(hdus, path):
     name = str(header.get("OBSID", "")).strip() or "1"
     columns = ("ivar", "andmask") if andmask is not None else ("ivar",)
     return [SurveySpectrum(name=name, wavelength=wavelength, flux=flux, error=sigma_from_ivar(ivar),
-                           bad=_bad(ivar, andmask), columns=columns, velocity=velocity, velocity_key=key)]
+                           bad=_bad(ivar, andmask), columns=columns, velocity=velocity, velocity_key=key, object_id=name)]
 
 
 def identify_mrs(hdus):
@@ -101,6 +101,7 @@ def identify_mrs(hdus):
 
 def read_mrs(hdus, path):
     spectra = []
+    object_id = str(hdus[0].header.get("OBSID", "")).strip()
     for hdu in hdus[1:]:
         name = hdu.name.upper()
         if not MRS_EXTENSION.match(name):
@@ -116,7 +117,8 @@ def read_mrs(hdus, path):
         check_same_length(path, f"LAMOST MRS {name}", flux, IVAR=ivar, LOGLAM=loglam, **{mask_key or "MASK": mask})
         columns = ("ivar", mask_key.lower()) if mask_key else ("ivar",)
         spectra.append(SurveySpectrum(name=hdu.name, wavelength=10.0 ** loglam, flux=flux,
-                                      error=sigma_from_ivar(ivar), bad=_bad(ivar, mask), columns=columns))
+                                      error=sigma_from_ivar(ivar), bad=_bad(ivar, mask), columns=columns,
+                                      object_id=object_id))
     return spectra
 
 

@@ -32,7 +32,8 @@ class SurveySpectrum:
     besides wavelength and flux (for anna-spectra).  ``velocity`` the radial velocity (km/s) the file states
     for this spectrum, ``velocity_key`` where it came from; ``rest_frame`` True when the wavelengths are
     already in the star's rest frame (APOGEE apStar, aspcapStar).  ``normalised`` True when the flux is
-    already continuum-normalised (aspcapStar).
+    already continuum-normalised (aspcapStar).  ``object_id`` the survey's id of the star (LAMOST OBSID, SDSS
+    plate-MJD-fibre, APOGEE 2MASS-style id), which anna-pack matches labels by.
     """
 
     name: str
@@ -45,6 +46,7 @@ class SurveySpectrum:
     velocity_key: str = ""
     rest_frame: bool = False
     normalised: bool = False
+    object_id: str = ""
     meta: dict = field(default_factory=dict)
 
 

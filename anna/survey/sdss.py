@@ -50,7 +50,7 @@ def read_spec(hdus, path):
     name = "-".join(str(header.get(key_, "")).strip() for key_ in ("PLATEID", "MJD", "FIBERID")).strip("-") or "1"
     return [SurveySpectrum(name=name, wavelength=10.0 ** loglam, flux=flux, error=sigma_from_ivar(ivar), bad=bad,
                            columns=("ivar", "and_mask") if and_mask is not None else ("ivar",),
-                           velocity=None if z is None else C_KMS * z, velocity_key=key)]
+                           velocity=None if z is None else C_KMS * z, velocity_key=key, object_id=name)]
 
 
 FORMATS = (SurveyFormat("SDSS spec", identify_spec, read_spec, "COADD table: loglam, flux, ivar, and_mask"),)
