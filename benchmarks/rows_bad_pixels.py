@@ -97,11 +97,14 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--n-train", type=int, help="training spectra (default 6000, --quick 2000)")
     parser.add_argument("--epochs", type=int, help="epochs (default 30, --quick 8)")
+    parser.add_argument("--reading-only", action="store_true", help="only the reading rows")
     args = parser.parse_args(argv)
     import tensorflow as tf
 
     tf.config.threading.set_intra_op_parallelism_threads(2)
     tf.config.threading.set_inter_op_parallelism_threads(1)
+    if args.reading_only:
+        return print_reading_rows()
     n_train, epochs = (2000, 8) if args.quick else (6000, 30)
     n_train, epochs = args.n_train or n_train, args.epochs or epochs
     grid, flux, labels, test_flux, test_labels = make_sets(n_train, 1000)
@@ -125,6 +128,10 @@ def main(argv=None):
             print(f"{title:<34} {name:<24} " + " ".join(f"{value:8.3f}" for value in rms) + f"   {ratio}")
         print(f"#   trained in {time.perf_counter() - started:.0f} s", flush=True)
     print()
+    print_reading_rows()
+
+
+def print_reading_rows():
     print(f"{'format':<22} {'file (tests/data)':<50} {'pixels':>6} {'read/s':>9} {'prepared/s':>11}")
     for kind, name, pixels, read_rate, prepare_rate in reading_rows(
             os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "data")):

@@ -22,7 +22,7 @@ no usable flux) and bit 12 (SIG_SKYLINE: a strong sky line), a non-finite or non
 import numpy as np
 
 from anna.errors import AnnaInputError
-from anna.survey.registry import SurveyFormat, SurveySpectrum, check_same_length, header_number, table_columns
+from anna.survey.registry import SurveyFormat, SurveySpectrum, check_same_length, first_row_value, header_number
 
 BAD_MASK_BITS = sum(1 << bit for bit in (0, 1, 2, 3, 4, 5, 6, 7, 12))
 BAD_ERROR = 1e9
@@ -93,9 +93,7 @@ def read_aspcapstar(hdus, path):
     check_same_length(path, "APOGEE aspcapStar", flux, error=error)
     bad = _bad(flux, error, None) | (flux == 0)
     velocity = header_number(hdus[0].header, "VHELIO")
-    object_id = ""
-    if len(hdus) > 4 and "APOGEE_ID" in table_columns(hdus[4]) and len(hdus[4].data):
-        object_id = str(hdus[4].data[table_columns(hdus[4])["APOGEE_ID"]][0]).strip()
+    object_id = (first_row_value(hdus, 4, "APOGEE_ID") if len(hdus) > 4 else None) or ""
     return [SurveySpectrum(name="combined", wavelength=_log_linear(hdus[1].header, flux.size), flux=flux,
                            error=error, bad=bad, columns=("error",), velocity=velocity,
                            velocity_key="VHELIO" if velocity is not None else "", rest_frame=True, normalised=True,

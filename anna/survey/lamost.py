@@ -5,7 +5,7 @@
   variance, wavelength (Angstrom, vacuum, heliocentric), and-mask and or-mask (``EXTEN0`` lists them).  The
   wavelength row is what the pipeline wrote; the header's log-linear formula (``COEFF0``, ``COEFF1``) gives the
   same values.
-* **LRS, table form** (DR9 and later): an empty primary HDU and a ``COADD`` binary table of ONE row whose
+* **LRS, table form** (DR9 and later): an empty primary HDU and, first, a ``COADD`` binary table of ONE row whose
   columns are arrays: ``FLUX``, ``IVAR``, ``WAVELENGTH``, ``ANDMASK``, ``ORMASK``, ``NORMALIZATION``.
 * **MRS**: an empty primary HDU, the co-added blue and red arms ``COADD_B`` and ``COADD_R`` and one table per
   exposure and arm (``B-<minute>``, ``R-<minute>``), each with one row per pixel: ``FLUX``, ``IVAR``,
@@ -65,14 +65,14 @@ def read_lrs_image(hdus, path):
 
 
 def identify_lrs_table(hdus):
-    if not _is_lamost(hdus) or "COADD" not in [hdu.name.upper() for hdu in hdus]:
+    if not _is_lamost(hdus) or len(hdus) < 2 or hdus[1].name.upper() != "COADD":
         return False
-    columns = table_columns(hdus["COADD"])
+    columns = table_columns(hdus[1])
     return "WAVELENGTH" in columns and "FLUX" in columns
 
 
 def read_lrs_table(hdus, path):
-    table = hdus["COADD"]
+    table = hdus[1]
     flux_name, ivar_name, wave_name = require_columns(table, ("FLUX", "IVAR", "WAVELENGTH"), path,
                                                       "LAMOST LRS table")
     if len(table.data) != 1:

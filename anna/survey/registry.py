@@ -11,6 +11,7 @@ to :mod:`anna.fits_io` (IRAF multispec and plain 1-D spectra), which is what :fu
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -103,8 +104,51 @@ def header_number(header, key):
     return value if np.isfinite(value) else None
 
 
+_TFORM = re.compile(r"^\s*(\d*)([LXBIJKAEDCMPQ])")
+_BYTES = {"L": 1, "B": 1, "I": 2, "J": 4, "K": 8, "A": 1, "E": 4, "D": 8, "C": 8, "M": 16, "P": 8, "Q": 16}
+_SCALAR = {"B": ">u1", "I": ">i2", "J": ">i4", "K": ">i8", "E": ">f4", "D": ">f8"}
+
+
+def first_row_value(hdus, index, column):
+    """The value of ``column`` in the first row of binary-table HDU ``index``, read from its bytes, or None.
+
+    Why not ``hdus[index].data``: astropy builds every column's description first, which for an SDSS file's
+    232-column SPALL table took 0.5 s, a hundred times the rest of the file.  Only numbers and text, repeat 1
+    (text: its width)."""
+    header = hdus[index].header
+    if header.get("XTENSION", "").strip() != "BINTABLE":
+        return None
+    offset, found = 0, None
+    for number in range(1, int(header.get("TFIELDS", 0)) + 1):
+        match = _TFORM.match(str(header.get(f"TFORM{number}", "")))
+        if match is None:
+            return None
+        repeat, code = int(match.group(1) or 1), match.group(2)
+        if str(header.get(f"TTYPE{number}", "")).strip().upper() == column.upper():
+            found = (repeat, code)
+            break
+        offset += (repeat + 7) // 8 if code == "X" else repeat * _BYTES[code]
+    if found is None or int(header.get("NAXIS2", 0)) < 1:
+        return None
+    repeat, code = found
+    hdu = hdus[index]
+    # hdus.fileinfo() would give the same two things, but re-serialises every header to get them (90 ms)
+    handle, start = getattr(hdu, "_file", None), getattr(hdu, "_data_offset", None)
+    if handle is None or start is None:
+        info = hdus.fileinfo(index)
+        handle, start = info["file"], info["datLoc"]
+    handle.seek(start + offset)
+    if code == "A":
+        return handle.read(repeat).decode("ascii", "replace").strip()
+    if code not in _SCALAR or repeat != 1:
+        return None
+    return np.frombuffer(handle.read(np.dtype(_SCALAR[code]).itemsize), dtype=_SCALAR[code])[0].item()
+
+
 def open_fits(path):
-    """The HDU list of a FITS file (read fully into memory), with astropy's warnings about odd headers off."""
+    """The HDU list of a FITS file, with astropy's warnings about odd headers off.  HDUs are parsed as they are
+    reached and their data read when a reader asks (an SDSS file's 232-column SPALL table, or its exposures, cost
+    nothing unless used): use it as a context manager and read inside it."""
     from astropy.io import fits
 
     if not os.path.exists(path):
@@ -112,9 +156,8 @@ def open_fits(path):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            hdus = fits.open(path, ignore_missing_end=True, memmap=False, lazy_load_hdus=False)
-            for hdu in hdus:
-                _ = hdu.data  # read now: errors surface here, and the file can be closed
+            hdus = fits.open(path, ignore_missing_end=True, memmap=False)
+            _ = hdus[0].header  # not a FITS file: the error surfaces here
     except (OSError, ValueError, TypeError, IndexError) as exc:
         raise AnnaInputError(f"cannot read FITS file: {exc}", path=path) from None
     return hdus

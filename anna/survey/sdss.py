@@ -9,32 +9,29 @@ problem affected every exposure, which is the SDSS's own recommendation for mask
 
 import numpy as np
 
-from anna.survey.registry import (C_KMS, SurveyFormat, SurveySpectrum, check_same_length, header_number,
-                                  require_columns, sigma_from_ivar, table_columns)
+from anna.survey.registry import (C_KMS, SurveyFormat, SurveySpectrum, check_same_length, first_row_value,
+                                  header_number, require_columns, sigma_from_ivar, table_columns)
 
 
 def identify_spec(hdus):
-    names = [hdu.name.upper() for hdu in hdus]
-    if "COADD" not in names:
+    # the data model puts COADD first and SPALL second; looking only there spares parsing the exposures' headers
+    if len(hdus) < 2 or hdus[1].name.upper() != "COADD":
         return False
-    columns = table_columns(hdus["COADD"])
+    columns = table_columns(hdus[1])
     return {"LOGLAM", "FLUX"} <= set(columns)  # a missing ivar is then an error naming it
 
 
 def _redshift(hdus):
-    for name in ("SPALL", "SPECOBJ"):
-        if name in [hdu.name.upper() for hdu in hdus]:
-            columns = table_columns(hdus[name])
-            if "Z" in columns and len(hdus[name].data) >= 1:
-                z = float(hdus[name].data[columns["Z"]][0])
-                if np.isfinite(z):
-                    return z, f"{name}.Z"
+    if len(hdus) > 2 and hdus[2].name.upper() in ("SPALL", "SPECOBJ"):
+        z = first_row_value(hdus, 2, "Z")
+        if z is not None and np.isfinite(z):
+            return float(z), f"{hdus[2].name.upper()}.Z"
     z = header_number(hdus[0].header, "Z")
     return (z, "Z") if z is not None else (None, "")
 
 
 def read_spec(hdus, path):
-    table = hdus["COADD"]
+    table = hdus[1]
     loglam_name, flux_name, ivar_name = require_columns(table, ("LOGLAM", "FLUX", "IVAR"), path, "SDSS spec")
     present = table_columns(table)
     loglam = np.asarray(table.data[loglam_name], dtype=np.float64).reshape(-1)
