@@ -186,3 +186,23 @@ def test_anna_pack_asks_which_spectrum_of_a_multi_spectrum_file(tmp_path):
     out = build_pack_from_spectra([mrs], tmp_path / "labels.csv", np.arange(5010.0, 5070.0, 0.2), tmp_path / "p",
                                   spectrum_name="COADD_B", continuum=continuum_settings("QUANTILE"))
     assert os.path.exists(out)
+
+
+
+def test_training_producer_drops_pixels_as_bad_pixel_fraction_says(toy_packs):
+    """The training batch producer itself (the path anna-train runs) with BAD_PIXEL_FRACTION 0.05."""
+    from anna.augment import BatchProducer, NoiseModel, PackRows
+    from anna.model import LabelScaler
+    from anna.packs import open_pack
+
+    pack = open_pack(toy_packs["train"])
+    noise = NoiseModel(np.ones(pack.npix), (100.0, 200.0), (0.0, 0.0), bad_pixel_fraction=0.05,
+                       bad_pixel_fill="CONTINUUM")
+    producer = BatchProducer(PackRows(pack), LabelScaler([0, 10], [1, 30]), noise, batch_size=64, seed=3, stage=1,
+                             fetch=512)
+    flux, _, _ = producer._draw_chunk(0)
+    assert 0.035 < np.mean(flux == 1.0) < 0.065
+    plain = BatchProducer(PackRows(pack), LabelScaler([0, 10], [1, 30]),
+                          NoiseModel(np.ones(pack.npix), (100.0, 200.0), (0.0, 0.0)), batch_size=64, seed=3,
+                          stage=1, fetch=512)
+    assert np.mean(plain._draw_chunk(0)[0] == 1.0) < 0.001
