@@ -61,45 +61,65 @@ def normalise(wavelength, flux, error=None, bad=None, settings=None):
         return flux / safe, (None if error is None else error / safe), continuum
 
 
-def _spline_fit(x, y, knots):
-    """Least-squares cubic spline through (x, y), x ascending; inner knots without data on both sides dropped
-    (the Schoenberg-Whitney condition a least-squares spline needs)."""
-    from scipy.interpolate import make_lsq_spline
-
-    inner = knots[(knots > x[0]) & (knots < x[-1])]
-    edges = np.concatenate([[x[0]], inner, [x[-1]]])
-    counts = np.histogram(x, bins=edges)[0]
-    # a knot stays when the intervals on both sides hold at least 2 points each
-    keep = (counts[:-1] >= 2) & (counts[1:] >= 2)
-    inner = inner[keep]
-    t = np.concatenate([[x[0]] * 4, inner, [x[-1]] * 4])
-    return make_lsq_spline(x, y, t, k=3)
-
-
 def _spline_continuum(wavelength, flux, good, settings):
+    """The iterative fit.  The B-spline basis is evaluated once (four non-zero values a pixel); each iteration
+    only reweights it, sums the small banded normal equations with bincount and solves them: 18 ms for a
+    3909-pixel LAMOST spectrum, where refitting with scipy's make_lsq_spline each time took 100-290 ms.  A faint second-difference penalty on the coefficients
+    (a P-spline term) keeps the equations solvable, and the curve smooth, when clipping empties a knot interval
+    (a wide absorption line) instead of pulling it to zero there."""
+    from scipy.interpolate import BSpline
+    from scipy.linalg import solveh_banded
+
     order = np.argsort(wavelength)
-    x, y, keep = wavelength[order], flux[order], good[order].copy()
+    x, y, good_sorted = wavelength[order], flux[order], good[order]
+    keep = good_sorted.copy()
     spacing = float(settings["knot_spacing"])
-    knots = np.arange(x[0] + spacing, x[-1], spacing)
-    spline = None
+    inner = np.arange(x[0] + spacing, x[-1], spacing)
+    # knots only where good pixels lie on both sides of them
+    counts = np.histogram(x[keep], bins=np.concatenate([[x[0]], inner, [x[-1]]]))[0]
+    inner = inner[(counts[:-1] >= 2) & (counts[1:] >= 2)]
+    knots = np.concatenate([[x[0]] * 4, inner, [x[-1]] * 4])
+    n_coefficients = len(knots) - 4
+    basis = BSpline.design_matrix(x, knots, 3).tocsr()
+    basis.sort_indices()
+    first = basis.indices.reshape(-1, 4)[:, 0]  # each pixel's four basis functions are consecutive
+    values = basis.data.reshape(-1, 4)
+    scale = float(np.median(np.abs(y[keep]))) or 1.0
+    target = y / scale
+    # the second-difference penalty D^T D in LAPACK's upper banded form (rows: 3rd, 2nd, 1st super-diagonal, diagonal)
+    penalty = np.zeros((4, n_coefficients))
+    penalty[3] = 6.0
+    penalty[3, [0, -1]] = 1.0
+    penalty[3, [1, -2]] = 5.0
+    penalty[2, 1:] = -4.0
+    penalty[2, [1, -1]] = -2.0
+    penalty[1, 2:] = 1.0
+    fit = np.ones_like(target)
     for _ in range(int(settings["iterations"])):
-        try:
-            spline = _spline_fit(x[keep], y[keep], knots)
-        except (ValueError, np.linalg.LinAlgError):
-            knots = knots[::2]
-            spline = _spline_fit(x[keep], y[keep], knots)
-        residual = y - spline(x)
+        weight = keep.astype(np.float64)
+        # cubic B-splines overlap their three neighbours, so the normal equations are banded: summed straight
+        # into the banded form LAPACK's Cholesky solver takes (single-threaded; the dense solver's threads cost
+        # 120 ms a call on a busy 2-core machine)
+        banded = np.zeros((4, n_coefficients))
+        rhs = np.zeros(n_coefficients)
+        for a in range(4):
+            rhs += np.bincount(first + a, weight * values[:, a] * target, minlength=n_coefficients)
+            for b in range(a, 4):
+                banded[3 - (b - a)] += np.bincount(first + b, weight * values[:, a] * values[:, b],
+                                                   minlength=n_coefficients)
+        banded += 1e-6 * max(banded[3].mean(), 1e-12) * penalty
+        coefficients = solveh_banded(banded, rhs)
+        fit = np.einsum("ij,ij->i", values, coefficients[first[:, None] + np.arange(4)])
+        residual = target - fit
         # the noise is measured above the fit only: below it, absorption lines inflate the spread
         above = residual[keep & (residual > 0)]
-        sigma = max(1.4826 * np.median(above) if above.size else 0.0, 1e-6 * abs(float(np.median(y[keep]))))
-        if not np.isfinite(sigma) or sigma == 0:
-            break
-        new = good[order] & (residual > -settings["low_sigma"] * sigma) & (residual < settings["high_sigma"] * sigma)
+        sigma = max(1.4826 * np.median(above) if above.size else 0.0, 1e-6)
+        new = good_sorted & (residual > -settings["low_sigma"] * sigma) & (residual < settings["high_sigma"] * sigma)
         if new.sum() < 8 or (new == keep).all():
             break
         keep = new
     continuum = np.empty_like(flux)
-    continuum[order] = spline(x)
+    continuum[order] = fit * scale
     return continuum
 
 
