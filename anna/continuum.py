@@ -64,9 +64,9 @@ def normalise(wavelength, flux, error=None, bad=None, settings=None):
 def _spline_continuum(wavelength, flux, good, settings):
     """The iterative fit.  The B-spline basis is evaluated once (four non-zero values a pixel); each iteration
     only reweights it, sums the small banded normal equations with bincount and solves them: 18 ms for a
-    3909-pixel LAMOST spectrum, where refitting with scipy's make_lsq_spline each time took 100-290 ms.  A faint second-difference penalty on the coefficients
-    (a P-spline term) keeps the equations solvable, and the curve smooth, when clipping empties a knot interval
-    (a wide absorption line) instead of pulling it to zero there."""
+    3909-pixel LAMOST spectrum, where refitting with scipy's make_lsq_spline each time took 100-290 ms.  A faint
+    second-difference penalty on the coefficients (a P-spline term) keeps the equations solvable, and the curve
+    smooth, when clipping empties a knot interval (a wide absorption line) instead of pulling it to zero there."""
     from scipy.interpolate import BSpline
     from scipy.linalg import solveh_banded
 
