@@ -6,8 +6,8 @@
 ``SPLINE``   an iteratively, asymmetrically sigma-clipped least-squares cubic spline: knots every
              ``knot_spacing`` Angstrom; after each fit, pixels more than ``low_sigma`` robust sigmas below the
              fit (absorption lines) or ``high_sigma`` above it (cosmic rays, emission) are left out of the next
-             fit; ``iterations`` fits.  Robust sigma = 1.4826 x the median residual of the kept pixels above the fit (below it, absorption
-             lines widen the spread).
+             fit; ``iterations`` fits.  Robust sigma = 1.4826 x the median residual of the kept pixels above
+             the fit (below it, absorption lines widen the spread).
              Default: 50 A knots, low 1.5, high 3, 8 iterations.
 ``QUANTILE`` a running quantile: the ``quantile`` (default 0.9) of the good pixels in a window of ``window``
              Angstrom (default 50) centred on each pixel, then smoothed by a running mean over the same window.

@@ -153,7 +153,6 @@ def test_anna_pack_from_a_survey_file_prepares_it_as_anna_infer_does(tmp_path):
     """Labels from an allStar-like FITS table matched by APOGEE id; the pack row equals anna-infer's grid flux."""
     from astropy.table import Table
 
-    from anna.badpixels import bad_on_grid
     from anna.infer import spectra_onto_grid
     from anna.packer import build_pack_from_spectra
     from anna.packs import open_pack

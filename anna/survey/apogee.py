@@ -122,7 +122,8 @@ def read_apvisit(hdus, path):
     key = "VREL" if header_number(primary, "VREL") is not None else "VRAD"
     velocity = header_number(primary, key)
     return [SurveySpectrum(name="visit", wavelength=wavelength, flux=flux, error=error, bad=_bad(flux, error, mask),
-                           columns=("error", "mask"), velocity=velocity, velocity_key=key if velocity is not None else "",
+                           columns=("error", "mask"), velocity=velocity,
+                           velocity_key=key if velocity is not None else "",
                            object_id=str(primary.get("OBJID", "")).strip())]
 
 

@@ -61,7 +61,8 @@ def read_lrs_image(hdus, path):
     name = str(header.get("OBSID", "")).strip() or "1"
     columns = ("ivar", "andmask") if andmask is not None else ("ivar",)
     return [SurveySpectrum(name=name, wavelength=wavelength, flux=flux, error=sigma_from_ivar(ivar),
-                           bad=_bad(ivar, andmask), columns=columns, velocity=velocity, velocity_key=key, object_id=name)]
+                           bad=_bad(ivar, andmask), columns=columns, velocity=velocity, velocity_key=key,
+                           object_id=name)]
 
 
 def identify_lrs_table(hdus):
@@ -90,7 +91,8 @@ def read_lrs_table(hdus, path):
     name = str(header.get("OBSID", "")).strip() or "1"
     columns = ("ivar", "andmask") if andmask is not None else ("ivar",)
     return [SurveySpectrum(name=name, wavelength=wavelength, flux=flux, error=sigma_from_ivar(ivar),
-                           bad=_bad(ivar, andmask), columns=columns, velocity=velocity, velocity_key=key, object_id=name)]
+                           bad=_bad(ivar, andmask), columns=columns, velocity=velocity, velocity_key=key,
+                           object_id=name)]
 
 
 def identify_mrs(hdus):
