@@ -7,16 +7,15 @@ import numpy as np
 
 from anna.atomic import atomic_output
 from anna.spectra import spectrum_stem
-from anna.survey.registry import identify, open_fits, read_survey_file
+from anna.survey.registry import identify_file, read_survey_file
 
 
 def describe_survey_file(path):
     """A multi-line summary of a survey file, or None when no survey format recognises it (the caller then uses
     :func:`anna.fits_io.describe_file`)."""
     path = os.fspath(path)
-    with open_fits(path) as hdus:
-        if identify(hdus) is None:
-            return None
+    if identify_file(path) is None:  # not a survey file (or not FITS at all: fits_io says what is wrong)
+        return None
     kind, spectra = read_survey_file(path)
     count = f"{len(spectra)} spectrum" if len(spectra) == 1 else f"{len(spectra)} spectra"
     lines = [path, f"  format: {kind}; {count}",
@@ -38,9 +37,8 @@ def write_survey_text(path, outdir):
     inf at bad pixels), one file ``<stem>.<name>.txt`` each, atomically; returns the paths written, or None when
     no survey format recognises the file."""
     path = os.fspath(path)
-    with open_fits(path) as hdus:
-        if identify(hdus) is None:
-            return None
+    if identify_file(path) is None:
+        return None
     _, spectra = read_survey_file(path)
     stem = spectrum_stem(path)
     written = []
