@@ -69,6 +69,9 @@ class NoiseModel:
     rel_sn: np.ndarray
     sn_range: tuple
     cont_range: tuple
+    # BAD_PIXEL_FRACTION: pixels dropped after noising and set to the neutral value (anna.badpixels)
+    bad_pixel_fraction: float = 0.0
+    bad_pixel_fill: str = "INTERPOLATE"
 
 
 def noisy_copy(flux, rel_sn, sn_range, cont_range, seed, dtype=np.float64):
@@ -89,6 +92,17 @@ def noisy_copy(flux, rel_sn, sn_range, cont_range, seed, dtype=np.float64):
     delta = rng.uniform(cont_range[0], cont_range[1], size=n)
     noisy *= (1.0 + delta).astype(dtype)[:, None]
     return noisy, sn
+
+
+def drop_pixels(flux, noise, rng):
+    """BAD_PIXEL_FRACTION: ``flux`` (n, npix) with random pixels and runs of pixels marked bad and set to the
+    neutral value exactly as anna-infer sets a file's bad pixels (:mod:`anna.badpixels`); unchanged when the
+    fraction is 0."""
+    if noise is None or not noise.bad_pixel_fraction:
+        return flux
+    from anna.badpixels import fill_bad, random_bad_mask
+
+    return fill_bad(flux, random_bad_mask(rng, flux.shape, noise.bad_pixel_fraction), noise.bad_pixel_fill)
 
 
 class PackRows:
@@ -184,6 +198,7 @@ class BatchProducer:
             # the producer's CPU time is taken from the training step (benchmarks/, training throughput row)
             flux, _ = noisy_copy(flux, self.noise.rel_sn, self.noise.sn_range, self.noise.cont_range, rng,
                                  dtype=np.float32)
+            flux = drop_pixels(flux, self.noise, rng)
         mask = np.isfinite(labels)
         if self.missing_value is not None:
             mask &= labels != self.missing_value

@@ -79,6 +79,10 @@ def _describe_input(cfg, path):
         wave, _ = read_two_columns(path, "text spectrum")
         return f"text spectrum, {len(wave)} px, {wave[0]:.3f}-{wave[-1]:.3f} A"
     from anna.fits_io import read_spectra
+    from anna.survey.registry import identify_file, read_survey_file
 
+    if identify_file(path) is not None:  # a survey file, read as anna-infer reads it
+        kind, spectra = read_survey_file(path)
+        return f"{kind}, {len(spectra)} spectra"
     spectra = read_spectra(path)
     return f"FITS, {len(spectra)} spectra"

@@ -136,18 +136,21 @@ def spectra_main(argv=None):
     parser = argparse.ArgumentParser(prog="anna-spectra",
                                      description="Show what ANNA-TF's readers see in spectrum files (the same code "
                                                  "anna-infer uses).")
-    parser.add_argument("files", nargs="+", help="FITS files (multispec or 1-D)")
-    parser.add_argument("--text", metavar="DIR", help="also write each aperture as two-column text into DIR")
+    parser.add_argument("files", nargs="+", help="FITS files (LAMOST, SDSS/BOSS, APOGEE, multispec or 1-D)")
+    parser.add_argument("--text", metavar="DIR", help="also write each spectrum as text into DIR (wavelength, "
+                                                      "flux, and error for survey files)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
     args = parser.parse_args(argv)
 
     def action():
         from anna.fits_io import describe_file, write_text_spectra
+        from anna.survey.show import describe_survey_file, write_survey_text
 
         for path in args.files:
-            print(describe_file(path))
+            print(describe_survey_file(path) or describe_file(path))
             if args.text:
-                written = write_text_spectra(path, args.text)
+                written = write_survey_text(path, args.text)
+                written = written if written is not None else write_text_spectra(path, args.text)
                 print(f"wrote {len(written)} text spectra to {args.text}")
 
     return _run("anna-spectra", args.debug, action)
@@ -189,25 +192,34 @@ def synth_main(argv=None):
 
 def pack_main(argv=None):
     parser = argparse.ArgumentParser(prog="anna-pack",
-                                     description="Build a training pack from spectra files (two-column text or "
-                                                 "FITS) and a CSV of labels, interpolated onto a wavelength grid.")
+                                     description="Build a training pack from spectra files (two-column text, "
+                                                 "FITS, or LAMOST/SDSS/APOGEE survey files) and a CSV or FITS "
+                                                 "table of labels, interpolated onto a wavelength grid.")
     parser.add_argument("spectra", nargs="+", help="spectrum files")
     parser.add_argument("--labels", required=True, help="CSV with one row per spectrum")
     parser.add_argument("--grid", required=True, help="wavelength template (two columns) defining the grid")
     parser.add_argument("--out", required=True, help="pack to write")
     parser.add_argument("--id-column", default="star_id")
     parser.add_argument("--label-columns", help="comma-separated label columns (default: all other columns)")
+    parser.add_argument("--continuum", choices=("NONE", "SPLINE", "QUANTILE"), default="NONE",
+                        help="continuum normalisation of survey files (train with the same CONTINUUM)")
+    parser.add_argument("--bad-pixel-fill", choices=("CONTINUUM", "INTERPOLATE"), default="INTERPOLATE",
+                        help="neutral value of survey files' bad pixels (train with the same BAD_PIXEL_FILL)")
+    parser.add_argument("--spectrum", help="which spectrum of each survey file (default: its only or first "
+                                           "combined one)")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
 
     def action():
+        from anna.continuum import continuum_settings
         from anna.packer import build_pack_from_spectra
         from anna.templates import read_wavelength_template
 
         grid = read_wavelength_template(args.grid)
         columns = args.label_columns.split(",") if args.label_columns else None
         build_pack_from_spectra(args.spectra, args.labels, grid, args.out, id_column=args.id_column,
-                                label_columns=columns)
+                                label_columns=columns, continuum=continuum_settings(args.continuum),
+                                fill=args.bad_pixel_fill, spectrum_name=args.spectrum)
         print(f"wrote {args.out}")
 
     return _run("anna-pack", args.debug, action)

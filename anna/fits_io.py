@@ -532,6 +532,12 @@ def _read_linear(path, header, data):
     return spectra
 
 
+def spectra_from_image(header, data, path):
+    """Spectra of a 1-D or equispec image with a linear or log-linear WCS (CRVAL1 / CD1_1 or CDELT1 / CRPIX1,
+    DC-FLAG), for readers that find the image themselves (a survey file's flux extension)."""
+    return _read_linear(os.fspath(path), header, np.asarray(data, dtype=np.float64))
+
+
 def _system(header, wat):
     """The IRAF WCS system name ("multispec", "equispec", "world", ...) or "" when none is declared."""
     system = _attributes(wat.get(0, "")).get("system", "").lower()

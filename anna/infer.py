@@ -74,6 +74,7 @@ after the last file an AnnaInputError lists how many failed.
 
 import csv
 import dataclasses
+import functools
 import itertools
 import os
 import time
@@ -93,9 +94,12 @@ from anna.tables import csv_field, format_star_id, value_texts
 OUTPUT_SUFFIX = "_infer.out"
 FLAG_ORDER = ("no_coverage", "bad_wavelength", "nonfinite", "all_zero", "zero_pixels", "out_of_range",
               "large_sigma", "outside_training_domain", "correction_extrapolated", "domain_unchecked",
-              "sigma_uncalibrated")
+              "sigma_uncalibrated", "many_bad_pixels")
 FATAL_FLAGS = frozenset({"no_coverage", "bad_wavelength", "nonfinite", "all_zero"})
 MULTISPEC_COLUMNS = ("file", "aperture", "beam")
+# survey files (anna.survey): which spectrum of the file, the fraction of its grid pixels that were bad, and the
+# velocity its wavelengths were shifted by (RV_CORRECT; empty when none)
+SURVEY_COLUMNS = ("file", "spectrum", "bad_pixel_fraction", "rv_used")
 # The flag word each missing part of a frozen model (FrozenModel.missing_parts) puts on every star.
 MISSING_PART_FLAGS = {"training_domain": "domain_unchecked", "variance_calibration": "sigma_uncalibrated"}
 # spectra_onto_grid works on this many (spectrum x pixel) values at a time, so that its temporary arrays stay
@@ -121,6 +125,7 @@ class GridBlock:
     flux: np.ndarray
     flags: list
     meta_columns: tuple = ()
+    bad_fraction: np.ndarray = None  # (n,) fraction of grid pixels that were bad (survey files), else None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -269,9 +274,26 @@ def read_debug_pack(path, model, batch_size):
                         flags=grid_flux_flags(flux))
 
 
-def read_multispec(path, model):
+def read_multispec(path, model, options=None):
     """MS_FITS mode: every aperture of a multispec file; adds the file, aperture and beam columns."""
-    return _fits_block(path, model, multispec=True)
+    return _fits_block(path, model, multispec=True, options=options)
+
+
+def _survey_block(path, model, options):
+    """One GridBlock of a survey file's spectra, prepared as :mod:`anna.survey.prepare` says with the model's
+    recorded continuum method and bad-pixel fill; adds the SURVEY_COLUMNS."""
+    from anna.survey import read_survey_file
+    from anna.survey.prepare import survey_onto_grid
+
+    _, spectra = read_survey_file(path)
+    flux, flags, bad_fraction, velocities = survey_onto_grid(
+        spectra, model.wavelengths, spectra_onto_grid, continuum=model.metadata.get("continuum"),
+        fill=model.metadata.get("bad_pixel_fill", "INTERPOLATE"), rv_correct=bool(options.get("rv_correct")))
+    name = os.path.basename(path)
+    meta = [(name, spectrum.name, f"{fraction:.4f}", "" if np.isnan(velocity) else f"{velocity:.3f}")
+            for spectrum, fraction, velocity in zip(spectra, bad_fraction, velocities)]
+    return GridBlock(star_ids=[str(number) for number in range(1, len(spectra) + 1)], meta=meta, flux=flux,
+                     flags=flags, meta_columns=SURVEY_COLUMNS, bad_fraction=bad_fraction)
 
 
 def read_text(path, model):
@@ -281,18 +303,22 @@ def read_text(path, model):
     yield GridBlock(star_ids=["1"], meta=[()], flux=on_grid[None, :], flags=[flags])
 
 
-def read_any_file(path, model):
+def read_any_file(path, model, options=None):
     """FITS mode: multispec or 1-D FITS, or a text spectrum, decided by content and then extension."""
     if looks_like_fits(path):
-        return _fits_block(path, model, multispec=None)
+        return _fits_block(path, model, multispec=None, options=options)
     return read_text(path, model)
 
 
-def _fits_block(path, model, multispec):
+def _fits_block(path, model, multispec, options=None):
     """Spectra of a FITS file.  ``multispec`` None: add file/aperture/beam columns when the file has apertures
-    or more than one spectrum."""
+    or more than one spectrum.  Survey files (:mod:`anna.survey`) go through :func:`_survey_block`."""
     from anna.fits_io import read_spectra
+    from anna.survey.registry import identify_file
 
+    if identify_file(path) is not None:
+        yield _survey_block(path, model, options or {})
+        return
     spectra = read_spectra(path)
     if multispec is None:
         multispec = len(spectra) > 1 or any(spectrum.aperture is not None for spectrum in spectra)
@@ -326,6 +352,8 @@ def list_inputs(cfg):
         raise AnnaInputError("no inference input chosen: set INFER_MODE (DEBUG, MS_FITS, TEXT or FITS)",
                              path=cfg.source, key="INFER_MODE", value=mode)
     reader, single_key = readers[mode]
+    if mode != "TEXT":  # survey files read with the parameter file's options
+        reader = functools.partial(reader, options={"rv_correct": bool(cfg.rv_correct)})
     single = getattr(cfg, single_key) if single_key else None
     if single is not None:
         paths = [single]
@@ -385,6 +413,7 @@ class Predictor:
     mc_samples: int = None
     max_rel_sigma: float = None
     domain_pool: object = None  # an executor for the training-domain statistics; None: computed inline
+    max_bad_pixel_fraction: float = None  # MAX_BAD_PIXEL_FRACTION: above it, many_bad_pixels
 
     def __post_init__(self):
         domain = self.model.metadata.get("training_domain")
@@ -438,6 +467,9 @@ class Predictor:
         for word in self.missing_flags:
             for row in np.flatnonzero(usable):
                 block.flags[row].add(word)
+        if block.bad_fraction is not None and self.max_bad_pixel_fraction is not None:
+            for row in np.flatnonzero(usable & (np.asarray(block.bad_fraction) > self.max_bad_pixel_fraction)):
+                block.flags[row].add("many_bad_pixels")
         return labels, sigmas
 
 
@@ -513,7 +545,9 @@ def merge_blocks(blocks):
     return GridBlock(star_ids=[star for block in blocks for star in block.star_ids],
                      meta=[meta for block in blocks for meta in block.meta],
                      flux=np.concatenate([block.flux for block in blocks]),
-                     flags=[words for block in blocks for words in block.flags])
+                     flags=[words for block in blocks for words in block.flags],
+                     bad_fraction=np.concatenate([np.full(len(block.star_ids), np.nan) if block.bad_fraction is None
+                                                  else block.bad_fraction for block in blocks]))
 
 
 class _FileBatcher:
@@ -619,6 +653,7 @@ def run_infer(cfg, report=print):
     if cfg.apply_correction:
         correction = load_correction(cfg.infer_model_loc, model.output_names, source=cfg.source)
         dependencies.append(correction_location(cfg.infer_model_loc))
+    _check_continuum(cfg, model)
     planned = [(path, reader, output_path(cfg.infer_save_loc, path)) for path, reader in list_inputs(cfg)]
     _check_distinct_outputs(cfg, [(path, output) for path, _, output in planned])
     todo = [item for item in planned if not (_is_done(item[2], [item[0], *dependencies])
@@ -644,8 +679,16 @@ def run_infer(cfg, report=print):
                                 report)
     with ThreadPoolExecutor(1) as domain_pool:
         predictor = Predictor(model, plan.batch, float(cfg.range_margin), correction, mc_samples,
-                              cfg.max_rel_sigma, domain_pool)
+                              cfg.max_rel_sigma, domain_pool, max_bad_pixel_fraction=cfg.max_bad_pixel_fraction)
         return _infer_inputs(cfg, model, predictor, todo, len(planned), report)
+
+
+def _check_continuum(cfg, model):
+    """CONTINUUM in anna-infer's parameter file may only repeat what the model recorded (NONE: follow the model)."""
+    recorded = (model.metadata.get("continuum") or {}).get("method", "NONE")
+    if cfg.continuum != "NONE" and cfg.continuum != recorded:
+        raise cfg.error("CONTINUUM", f"the model was trained with CONTINUUM {recorded}; anna-infer applies what "
+                                     "training used (leave CONTINUUM out, or set it to that)")
 
 
 def _infer_inputs(cfg, model, predictor, todo, n_planned, report):

@@ -1,5 +1,12 @@
 """anna-pack: a training pack from real spectra — a folder of spectrum files (text or FITS, one spectrum each)
 and a CSV of their labels, resampled onto one wavelength grid and written in ANNA's pack format.
+
+Survey files (LAMOST, SDSS/BOSS, APOGEE: :mod:`anna.survey`) are prepared exactly as anna-infer prepares them
+(:mod:`anna.survey.prepare`: continuum normalisation, bad pixels set to the neutral value on the file's pixels
+and on the grid), and matched to their labels by the survey's object id as well as by file name; labels may
+then come from a FITS table (an APOGEE allStar-like catalogue) instead of a CSV.  The pack does not record the
+continuum method: train with the same CONTINUUM and BAD_PIXEL_FILL that the pack was built with, so the frozen
+model records them and anna-infer applies them.
 """
 
 import csv
@@ -42,8 +49,33 @@ def _read_one_spectrum(path):
     return wave, flux
 
 
+def _read_fits_table(path):
+    """(column names, rows as (row number, {column: text})) of the first table of a FITS file; array columns
+    (spectra, per-element flags) are left out."""
+    from astropy.table import Table
+
+    try:
+        table = Table.read(path)
+    except (OSError, ValueError, TypeError) as exc:
+        raise AnnaInputError(f"cannot read labels table: {exc}", path=path) from None
+    names = [name for name in table.colnames if table[name].ndim == 1]
+    rows = []
+    for number, row in enumerate(table, start=1):
+        values = {}
+        for name in names:
+            value = row[name]
+            if isinstance(value, bytes):
+                value = value.decode("ascii", "replace")
+            values[name] = "" if np.ma.is_masked(value) else str(value).strip()
+        rows.append((number, values))
+    return names, rows
+
+
 def _read_label_table(labels_csv, id_column, label_columns):
-    """Rows of the labels CSV as (line number, dict); checks that the needed columns exist."""
+    """Rows of the labels CSV (or FITS table) as (line number, dict); checks that the needed columns exist."""
+    if os.path.exists(labels_csv) and looks_like_fits(labels_csv):
+        fields, rows = _read_fits_table(labels_csv)
+        return _checked_columns(labels_csv, fields, rows, id_column, label_columns)
     try:
         with open(labels_csv, encoding="utf-8", newline="") as handle:
             reader = csv.DictReader(handle)
@@ -58,6 +90,10 @@ def _read_label_table(labels_csv, id_column, label_columns):
         raise AnnaInputError(f"cannot read labels CSV: {exc}", path=labels_csv) from None
     if not fields:
         raise AnnaInputError("labels CSV has no header row", path=labels_csv)
+    return _checked_columns(labels_csv, fields, rows, id_column, label_columns)
+
+
+def _checked_columns(labels_csv, fields, rows, id_column, label_columns):
     has_file = "file" in fields
     if not has_file and id_column not in fields:
         raise AnnaInputError(f"labels CSV needs a '{id_column}' column (or a 'file' column) to match spectra to "
@@ -88,8 +124,43 @@ def _numeric_id(text):
     return value
 
 
+def _survey_spectrum(path, spectrum_name):
+    """The one spectrum of a survey file that a pack row takes (``spectrum_name``, else the file's only or first
+    combined spectrum), or None for a file no survey format recognises."""
+    from anna.survey import read_survey_file
+    from anna.survey.registry import identify_file
+
+    if not looks_like_fits(path) or identify_file(path) is None:
+        return None
+    _, spectra = read_survey_file(path)
+    names = [spectrum.name for spectrum in spectra]
+    if spectrum_name is not None:
+        if spectrum_name not in names:
+            raise AnnaInputError(f"no spectrum named {spectrum_name!r}; the file holds {', '.join(names)}",
+                                 path=path, key="--spectrum")
+        return spectra[names.index(spectrum_name)]
+    combined = [spectrum for spectrum in spectra if spectrum.name.startswith("combined")]
+    if len(spectra) == 1 or combined:
+        return (combined or spectra)[0]
+    raise AnnaInputError(f"file holds {len(spectra)} spectra ({', '.join(names)}); choose one with --spectrum",
+                         path=path)
+
+
+def _survey_onto_grid(path, spectrum, grid, continuum, fill):
+    """A survey spectrum prepared as anna-infer does, on ``grid``; refuses one that does not cover it."""
+    from anna.badpixels import bad_on_grid, fill_bad
+    from anna.survey.prepare import prepare_spectrum
+
+    wave, flux, bad, _ = prepare_spectrum(spectrum, continuum=continuum, fill=fill)
+    tolerance = 1e-9 * float(grid[-1])
+    if wave[0] > grid[0] + tolerance or wave[-1] < grid[-1] - tolerance:
+        raise AnnaInputError(f"spectrum {spectrum.name} covers {wave[0]:.3f}-{wave[-1]:.3f} A but the grid needs "
+                             f"{grid[0]:.3f}-{grid[-1]:.3f} A; spectra are never extrapolated", path=path)
+    return fill_bad(cubic_resample(wave, flux, grid), bad_on_grid(wave, bad, grid), fill)
+
+
 def build_pack_from_spectra(spectra_paths, labels_csv, grid, out_path, *, id_column="star_id",
-                            label_columns=None):
+                            label_columns=None, continuum=None, fill="INTERPOLATE", spectrum_name=None):
     """Build a training pack from spectrum files and a CSV of labels (``anna-pack``); returns ``out_path``.
 
     ``spectra_paths``: files, each holding ONE spectrum: two-column text (wavelength in Angstrom, flux;
@@ -100,7 +171,11 @@ def build_pack_from_spectra(spectra_paths, labels_csv, grid, out_path, *, id_col
     ``id_column`` value.  ``label_columns``: the label columns in pack order (default: every column but
     ``id_column`` and ``file``, in CSV order); an empty cell or ``nan`` is a missing label (NaN).
     ``grid`` (npix,): wavelengths of the pack; each spectrum is resampled onto it by local cubic interpolation
-    (:func:`anna.resample.cubic_resample`, which keeps line depths) and must cover it (no extrapolation).  Pack ids: the ``id_column`` values when all are numbers that float64 holds
+    (:func:`anna.resample.cubic_resample`, which keeps line depths) and must cover it (no extrapolation).
+    Survey files (:mod:`anna.survey`): one spectrum each (``spectrum_name``, else the only or first combined one),
+    also matched by the survey's object id, prepared with ``continuum`` (settings of
+    :func:`anna.continuum.continuum_settings`, None: none) and bad pixels set by ``fill``; ``labels_csv`` may then
+    be a FITS table.  Pack ids: the ``id_column`` values when all are numbers that float64 holds
     exactly; otherwise 1..n in the order of ``spectra_paths``, with ``<out_path>.ids.csv`` mapping each
     pack id to its file and CSV id.  Problems raise :class:`AnnaInputError` naming the file, line or column.
     """
@@ -125,8 +200,11 @@ def build_pack_from_spectra(spectra_paths, labels_csv, grid, out_path, *, id_col
         index[key] = (line, row)
 
     matched, used = [], {}
+    survey = {path: _survey_spectrum(path, spectrum_name) for path in spectra_paths}
     for path in spectra_paths:
         candidates = [path, os.path.basename(path), spectrum_stem(path)] if has_file else [spectrum_stem(path)]
+        if survey[path] is not None and survey[path].object_id and not has_file:
+            candidates.append(survey[path].object_id)
         hit = next((index[name] for name in candidates if name in index), None)
         if hit is None:
             raise AnnaInputError(f"no row of {labels_csv} matches this spectrum (looked for "
@@ -154,6 +232,9 @@ def build_pack_from_spectra(spectra_paths, labels_csv, grid, out_path, *, id_col
 
     flux = np.empty((len(spectra_paths), grid.size))
     for star, path in enumerate(spectra_paths):
+        if survey[path] is not None:
+            flux[star] = _survey_onto_grid(path, survey[path], grid, continuum, fill)
+            continue
         wave, values = _read_one_spectrum(path)
         tolerance = 1e-9 * float(grid[-1])
         if wave[0] > grid[0] + tolerance or wave[-1] < grid[-1] - tolerance:

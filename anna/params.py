@@ -254,6 +254,20 @@ KEY_TABLE = (
     KeySpec("TUNE_PRUNE_STARTUP", Int(minimum=0), 5, _TU, "MEDIAN: trials that finish before any is pruned"),
     KeySpec("TUNE_PRUNE_WARMUP", Int(minimum=0), 2, _TU,
             "sample intervals a trial runs before it may be pruned (MEDIAN and HYPERBAND)"),
+    # ---- ANNA-TF extensions: survey spectra (bad pixels, continuum, rest frame)
+    KeySpec("BAD_PIXEL_FRACTION", Float(at_least=0, below=0.5), 0.0, _TR,
+            "training augmentation: fraction of pixels of each training spectrum dropped (single pixels and runs) "
+            "and set as BAD_PIXEL_FILL says, so the network learns to ignore masked pixels; 0 = none"),
+    KeySpec("BAD_PIXEL_FILL", Choice(("CONTINUUM", "INTERPOLATE")), "INTERPOLATE", _TR,
+            "neutral value of a bad pixel: CONTINUUM (1.0) or INTERPOLATE (runs of up to 5 pixels bridged, longer "
+            "ones 1.0); recorded in the frozen model, which anna-infer follows"),
+    KeySpec("CONTINUUM", Choice(("NONE", "SPLINE", "QUANTILE")), "NONE", (TRAIN, INFER),
+            "continuum normalisation of survey spectra: NONE, SPLINE (sigma-clipped spline) or QUANTILE (running "
+            "quantile); training records what its packs were built with, anna-infer applies the model's record"),
+    KeySpec("MAX_BAD_PIXEL_FRACTION", Float(above=0, below=1), 0.2, _IN,
+            "flag many_bad_pixels when more than this fraction of a spectrum's grid pixels are bad"),
+    KeySpec("RV_CORRECT", Flag(), False, _IN,
+            "shift survey spectra to the rest frame by the velocity or redshift their file states"),
 )
 
 _SPECS = MappingProxyType({spec.name: spec for spec in KEY_TABLE})

@@ -56,7 +56,8 @@ def xval_cost_of(model, cfg):
 
 @pytest.fixture
 def trained(tmp_path, toy_packs):
-    cfg = load_config(write_params(tmp_path, toy_packs))
+    # CONTINUUM and BAD_PIXEL_FILL change nothing in this training (no pixels are dropped); the model records them
+    cfg = load_config(write_params(tmp_path, toy_packs, CONTINUUM="SPLINE", BAD_PIXEL_FILL="CONTINUUM"))
     result = run_training(cfg, report=QUIET)
     return cfg, result
 
@@ -76,6 +77,7 @@ def test_learns_two_stages_and_freezes_stage2_best(trained):
     # the frozen model is stage 2's best: its xval cost is exactly the one recorded for stage 2
     assert xval_cost_of(model, cfg) == pytest.approx(s2["best_cost"], rel=1e-5)
     assert model.metadata["complete"] is True
+    assert model.metadata["bad_pixel_fill"] == "CONTINUUM" and model.metadata["continuum"]["method"] == "SPLINE"
     assert model.output_names == ("a", "b")
     np.testing.assert_array_equal(model.wavelengths, open_pack(cfg.training_data).wavelengths)
     assert model.metadata["training_pack"]["sha256"] and model.metadata["parameters"]["NUM_PX"] == 64

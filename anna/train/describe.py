@@ -53,7 +53,8 @@ def noise_models(cfg, wavelengths):
     rel_sn = relative_sn_on_grid(cfg.sn_template, wavelengths)
 
     def model():
-        return NoiseModel(rel_sn, tuple(cfg.sn_range_train), tuple(cfg.rel_cont_e_train))
+        return NoiseModel(rel_sn, tuple(cfg.sn_range_train), tuple(cfg.rel_cont_e_train),
+                          bad_pixel_fraction=float(cfg.bad_pixel_fraction), bad_pixel_fill=cfg.bad_pixel_fill)
 
     return (model() if cfg.preprocess_train else None), (model() if wanted_xval else None)
 

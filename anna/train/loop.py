@@ -312,6 +312,7 @@ class Trainer:
         """The frozen model, written atomically: ``frozen.model``, or ``frozen.partial.model`` when a stopped
         run would otherwise replace a finished run's model.  Returns its path."""
         from anna import model as model_module
+        from anna.continuum import continuum_settings
 
         metadata = {
             "output_names": list(self.cfg.output_names),
@@ -342,6 +343,9 @@ class Trainer:
             "variance_calibration": self.variance_calibration,
             "model_parts": self.model_parts,
             "distribute": self.distribution.describe(),
+            # what anna-infer must do to a survey spectrum before the network reads it, as training did
+            "bad_pixel_fill": self.cfg.bad_pixel_fill,
+            "continuum": continuum_settings(self.cfg.continuum),
         }
         if interrupted is not None:
             # the seconds from the signal until the model's contents were ready (the write itself follows)
