@@ -55,6 +55,7 @@ from anna.correction import (apply_correction, correction_location, fit_correcti
                              save_correction)
 from anna.model import ERROR_COLUMNS, load_frozen, mc_samples_for, resolve_model_path
 from anna.packs import open_pack
+from anna.plots import write_coverage_plot, write_residuals_vs_sn
 from anna.resample import check_same_grid
 from anna.tables import format_star_id, value_rows
 
@@ -358,6 +359,10 @@ def _test_and_summarise(cfg, model, pack, rel_sn, mc_samples, names, staging, st
     if sigmas is not None:
         summary["files"]["plots"].append(write_uncertainty_plot(true, inferred, sigmas["sigma_total"], names,
                                                                 summary["uncertainty"], cfg.test_save_loc))
+        summary["files"]["plots"].append(write_coverage_plot(true, inferred, sigmas["sigma_total"], names,
+                                                             cfg.test_save_loc))
+    if sn is not None:
+        summary["files"]["plots"].append(write_residuals_vs_sn(true, inferred, sn, names, cfg.test_save_loc))
     summary_path = os.path.join(cfg.test_save_loc, SUMMARY_FILE)
     summary["files"]["summary"] = summary_path
     summary["seconds"] = time.monotonic() - started

@@ -86,6 +86,7 @@ from anna.errors import AnnaInputError
 from anna.correction import apply_correction, correction_location, correction_slopes, load_correction
 from anna.domain import DomainScorer
 from anna.model import ERROR_COLUMNS, load_frozen, mc_samples_for, resolve_model_path
+from anna.progress import expect_files, file_finished
 from anna.resample import GRID_RELATIVE_TOLERANCE, check_same_grid, cubic_resample_rows
 from anna.spectra import looks_like_fits, spectrum_stem
 from anna.tables import format_star_id, value_rows
@@ -580,10 +581,10 @@ class _FileBatcher:
 
 
 def _report_written(report, label, counts, output, started):
-    """The line anna-infer prints for each finished output."""
+    """The line anna-infer prints for each finished output (with a progress display: counted, shown if verbose)."""
     spectra, fatal, flagged = counts
-    report(f"{label}: {spectra} spectra, {fatal} without result, {flagged} flagged -> {output} "
-           f"({time.monotonic() - started:.1f} s)")
+    file_finished(report, f"{label}: {spectra} spectra, {fatal} without result, {flagged} flagged -> {output} "
+                          f"({time.monotonic() - started:.1f} s)", spectra)
 
 
 def _has_error_columns(output):
@@ -634,10 +635,18 @@ def run_infer(cfg, report=print):
     report(plan.text)
     if mc_samples is None:  # MC dropout runs its own sampled graph
         report(model.choose_forward_form(cfg.jit_compile, plan.batch, report))
+    expect_files(report, len(todo))
     with ThreadPoolExecutor(1) as domain_pool:
         predictor = Predictor(model, plan.batch, float(cfg.range_margin), correction, mc_samples,
                               cfg.max_rel_sigma, domain_pool)
-        return _infer_inputs(cfg, model, predictor, todo, len(planned), report)
+        written = _infer_inputs(cfg, model, predictor, todo, len(planned), report)
+    if cfg.infer_plots:
+        from anna.plots import write_infer_histograms
+
+        outputs = [output for _, _, output in planned]  # this run's and those done before
+        report("label histograms in " + write_infer_histograms(outputs, model.output_names, model.scaler.minimum,
+                                                               model.scaler.maximum, cfg.infer_save_loc))
+    return written
 
 
 def _infer_inputs(cfg, model, predictor, todo, n_planned, report):
