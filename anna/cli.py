@@ -184,11 +184,13 @@ def synth_main(argv=None):
     args = parser.parse_args(argv)
 
     def action():
+        from anna.progress import FileProgress
         from anna.synth import make_example_data
 
-        written = make_example_data(args.outdir, seed=args.seed, n_train=args.n_train, n_xval=args.n_xval,
-                                    n_test=args.n_test, n_apertures=args.n_apertures, grid=args.grid,
-                                    resolution=args.resolution)
+        with FileProgress("anna-synth", unit="spectrum") as progress:
+            written = make_example_data(args.outdir, seed=args.seed, n_train=args.n_train, n_xval=args.n_xval,
+                                        n_test=args.n_test, n_apertures=args.n_apertures, grid=args.grid,
+                                        resolution=args.resolution, progress=progress)
         for kind, path in written.items():
             print(f"{kind:>10}: {path}")
 
@@ -210,12 +212,14 @@ def pack_main(argv=None):
 
     def action():
         from anna.packer import build_pack_from_spectra
+        from anna.progress import FileProgress
         from anna.templates import read_wavelength_template
 
         grid = read_wavelength_template(args.grid)
         columns = args.label_columns.split(",") if args.label_columns else None
-        build_pack_from_spectra(args.spectra, args.labels, grid, args.out, id_column=args.id_column,
-                                label_columns=columns)
+        with FileProgress("anna-pack") as progress:
+            build_pack_from_spectra(args.spectra, args.labels, grid, args.out, id_column=args.id_column,
+                                    label_columns=columns, report=progress)
         print(f"wrote {args.out}")
 
     return _run("anna-pack", args.debug, action)

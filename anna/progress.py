@@ -6,8 +6,8 @@ installed, the same figures come as plain lines, few enough that a log of a surv
 
 * :class:`StageProgress`: one training stage, its ETA from the iteration limit or the time budget, whichever
   is nearer (the stage appends :meth:`StageProgress.eta_text` to its interval line).
-* :class:`FileProgress`: anna-infer's (and anna-pack's) inputs: files, spectra, spectra/s, ETA; the line per
-  finished file only with ``--verbose``.  It is the stage's ``report`` callable; :func:`expect_files` and
+* :class:`FileProgress`: anna-infer's and anna-pack's input files (files, spectra, spectra/s, ETA; the line
+  per finished file only with ``--verbose``), or anna-synth's spectra.  It is the stage's ``report`` callable; :func:`expect_files` and
   :func:`file_finished` are the two calls a stage makes, and they fall back to plain reporting for any other
   ``report`` (a list's ``append`` in tests, ``print``).
 """
@@ -15,7 +15,9 @@ installed, the same figures come as plain lines, few enough that a log of a surv
 import sys
 import time
 
-# Plain lines (no terminal, or no tqdm): at most one per this many seconds, and one at each tenth of the files.
+# Plain lines (no terminal, or no tqdm): none for work done within QUIET_SECONDS, then one at each tenth of the
+# work and at least every PERIOD_SECONDS.
+QUIET_SECONDS = 5.0
 PERIOD_SECONDS = 30.0
 STEPS = 10
 
@@ -127,18 +129,21 @@ class StageProgress:
 
 
 class FileProgress:
-    """Progress over a command's input files, used as its ``report``: ``progress(text)`` prints a line.
+    """Progress over a command's inputs, used as its ``report``: ``progress(text)`` prints a line.
 
-    On a terminal with tqdm: one bar (files, spectra, spectra/s, ETA).  Otherwise: a plain line at each tenth of
-    the files and at most every :data:`PERIOD_SECONDS`.  Either way a closing line with the totals and the rate.
-    ``verbose`` also prints the line of every finished file."""
+    ``unit`` "file" counts files and the spectra in them (anna-infer, anna-pack); "spectrum" counts spectra
+    alone (anna-synth).  On a terminal with tqdm: one bar (files, spectra, spectra/s, ETA).  Otherwise, once
+    the work has taken :data:`QUIET_SECONDS`: a plain line at each tenth of the work, and when
+    :data:`PERIOD_SECONDS` have passed without one.  Either way a closing line with the totals and the rate.  ``verbose`` also prints
+    the line of every finished file."""
 
-    def __init__(self, prog, verbose=False, report=print, stream=None, clock=time.monotonic,
-                 period=PERIOD_SECONDS):
-        self.prog, self.verbose, self.clock, self.period = prog, verbose, clock, period
+    def __init__(self, prog, verbose=False, report=print, stream=None, unit="file", clock=time.monotonic,
+                 period=PERIOD_SECONDS, quiet_seconds=QUIET_SECONDS):
+        self.prog, self.verbose, self.unit, self.clock = prog, verbose, unit, clock
+        self.period, self.quiet_seconds = period, quiet_seconds
         self.display = _Display(report, stream)
         self.total = None
-        self.files = self.spectra = 0
+        self.done = self.spectra = 0
         self.started = self.last_line = None
         self.next_step = 1
 
@@ -152,30 +157,37 @@ class FileProgress:
         self.close(summary=exc[0] is None)
         return False
 
-    def start(self, n_files):
-        self.total = n_files
+    def start(self, total):
+        """``total`` files (or spectra) are to come."""
+        self.total = total
         self.started = self.last_line = self.clock()
-        if n_files:
-            self.display.open_bar(total=n_files, desc=self.prog, unit="file")
+        if total:
+            self.display.open_bar(total=total, desc=self.prog, unit=self.unit, unit_scale=self.unit != "file")
 
-    def file_done(self, text, n_spectra):
+    def advance(self, n_spectra, text=None, items=None):
+        """One more file done (``items`` more spectra for unit "spectrum"), holding ``n_spectra`` spectra;
+        ``text`` is its line, printed with ``verbose``."""
         if self.started is None:
             self.start(0)
-        self.files += 1
+        items = (1 if self.unit == "file" else n_spectra) if items is None else items
+        self.done += items
         self.spectra += n_spectra
-        if self.verbose:
+        if self.verbose and text:
             self.display.line(text)
         bar = self.display.bar
         if bar is not None:
-            bar.set_postfix_str(f"{self.spectra:,} spectra, {self._rate():,.0f} spectra/s", refresh=False)
-            bar.update(1)
+            if self.unit == "file":
+                bar.set_postfix_str(f"{self.spectra:,} spectra, {self._rate():,.0f} spectra/s", refresh=False)
+            bar.update(items)
             return
         now = self.clock()
-        step_reached = self.total and self.files >= self.next_step * self.total / STEPS
+        if now - self.started < self.quiet_seconds:
+            return
+        step_reached = self.total and self.done >= self.next_step * self.total / STEPS
         if step_reached or now - self.last_line >= self.period:
-            while self.total and self.files >= self.next_step * self.total / STEPS:
+            while self.total and self.done >= self.next_step * self.total / STEPS:
                 self.next_step += 1
-            if not (self.total and self.files >= self.total):  # the closing line says the last
+            if not (self.total and self.done >= self.total):  # the closing line says the last
                 self.display.line(self.status_line())
             self.last_line = now
 
@@ -183,21 +195,27 @@ class FileProgress:
         elapsed = self.clock() - self.started
         return self.spectra / elapsed if elapsed > 0 else 0.0
 
+    def _count(self):
+        of = f"/{self.total:,}" if self.total else ""
+        if self.unit == "file":
+            return f"{self.done:,}{of} files, {self.spectra:,} spectra"
+        return f"{self.done:,}{of} spectra"
+
     def status_line(self):
         """``anna-infer: 12/40 files, 1,234 spectra, 567 spectra/s, ETA 1 min 05 s``."""
         elapsed = self.clock() - self.started
-        of = f"/{self.total}" if self.total else ""
         eta = ""
-        if self.total and 0 < self.files < self.total and elapsed > 0:
-            eta = f", ETA {format_duration((self.total - self.files) * elapsed / self.files)}"
-        return f"{self.prog}: {self.files}{of} files, {self.spectra:,} spectra, {self._rate():,.0f} spectra/s{eta}"
+        if self.total and 0 < self.done < self.total and elapsed > 0:
+            eta = f", ETA {format_duration((self.total - self.done) * elapsed / self.done)}"
+        return f"{self.prog}: {self._count()}, {self._rate():,.0f} spectra/s{eta}"
 
     def close(self, summary=True):
         self.display.close()
-        if summary and self.started is not None and self.files:
+        if summary and self.started is not None and self.done:
             elapsed = self.clock() - self.started
-            self.display.line(f"{self.prog}: {_files(self.files)}, {self.spectra:,} spectra in {elapsed:.1f} s "
-                              f"({self._rate():,.0f} spectra/s)")
+            count = (f"{_files(self.done)}, {self.spectra:,} spectra" if self.unit == "file"
+                     else f"{self.spectra:,} spectra")
+            self.display.line(f"{self.prog}: {count} in {elapsed:.1f} s ({self._rate():,.0f} spectra/s)")
         self.started = None
 
 
@@ -214,6 +232,6 @@ def expect_files(report, n_files):
 def file_finished(report, text, n_spectra):
     """A file is done: ``text`` is its line, printed by a plain ``report``; a :class:`FileProgress` counts it."""
     if isinstance(report, FileProgress):
-        report.file_done(text, n_spectra)
-    else:
+        report.advance(n_spectra, text)
+    elif text:
         report(text)
