@@ -109,8 +109,10 @@ def _train(cfg, finish=False):
 
 def _test(cfg):
     from anna.evaluate import run_test
+    from anna.progress import FileProgress
 
-    run_test(cfg)
+    with FileProgress("anna-test", unit="spectrum") as progress:
+        run_test(cfg, report=progress)
 
 
 def _infer(cfg, verbose=False):

@@ -46,8 +46,9 @@ def read_frozen_file(location, weights=True):
         else:
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()
-                documents = ({"metadata.json": archive.read("metadata.json").decode("utf-8")}
-                             if "metadata.json" in names else {})
+                documents = {name: None for name in names if not name.endswith(".npz")}
+                if "metadata.json" in documents:
+                    documents["metadata.json"] = archive.read("metadata.json").decode("utf-8")
                 arrays = {name[:-4]: None for name in names if name.endswith(".npz")}
         if "metadata.json" not in documents or "weights" not in arrays:
             members = sorted(list(documents) + [f"{name}.npz" for name in arrays])

@@ -86,7 +86,7 @@ from anna.errors import AnnaInputError
 from anna.correction import apply_correction, correction_location, correction_slopes, load_correction
 from anna.domain import DomainScorer
 from anna.model import ERROR_COLUMNS, load_frozen, mc_samples_for, resolve_model_path
-from anna.progress import expect_files, file_finished
+from anna.progress import announce_total, count_done
 from anna.resample import GRID_RELATIVE_TOLERANCE, check_same_grid, cubic_resample_rows
 from anna.spectra import looks_like_fits, spectrum_stem
 from anna.tables import format_star_id, value_rows
@@ -583,8 +583,8 @@ class _FileBatcher:
 def _report_written(report, label, counts, output, started):
     """The line anna-infer prints for each finished output (with a progress display: counted, shown if verbose)."""
     spectra, fatal, flagged = counts
-    file_finished(report, f"{label}: {spectra} spectra, {fatal} without result, {flagged} flagged -> {output} "
-                          f"({time.monotonic() - started:.1f} s)", spectra)
+    count_done(report, spectra, f"{label}: {spectra} spectra, {fatal} without result, {flagged} flagged -> "
+                                f"{output} ({time.monotonic() - started:.1f} s)")
 
 
 def _has_error_columns(output):
@@ -635,7 +635,7 @@ def run_infer(cfg, report=print):
     report(plan.text)
     if mc_samples is None:  # MC dropout runs its own sampled graph
         report(model.choose_forward_form(cfg.jit_compile, plan.batch, report))
-    expect_files(report, len(todo))
+    announce_total(report, len(todo))
     with ThreadPoolExecutor(1) as domain_pool:
         predictor = Predictor(model, plan.batch, float(cfg.range_margin), correction, mc_samples,
                               cfg.max_rel_sigma, domain_pool)

@@ -11,7 +11,7 @@ import numpy as np
 from anna.atomic import atomic_output
 from anna.errors import AnnaInputError
 from anna.packs import write_pack
-from anna.progress import expect_files, file_finished
+from anna.progress import announce_total, count_done
 from anna.resample import cubic_resample
 from anna.spectra import looks_like_fits, spectrum_stem
 from anna.templates import read_two_columns
@@ -155,7 +155,7 @@ def build_pack_from_spectra(spectra_paths, labels_csv, grid, out_path, *, id_col
                 raise AnnaInputError("label is infinite", path=labels_csv, line=line, key=name, value=text)
 
     flux = np.empty((len(spectra_paths), grid.size))
-    expect_files(report, len(spectra_paths))
+    announce_total(report, len(spectra_paths))
     for star, path in enumerate(spectra_paths):
         wave, values = _read_one_spectrum(path)
         tolerance = 1e-9 * float(grid[-1])
@@ -163,7 +163,7 @@ def build_pack_from_spectra(spectra_paths, labels_csv, grid, out_path, *, id_col
             raise AnnaInputError(f"spectrum covers {wave[0]:.3f}-{wave[-1]:.3f} A but the grid needs "
                                  f"{grid[0]:.3f}-{grid[-1]:.3f} A; spectra are never extrapolated", path=path)
         flux[star] = cubic_resample(wave, values, grid)
-        file_finished(report, None, 1)
+        count_done(report, 1)
 
     id_texts = [row.get(id_column, "") for _, row in matched]
     numeric = [_numeric_id(text) for text in id_texts]

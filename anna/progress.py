@@ -7,9 +7,9 @@ installed, the same figures come as plain lines, few enough that a log of a surv
 * :class:`StageProgress`: one training stage, its ETA from the iteration limit or the time budget, whichever
   is nearer (the stage appends :meth:`StageProgress.eta_text` to its interval line).
 * :class:`FileProgress`: anna-infer's and anna-pack's input files (files, spectra, spectra/s, ETA; the line
-  per finished file only with ``--verbose``), or anna-synth's spectra.  It is the stage's ``report`` callable; :func:`expect_files` and
-  :func:`file_finished` are the two calls a stage makes, and they fall back to plain reporting for any other
-  ``report`` (a list's ``append`` in tests, ``print``).
+  per finished file only with ``--verbose``), or the spectra of anna-test and anna-synth.  It is the stage's
+  ``report`` callable; :func:`announce_total` and :func:`count_done` are the two calls a stage makes, and they
+  fall back to plain reporting for any other ``report`` (a list's ``append`` in tests, ``print``).
 """
 
 import sys
@@ -223,14 +223,15 @@ def _files(n):
     return f"{n} file" + ("" if n == 1 else "s")
 
 
-def expect_files(report, n_files):
-    """Tell ``report`` how many files are to come, when it is a :class:`FileProgress`."""
+def announce_total(report, total):
+    """Tell ``report`` how many files (or spectra) are to come, when it is a :class:`FileProgress`."""
     if isinstance(report, FileProgress):
-        report.start(n_files)
+        report.start(total)
 
 
-def file_finished(report, text, n_spectra):
-    """A file is done: ``text`` is its line, printed by a plain ``report``; a :class:`FileProgress` counts it."""
+def count_done(report, n_spectra, text=None):
+    """A file (or ``n_spectra`` spectra) is done: ``text`` is its line, printed by a plain ``report``; a
+    :class:`FileProgress` counts it."""
     if isinstance(report, FileProgress):
         report.advance(n_spectra, text)
     elif text:
