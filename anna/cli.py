@@ -82,7 +82,8 @@ def _stage_main(prog, stage, description, run_stage, argv, flags=None):
         cfg = load_config(args.param_file, overrides=args.overrides, stage=stage)
         validate_for_stage(cfg, stage)
         check_inputs_before_runtime(cfg, stage)
-        _start_runtime(prog, args.debug)
+        if not (args.check and stage == "train"):  # anna-train --check opens packs and templates only
+            _start_runtime(prog, args.debug)
         if args.check:
             from anna.check import check_stage
 

@@ -132,6 +132,7 @@ def test_test_and_infer_start_quietly_with_the_model_uncertainties_and_plots(tra
     result = run([command("anna-test"), test_param], folder)
     assert result.stderr.splitlines() == []
     assert "MC-dropout uncertainties from 20 passes" in result.stdout  # not asked for: the model's capability
+    assert re.search(r"^anna-test: 400 spectra in [\d.]+ s \([\d,]+ spectra/s\)$", result.stdout, re.M)
     header = (folder / "run" / "test" / "test_stats.out").read_text().splitlines()[0].split(",")
     assert {"a_err", "b_err", "a_err_model", "b_err_pred", "sn"} <= set(header)
     for name in ("residuals_vs_sn.png", "sigma_coverage.png", "uncertainty_calibration.png", "a_test.png"):
@@ -249,6 +250,8 @@ def test_check_refuses_mc_dropout_without_dropout_in_the_last_stage(trained, tmp
                                         "--set", "KEEP_PROB1=1"], tmp_path)
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and "KEEP_PROB1" in lines[0] and "MC_DROPOUT" in lines[0], lines
+    good = run_blocked("train_main", [folder / "train.param", "--check"], tmp_path, expect=0)  # no TensorFlow
+    assert good.stderr == "" and "valid for anna-train" in good.stdout
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -329,3 +332,36 @@ def test_stage_eta_is_the_nearer_of_the_iteration_limit_and_the_time_budget():
     clock.now = 20.0
     assert resumed.eta(600, elapsed=100.0) == (40.0, "iterations")  # 100 iterations in 10 s, 400 to go
     assert format_duration(3725) == "1 h 02 min" and format_duration(200) == "3 min 20 s"
+
+
+def test_a_stage_on_a_terminal_draws_a_bar_with_its_eta_between_its_lines():
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+    clock, lines = Clock(), []
+    with os.fdopen(slave, "w") as terminal:
+        def report(text):
+            lines.append(text)
+            print(text, file=terminal, flush=True)
+
+        progress = StageProgress(report, 1, total=200, max_seconds=None, stream=terminal, clock=clock)
+        clock.now = 5.0
+        progress.tick(50, elapsed=5.0)
+        progress.line("stage 1 iter     50: a line" + progress.eta_text(50, 5.0))
+        clock.now = 10.0
+        progress.tick(100, elapsed=10.0)
+        progress.close()
+    received = b""
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        received += data
+    os.close(master)
+    text = received.decode()
+    assert lines == ["stage 1 iter     50: a line | ETA 15 s"]
+    assert re.search(r"stage 1 .* 50/200 \[.*ETA 15 s\]", text), text
+    assert re.search(r"stage 1 .* 100/200 \[.*ETA 10 s\]", text), text
+    assert "stage 1 iter     50: a line | ETA 15 s\r\n" in text
