@@ -75,9 +75,8 @@ def _stage_main(prog, stage, description, run_stage, argv, flags=None):
     args = parser.parse_args(argv)
 
     def action():
-        from anna.params import load_config, validate_for_stage
-
         from anna.check import check_inputs_before_runtime
+        from anna.params import load_config, validate_for_stage
 
         cfg = load_config(args.param_file, overrides=args.overrides, stage=stage)
         validate_for_stage(cfg, stage)
