@@ -9,6 +9,41 @@ predicted, so a check passes exactly when the stage would get past its input che
 import os
 
 
+def check_inputs_before_runtime(cfg, stage):
+    """The input checks that need no network, made before TensorFlow is loaded, so that a bad input is reported
+    at once and alone (the commands call this first; ``--check`` and the stages then check everything).
+
+    What is read costs little whatever the size of the data: pack headers, sizes and wavelengths (a truncated or
+    mis-sized pack), the frozen model's metadata and format, templates, and which INFER_FILES exist.  Raises
+    AnnaInputError on the first problem.
+    """
+    from anna.frozen_file import read_frozen_file
+    from anna.packs import open_pack
+    from anna.templates import read_wavelength_template, relative_sn_on_grid
+
+    if stage == "train":
+        pack = open_pack(cfg.training_data, expected_npix=cfg.num_px, expected_nout=cfg.num_outs, check_labels=False)
+        if cfg.preprocess_train or (cfg.training_xval and cfg.preprocess_xval):
+            relative_sn_on_grid(cfg.sn_template, pack.wavelengths)
+        if cfg.training_xval:
+            open_pack(cfg.xval_data, expected_npix=cfg.num_px, expected_nout=cfg.num_outs, max_stars=cfg.xval_size,
+                      check_labels=False)
+    elif stage == "test":
+        _, metadata, _ = read_frozen_file(cfg.test_model_loc, weights=False)
+        pack = open_pack(cfg.testing_data, expected_npix=len(metadata["wavelengths"]),
+                         expected_nout=len(metadata["output_names"]), check_labels=False)
+        if cfg.preprocess_test:
+            relative_sn_on_grid(cfg.sn_template_test, pack.wavelengths)
+    elif stage == "infer":
+        read_frozen_file(cfg.infer_model_loc, weights=False)
+        if cfg.wave_template:
+            read_wavelength_template(cfg.wave_template)
+        if cfg.infer_mode == "DEBUG":
+            open_pack(cfg.debug_data, check_labels=False)
+        else:
+            infer_inputs(cfg)  # every file INFER_FILES names exists
+
+
 def check_stage(cfg, stage):
     """Return summary lines for ``stage`` ("train", "test", "infer"); raise AnnaInputError on any problem."""
     from anna.packs import open_pack

@@ -2,7 +2,8 @@
 
 Known input problems (:class:`anna.errors.AnnaInputError`) become their one-line messages on stderr and exit
 status 2, with no traceback (``--debug`` shows it).  Stage modules are imported inside the functions so that
-``--help`` answers at once, without starting TensorFlow.
+``--help`` and ``--version`` answer at once, without starting TensorFlow; a stage's inputs are checked
+(anna.check.check_inputs_before_runtime) before TensorFlow starts, quietly (anna.runtime.start_tensorflow).
 """
 
 import argparse
@@ -15,8 +16,18 @@ EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
 
-def _stage_parser(prog, stage, description):
+def _parser(prog, description):
+    """An argument parser with the options every command has: ``--version``."""
+    from anna.runtime import versions_text
+
     parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--version", action="version", version=versions_text(prog),
+                        help="print ANNA-TF's, TensorFlow's and Python's versions and exit")
+    return parser
+
+
+def _stage_parser(prog, stage, description):
+    parser = _parser(prog, description)
     parser.add_argument("param_file", nargs="?", default="ANNA.param",
                         help="parameter file (default: ANNA.param in the current folder)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -24,15 +35,24 @@ def _stage_parser(prog, stage, description):
     parser.add_argument("--check", action="store_true",
                         help=f"validate the parameter file for anna-{stage} and open the inputs it names, "
                              "print a summary, and exit 0 (all good) or 2")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
+    parser.add_argument("--debug", action="store_true",
+                        help="show tracebacks for input errors and everything TensorFlow prints")
     return parser
+
+
+def _start_runtime(prog, debug):
+    """Start TensorFlow quietly (anna.runtime.start_tensorflow); its notices become the command's own lines."""
+    from anna.runtime import start_tensorflow
+
+    for notice in start_tensorflow(debug=debug):
+        print(f"{prog}: note: {notice}", file=sys.stderr)
 
 
 def _run(prog, debug, action):
     """Call ``action``; map input errors to one line + exit 2, Ctrl-C to exit 130."""
     from anna.runtime import prepare_tensorflow_environment
 
-    prepare_tensorflow_environment()  # before any stage imports TensorFlow
+    prepare_tensorflow_environment(quiet=not debug)  # before any stage imports TensorFlow
     try:
         action()
     except AnnaInputError as exc:
@@ -55,10 +75,14 @@ def _stage_main(prog, stage, description, run_stage, argv, flags=None):
     args = parser.parse_args(argv)
 
     def action():
+        from anna.check import check_inputs_before_runtime
         from anna.params import load_config, validate_for_stage
 
         cfg = load_config(args.param_file, overrides=args.overrides, stage=stage)
         validate_for_stage(cfg, stage)
+        check_inputs_before_runtime(cfg, stage)
+        if not (args.check and stage == "train"):  # anna-train --check opens packs and templates only
+            _start_runtime(prog, args.debug)
         if args.check:
             from anna.check import check_stage
 
@@ -85,14 +109,18 @@ def _train(cfg, finish=False):
 
 def _test(cfg):
     from anna.evaluate import run_test
+    from anna.progress import FileProgress
 
-    run_test(cfg)
+    with FileProgress("anna-test", unit="spectrum") as progress:
+        run_test(cfg, report=progress)
 
 
-def _infer(cfg):
+def _infer(cfg, verbose=False):
     from anna.infer import run_infer
+    from anna.progress import FileProgress
 
-    run_infer(cfg)
+    with FileProgress("anna-infer", verbose=verbose) as progress:
+        run_infer(cfg, report=progress)
 
 
 def train_main(argv=None):
@@ -109,7 +137,9 @@ def test_main(argv=None):
 
 def infer_main(argv=None):
     return _stage_main("anna-infer", "infer", "Infer labels for packs, text spectra or (multispec) FITS files.",
-                       _infer, argv)
+                       _infer, argv, flags={"--verbose": "print a line for every finished input file (by default "
+                                                         "a progress bar on a terminal, a line per tenth of the "
+                                                         "files otherwise)"})
 
 
 def tune_main(argv=None):
@@ -133,9 +163,9 @@ def tune_main(argv=None):
 
 
 def spectra_main(argv=None):
-    parser = argparse.ArgumentParser(prog="anna-spectra",
-                                     description="Show what ANNA-TF's readers see in spectrum files (the same code "
-                                                 "anna-infer uses).")
+    parser = _parser("anna-spectra",
+                     "Show what ANNA-TF's readers see in spectrum files (the same code "
+                     "anna-infer uses).")
     parser.add_argument("files", nargs="+", help="FITS files (LAMOST, SDSS/BOSS, APOGEE, multispec or 1-D)")
     parser.add_argument("--text", metavar="DIR", help="also write each spectrum as text into DIR (wavelength, "
                                                       "flux, and error for survey files)")
@@ -157,10 +187,10 @@ def spectra_main(argv=None):
 
 
 def synth_main(argv=None):
-    parser = argparse.ArgumentParser(prog="anna-synth",
-                                     description="Generate ANNA-TF's example data (a teaching model of line "
-                                                 "spectra): training, cross-validation and test packs, templates "
-                                                 "and a multispec FITS file of one star.")
+    parser = _parser("anna-synth",
+                     "Generate ANNA-TF's example data (a teaching model of line "
+                     "spectra): training, cross-validation and test packs, templates "
+                     "and a multispec FITS file of one star.")
     parser.add_argument("outdir", nargs="?", default="example_data", help="output folder (default example_data)")
     parser.add_argument("--grid", choices=("tutorial", "apogee", "lamost"), default="tutorial",
                         help="wavelength grid: tutorial (1001 px, 6625-6825 A, R=11000; default), apogee (7214 px "
@@ -179,11 +209,13 @@ def synth_main(argv=None):
     args = parser.parse_args(argv)
 
     def action():
+        from anna.progress import FileProgress
         from anna.synth import make_example_data
 
-        written = make_example_data(args.outdir, seed=args.seed, n_train=args.n_train, n_xval=args.n_xval,
-                                    n_test=args.n_test, n_apertures=args.n_apertures, grid=args.grid,
-                                    resolution=args.resolution)
+        with FileProgress("anna-synth", unit="spectrum") as progress:
+            written = make_example_data(args.outdir, seed=args.seed, n_train=args.n_train, n_xval=args.n_xval,
+                                        n_test=args.n_test, n_apertures=args.n_apertures, grid=args.grid,
+                                        resolution=args.resolution, progress=progress)
         for kind, path in written.items():
             print(f"{kind:>10}: {path}")
 
@@ -191,10 +223,9 @@ def synth_main(argv=None):
 
 
 def pack_main(argv=None):
-    parser = argparse.ArgumentParser(prog="anna-pack",
-                                     description="Build a training pack from spectra files (two-column text, "
-                                                 "FITS, or LAMOST/SDSS/APOGEE survey files) and a CSV or FITS "
-                                                 "table of labels, interpolated onto a wavelength grid.")
+    parser = _parser("anna-pack",
+                     "Build a training pack from spectra files (two-column text, FITS, or LAMOST/SDSS/APOGEE "
+                     "survey files) and a CSV or FITS table of labels, interpolated onto a wavelength grid.")
     parser.add_argument("spectra", nargs="+", help="spectrum files")
     parser.add_argument("--labels", required=True, help="CSV with one row per spectrum")
     parser.add_argument("--grid", required=True, help="wavelength template (two columns) defining the grid")
@@ -213,22 +244,42 @@ def pack_main(argv=None):
     def action():
         from anna.continuum import continuum_settings
         from anna.packer import build_pack_from_spectra
+        from anna.progress import FileProgress
         from anna.templates import read_wavelength_template
 
         grid = read_wavelength_template(args.grid)
         columns = args.label_columns.split(",") if args.label_columns else None
-        build_pack_from_spectra(args.spectra, args.labels, grid, args.out, id_column=args.id_column,
-                                label_columns=columns, continuum=continuum_settings(args.continuum),
-                                fill=args.bad_pixel_fill, spectrum_name=args.spectrum)
+        with FileProgress("anna-pack") as progress:
+            build_pack_from_spectra(args.spectra, args.labels, grid, args.out, id_column=args.id_column,
+                                    label_columns=columns, continuum=continuum_settings(args.continuum),
+                                    fill=args.bad_pixel_fill, spectrum_name=args.spectrum, report=progress)
         print(f"wrote {args.out}")
 
     return _run("anna-pack", args.debug, action)
 
 
+def info_main(argv=None):
+    parser = _parser("anna-info",
+                     "Describe a frozen model: network, labels and ranges, grid, training parameters, stage "
+                     "results, versions, training pack hash, uncertainties and their calibration.  Reads the "
+                     "file only (no TensorFlow).")
+    parser.add_argument("model", help="frozen model file, or the folder holding frozen.model")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
+    args = parser.parse_args(argv)
+
+    def action():
+        from anna.model_info import describe_frozen_model
+
+        for line in describe_frozen_model(args.model):
+            print(line)
+
+    return _run("anna-info", args.debug, action)
+
+
 def quickstart_main(argv=None):
-    parser = argparse.ArgumentParser(prog="anna-quickstart",
-                                     description="Run the whole ANNA-TF pipeline on built-in example data: "
-                                                 "generate, train, test, infer.")
+    parser = _parser("anna-quickstart",
+                     "Run the whole ANNA-TF pipeline on built-in example data: "
+                     "generate, train, test, infer.")
     parser.add_argument("workdir", nargs="?", default="anna-quickstart",
                         help="folder for data, models and results (default ./anna-quickstart)")
     parser.add_argument("--config", default=None,
@@ -239,6 +290,7 @@ def quickstart_main(argv=None):
     def action():
         from anna.quickstart import run_quickstart
 
+        _start_runtime("anna-quickstart", args.debug)
         run_quickstart(os.path.abspath(args.workdir), config=args.config)
 
     return _run("anna-quickstart", args.debug, action)

@@ -55,6 +55,8 @@ from anna.correction import (apply_correction, correction_location, fit_correcti
                              save_correction)
 from anna.model import ERROR_COLUMNS, load_frozen, mc_samples_for, resolve_model_path
 from anna.packs import open_pack
+from anna.plots import write_coverage_plot, write_residuals_vs_sn
+from anna.progress import announce_total, count_done
 from anna.resample import check_same_grid
 from anna.tables import format_star_id, value_rows
 
@@ -332,7 +334,8 @@ def run_test(cfg, report=print):
 
 def _test_and_summarise(cfg, model, pack, rel_sn, mc_samples, names, staging, stats_path, report, started,
                         batch_size, missing):
-    true, inferred, sn, sigmas = _predict_and_write(cfg, model, pack, rel_sn, staging, batch_size, mc_samples)
+    true, inferred, sn, sigmas = _predict_and_write(cfg, model, pack, rel_sn, staging, batch_size, mc_samples,
+                                                    report)
 
     summary = {"model": resolve_model_path(cfg.test_model_loc), "testing_data": pack.path,
                "n_stars": pack.n_stars, "preprocess_test": bool(cfg.preprocess_test),
@@ -358,6 +361,10 @@ def _test_and_summarise(cfg, model, pack, rel_sn, mc_samples, names, staging, st
     if sigmas is not None:
         summary["files"]["plots"].append(write_uncertainty_plot(true, inferred, sigmas["sigma_total"], names,
                                                                 summary["uncertainty"], cfg.test_save_loc))
+        summary["files"]["plots"].append(write_coverage_plot(true, inferred, sigmas["sigma_total"], names,
+                                                             cfg.test_save_loc))
+    if sn is not None:
+        summary["files"]["plots"].append(write_residuals_vs_sn(true, inferred, sn, names, cfg.test_save_loc))
     summary_path = os.path.join(cfg.test_save_loc, SUMMARY_FILE)
     summary["files"]["summary"] = summary_path
     summary["seconds"] = time.monotonic() - started
@@ -387,7 +394,7 @@ def _chunk_stars(batch_size):
     return TEST_NOISE_BLOCK * max(1, int(batch_size) // TEST_NOISE_BLOCK)
 
 
-def _predict_and_write(cfg, model, pack, rel_sn, stats_path, batch_size, mc_samples=None):
+def _predict_and_write(cfg, model, pack, rel_sn, stats_path, batch_size, mc_samples=None, report=None):
     """Stream the pack through the model, writing test_stats.out.
 
     Returns (true, inferred, sn or None, sigmas or None); ``sigmas`` maps sigma_total/sigma_model/sigma_pred
@@ -413,6 +420,7 @@ def _predict_and_write(cfg, model, pack, rel_sn, stats_path, batch_size, mc_samp
     with atomic_output(stats_path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(header)
+        announce_total(report, n)  # a progress display (anna.progress) counts the spectra
         for start, stop in pack.iter_chunks(_chunk_stars(batch_size)):
             ids, labels, flux = pack.read_rows(start, stop)
             if sn is not None:
@@ -435,6 +443,7 @@ def _predict_and_write(cfg, model, pack, rel_sn, stats_path, batch_size, mc_samp
                 chunk_sigmas = [chunk[key] for _, key in ERROR_COLUMNS]
             _write_rows(writer, ids, true[start:stop], inferred[start:stop],
                         None if sn is None else sn[start:stop], chunk_sigmas)
+            count_done(report, stop - start)
         if bad_flux_stars:
             raise AnnaInputError(f"{bad_flux_stars} of {n} stars have NaN or infinite fluxes; anna-test needs "
                                  "clean spectra (anna-infer flags such spectra instead)", path=pack.path,

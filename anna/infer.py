@@ -87,6 +87,7 @@ from anna.errors import AnnaInputError
 from anna.correction import apply_correction, correction_location, correction_slopes, load_correction
 from anna.domain import DomainScorer
 from anna.model import ERROR_COLUMNS, load_frozen, mc_samples_for, resolve_model_path
+from anna.progress import announce_total, count_done
 from anna.resample import GRID_RELATIVE_TOLERANCE, check_same_grid, cubic_resample_rows
 from anna.spectra import looks_like_fits, spectrum_stem
 from anna.tables import csv_field, format_star_id, value_texts
@@ -617,10 +618,10 @@ class _FileBatcher:
 
 
 def _report_written(report, label, counts, output, started):
-    """The line anna-infer prints for each finished output."""
+    """The line anna-infer prints for each finished output (with a progress display: counted, shown if verbose)."""
     spectra, fatal, flagged = counts
-    report(f"{label}: {spectra} spectra, {fatal} without result, {flagged} flagged -> {output} "
-           f"({time.monotonic() - started:.1f} s)")
+    count_done(report, spectra, f"{label}: {spectra} spectra, {fatal} without result, {flagged} flagged -> "
+                                f"{output} ({time.monotonic() - started:.1f} s)")
 
 
 def _has_error_columns(output):
@@ -672,15 +673,24 @@ def run_infer(cfg, report=print):
     report(plan.text)
     if mc_samples is None:  # MC dropout runs its own sampled graph
         report(model.choose_forward_form(cfg.jit_compile, plan.batch, report))
+    announce_total(report, len(todo))
     if cfg.infer_scheduler:  # the same work on a Dask cluster's workers (anna.infer_dask)
         from anna.infer_dask import infer_on_cluster
 
-        return infer_on_cluster(cfg, model, todo, len(planned), plan.batch, mc_samples, correction, dependencies,
-                                report)
-    with ThreadPoolExecutor(1) as domain_pool:
-        predictor = Predictor(model, plan.batch, float(cfg.range_margin), correction, mc_samples,
-                              cfg.max_rel_sigma, domain_pool, max_bad_pixel_fraction=cfg.max_bad_pixel_fraction)
-        return _infer_inputs(cfg, model, predictor, todo, len(planned), report)
+        written = infer_on_cluster(cfg, model, todo, len(planned), plan.batch, mc_samples, correction,
+                                   dependencies, report)
+    else:
+        with ThreadPoolExecutor(1) as domain_pool:
+            predictor = Predictor(model, plan.batch, float(cfg.range_margin), correction, mc_samples,
+                                  cfg.max_rel_sigma, domain_pool, max_bad_pixel_fraction=cfg.max_bad_pixel_fraction)
+            written = _infer_inputs(cfg, model, predictor, todo, len(planned), report)
+    if cfg.infer_plots:
+        from anna.plots import write_infer_histograms
+
+        outputs = [output for _, _, output in planned]  # this run's and those done before
+        report("label histograms in " + write_infer_histograms(outputs, model.output_names, model.scaler.minimum,
+                                                               model.scaler.maximum, cfg.infer_save_loc))
+    return written
 
 
 def _check_continuum(cfg, model):

@@ -26,25 +26,19 @@ import dataclasses
 import json
 import os
 import time
-import zipfile
-import zlib
 
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from anna.atomic import read_array_archive, write_array_archive
+from anna.atomic import write_array_archive
 from anna.errors import AnnaInputError
 from anna.losses import LOG_VARIANCE_MAX, LOG_VARIANCE_MIN
 
-FROZEN_MODEL_NAME = "frozen.model"
-FORMAT_NAME = "anna-tf frozen model"
-FORMAT_VERSION = 2
-# Formats this version reads: 1 had (width, kernels) pairs and one pooling after the last convolution.
-READABLE_FORMAT_VERSIONS = (1, 2)
-# What load_frozen and its users rely on; a model lacking any of these is refused with a clear message.
-REQUIRED_METADATA = ("network", "output_names", "wavelengths", "min_params", "max_params")
+# the file's name, format and required metadata, and reading it: anna.frozen_file (no TensorFlow needed there)
+from anna.frozen_file import (FORMAT_NAME, FORMAT_VERSION, FROZEN_MODEL_NAME,  # noqa: F401  (used by importers)
+                              read_frozen_file, resolve_model_path)
 # Starting values of the variance head (normalised labels, 0..1 scale): sigma_fit = 0.1 (a tenth of MAX - MIN),
 # and a noise part equal to it at S/N 100.  Training refits both biases by maximum likelihood every
 # SAMPLE_INTERVAL (anna.train.variance.refit_variance_biases), so these only matter for the first interval.
@@ -746,14 +740,6 @@ def row_blocks(flux, rows):
         yield start, np.asarray(flux[start:start + int(rows)], dtype=np.float32)
 
 
-def resolve_model_path(location):
-    """Accept either the frozen-model file or the folder holding ``frozen.model`` (SAVE_LOC style)."""
-    location = os.fspath(location)
-    if os.path.isdir(location):
-        return os.path.join(location, FROZEN_MODEL_NAME)
-    return location
-
-
 def save_frozen(location, network, spec, metadata):
     """Write ``network`` + ``metadata`` as one frozen-model file, atomically; returns its path.
 
@@ -774,35 +760,7 @@ def load_frozen(location, dropout_seed=None):
     """Load a frozen model written by :func:`save_frozen`.  Errors name the file and what is wrong.
 
     ``dropout_seed`` fixes the masks of MC-dropout sampling (see :func:`build_network`)."""
-    path = resolve_model_path(location)
-    if not os.path.exists(path):
-        raise AnnaInputError("no frozen model here (train first, or point TEST_MODEL_LOC/INFER_MODEL_LOC "
-                             "at the folder holding frozen.model)", path=path)
-    try:
-        documents, arrays = read_array_archive(path)
-        if "metadata.json" not in documents or "weights" not in arrays:
-            members = sorted(list(documents) + [f"{name}.npz" for name in arrays])
-            raise AnnaInputError(f"not an ANNA-TF frozen model (archive holds {members})", path=path)
-        metadata = json.loads(documents["metadata.json"])
-        weights = arrays["weights"]
-    except AnnaInputError:
-        raise
-    except (zipfile.BadZipFile, zlib.error, OSError, ValueError, KeyError, EOFError) as exc:
-        raise AnnaInputError(f"frozen model is corrupted or not a frozen model ({type(exc).__name__}: {exc})",
-                             path=path) from None
-    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_NAME:
-        raise AnnaInputError("not an ANNA-TF frozen model (metadata has no ANNA-TF format tag)", path=path)
-    if metadata.get("format_version") not in READABLE_FORMAT_VERSIONS:
-        from anna import __version__
-        raise AnnaInputError(
-            f"frozen model format {metadata.get('format_version')} written by ANNA-TF "
-            f"{metadata.get('anna_version')}; this ANNA-TF {__version__} reads formats "
-            f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}",
-            path=path)
-    missing = [key for key in REQUIRED_METADATA if key not in metadata]
-    if missing:
-        raise AnnaInputError(f"frozen model metadata lacks {', '.join(missing)} (damaged or hand-edited file)",
-                             path=path)
+    path, metadata, weights = read_frozen_file(location)
     try:
         spec = NetworkSpec.from_dict(metadata["network"])
     except (KeyError, TypeError, ValueError) as exc:
@@ -831,12 +789,22 @@ def _rates_text(rates, shown=3):
 
 
 def mc_samples_for(cfg, model, report):
-    """MC_SAMPLES when the parameter file asks for UNCERTAINTY: MC_DROPOUT, else None.
+    """MC_SAMPLES when uncertainties are wanted, else None.
 
-    Refuses a model whose last training stage had no dropout (nothing to sample); notes when the model has no
-    variance head (then err_pred is 0 and err the uncalibrated dropout spread).
+    Wanted: what UNCERTAINTY says when the parameter file gives it; otherwise what the model can do (a model
+    trained with UNCERTAINTY: MC_DROPOUT, with its variance head and last-stage dropout, gives uncertainties
+    by default; UNCERTAINTY: NONE turns them off).  Refuses a model whose last training stage had no dropout
+    (nothing to sample); notes when the model has no variance head (then err_pred is 0 and err the
+    uncalibrated dropout spread).
     """
-    if getattr(cfg, "uncertainty", "NONE") != "MC_DROPOUT":
+    if cfg.was_set("UNCERTAINTY"):
+        wanted = cfg.uncertainty == "MC_DROPOUT"
+    else:
+        wanted = model.spec.heteroscedastic and model.mc_dropout_rate > 0
+        if not wanted and getattr(cfg, "max_rel_sigma", None) is not None:
+            raise cfg.error("MAX_REL_SIGMA", f"needs uncertainties, but {model.path} was not trained with "
+                                             "UNCERTAINTY: MC_DROPOUT (there is no sigma to compare)")
+    if not wanted:
         return None
     if model.mc_dropout_rate <= 0:
         raise cfg.error("UNCERTAINTY", f"MC_DROPOUT needs a model trained with dropout in its last stage, but "

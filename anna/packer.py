@@ -18,6 +18,7 @@ import numpy as np
 from anna.atomic import atomic_output
 from anna.errors import AnnaInputError
 from anna.packs import write_pack
+from anna.progress import announce_total, count_done
 from anna.resample import cubic_resample
 from anna.spectra import looks_like_fits, spectrum_stem
 from anna.templates import read_two_columns
@@ -160,7 +161,8 @@ def _survey_onto_grid(path, spectrum, grid, continuum, fill):
 
 
 def build_pack_from_spectra(spectra_paths, labels_csv, grid, out_path, *, id_column="star_id",
-                            label_columns=None, continuum=None, fill="INTERPOLATE", spectrum_name=None):
+                            label_columns=None, continuum=None, fill="INTERPOLATE", spectrum_name=None,
+                            report=None):
     """Build a training pack from spectrum files and a CSV of labels (``anna-pack``); returns ``out_path``.
 
     ``spectra_paths``: files, each holding ONE spectrum: two-column text (wavelength in Angstrom, flux;
@@ -178,6 +180,7 @@ def build_pack_from_spectra(spectra_paths, labels_csv, grid, out_path, *, id_col
     be a FITS table.  Pack ids: the ``id_column`` values when all are numbers that float64 holds
     exactly; otherwise 1..n in the order of ``spectra_paths``, with ``<out_path>.ids.csv`` mapping each
     pack id to its file and CSV id.  Problems raise :class:`AnnaInputError` naming the file, line or column.
+    ``report``: None, or an :class:`anna.progress.FileProgress` that counts the spectra as they are read.
     """
     spectra_paths = [os.fspath(path) for path in spectra_paths]
     if not spectra_paths:
@@ -231,6 +234,7 @@ def build_pack_from_spectra(spectra_paths, labels_csv, grid, out_path, *, id_col
                 raise AnnaInputError("label is infinite", path=labels_csv, line=line, key=name, value=text)
 
     flux = np.empty((len(spectra_paths), grid.size))
+    announce_total(report, len(spectra_paths))
     for star, path in enumerate(spectra_paths):
         if survey[path] is not None:
             flux[star] = _survey_onto_grid(path, survey[path], grid, continuum, fill)
@@ -241,6 +245,7 @@ def build_pack_from_spectra(spectra_paths, labels_csv, grid, out_path, *, id_col
             raise AnnaInputError(f"spectrum covers {wave[0]:.3f}-{wave[-1]:.3f} A but the grid needs "
                                  f"{grid[0]:.3f}-{grid[-1]:.3f} A; spectra are never extrapolated", path=path)
         flux[star] = cubic_resample(wave, values, grid)
+        count_done(report, 1)
 
     id_texts = [row.get(id_column, "") for _, row in matched]
     numeric = [_numeric_id(text) for text in id_texts]

@@ -206,7 +206,9 @@ KEY_TABLE = (
             "NONE (one device), MIRRORED (every local GPU, or the logical CPU devices) or MULTI_WORKER (the "
             "cluster in the TF_CONFIG environment variable); BATCH_SIZEn stays the global batch"),
     KeySpec("MAGIC_NUMBER", Float(), -9999.0, _ALL, "value that marks a missing label or bad pixel"),
-    KeySpec("UNCERTAINTY", Choice(("NONE", "MC_DROPOUT")), "NONE", _ALL, "per-star uncertainty estimate"),
+    KeySpec("UNCERTAINTY", Choice(("NONE", "MC_DROPOUT")), "NONE", _ALL,
+            "per-star uncertainty estimate; anna-test and anna-infer without it: what the frozen model was "
+            "trained with (NONE turns a model's uncertainties off)"),
     KeySpec("MC_SAMPLES", _COUNT, 100, _ALL, "forward passes for MC_DROPOUT", resume_neutral=True),
     # ---- ANNA-TF extensions: testing
     KeySpec("FIT_CORRECTION", Flag(), False, _TE, "fit true = f(inferred) polynomials to test residuals"),
@@ -218,6 +220,8 @@ KEY_TABLE = (
     KeySpec("TEXT_IMAGE", FilesystemPath(), None, _IN, "two-column text spectrum for TEXT mode"),
     KeySpec("INFER_FILES", FilePattern(), None, _IN, "glob, or text file listing one input per line"),
     KeySpec("APPLY_CORRECTION", Flag(), False, _IN, "apply the correction fitted by FIT_CORRECTION"),
+    KeySpec("INFER_PLOTS", Flag(), False, _IN, "also write infer_histograms.png: a histogram per label of every "
+                                               "output of the run, for a survey-level look"),
     KeySpec("INFER_BATCH_SIZE", CountOrAuto(), "AUTO", _IN,
             "spectra per forward pass when inferring; AUTO: the most that fit MAX_MEMORY_GB"),
     KeySpec("MAX_MEMORY_GB", Float(above=0), 2.0, (TEST, INFER),
@@ -774,7 +778,8 @@ def validate_for_stage(cfg, stage, *, check_paths=True):
                                                 "MC_DROPOUT samples that stage's dropout; set it below 1 (e.g. "
                                                 "0.9) or UNCERTAINTY: NONE",
                                       value=cfg.text_of(last_key) or "1 (default)"))
-    if stage == INFER and cfg.max_rel_sigma is not None and cfg.uncertainty != "MC_DROPOUT":
+    if stage == INFER and cfg.max_rel_sigma is not None and cfg.was_set("UNCERTAINTY") \
+            and cfg.uncertainty != "MC_DROPOUT":
         problems.append(cfg.error("MAX_REL_SIGMA", "needs UNCERTAINTY: MC_DROPOUT (there is no sigma to compare "
                                                    "without it)"))
 

@@ -19,6 +19,9 @@ home folder shared by the nodes of a cluster never hands one CPU a program built
 """
 
 import os
+import re
+import sys
+import tempfile
 
 # Environment TensorFlow reads when it starts; set only where the user has not set them.
 TENSORFLOW_ENVIRONMENT = {
@@ -33,14 +36,17 @@ TENSORFLOW_ENVIRONMENT = {
 XLA_CACHE_FLAG = "--tf_xla_persistent_cache_directory"
 
 
-def prepare_tensorflow_environment(environ=None):
+def prepare_tensorflow_environment(environ=None, quiet=True):
     """Put :data:`TENSORFLOW_ENVIRONMENT` into ``environ`` (default ``os.environ``) where not already set, and
-    XLA's persistent cache (:func:`xla_cache_folder`) into ``TF_XLA_FLAGS`` unless the flags already name one.
+    XLA's persistent cache (:func:`xla_cache_folder`) into ``TF_XLA_FLAGS`` unless the flags already name one;
+    ``quiet`` False (``--debug``) leaves TensorFlow's log level alone, so that it shows everything.
 
     Must run before TensorFlow is imported to have any effect; returns the names it set."""
     environ = os.environ if environ is None else environ
     added = []
     for name, value in TENSORFLOW_ENVIRONMENT.items():
+        if not quiet and name == "TF_CPP_MIN_LOG_LEVEL":
+            continue
         if name not in environ:
             environ[name] = value
             added.append(name)
@@ -81,6 +87,109 @@ def xla_cache_folder(environ=None):
         version = "unknown"
     digest = hashlib.sha1(f"{cpu}\n{version}".encode()).hexdigest()[:12]
     return os.path.join(cache_folder(environ), f"xla-{digest}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A quiet start: what TensorFlow's C++ runtime prints while it loads
+#
+# TensorFlow's runtime writes to the process's stderr file descriptor while it is imported and while it looks
+# for GPUs, before its log level applies: absl's "All log messages before absl::InitializeLog()" banner, notices
+# (I...) about oneDNN and CUDA drivers, and on a machine without a GPU driver an error line (E... failed call to
+# cuInit) that reads as a failure though nothing failed.  start_tensorflow catches that descriptor for the
+# import and the GPU search and keeps only what matters.
+
+# absl's banner, printed once before its logging is set up
+_ABSL_BANNER = re.compile(r"^WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR$")
+# one line of the runtime's own log: severity letter, date, time (before absl is set up, seconds since 1970),
+# thread, source file:line]
+_RUNTIME_LOG_LINE = re.compile(r"^(?P<severity>[IWEF])\d{4} [\d:.]+\s+\d+ (?P<source>[^\]]+)\] (?P<message>.*)$")
+# what the runtime says when it looks for CUDA and finds none usable (no driver, no device, no libraries)
+_GPU_SEARCH = re.compile(r"cuInit|cuda|CUDA|GPU|cuDNN|cuFFT|cuBLAS|TensorRT|NUMA", re.IGNORECASE)
+# a GPU the kernel driver knows of, whether or not TensorFlow can use it
+_GPU_DEVICE_FILES = ("/dev/nvidia0", "/dev/dxg", "/dev/kfd")
+
+
+def gpu_device_present():
+    """A device file of an NVIDIA (or AMD, or WSL) GPU: a GPU is in the machine, usable by TensorFlow or not."""
+    return any(os.path.exists(path) for path in _GPU_DEVICE_FILES)
+
+
+def runtime_notices(caught_text, gpus_seen, gpu_present):
+    """What of the runtime's start-up output a user should see: ``(notices, passed_on)``.
+
+    ``notices`` are plain sentences (a GPU is present but TensorFlow cannot use it); ``passed_on`` are lines
+    this function does not know, given back as they were (they may matter).  Dropped: absl's banner, every
+    notice (I), and the GPU search's warnings and errors when there is no GPU to find or one was found.
+    """
+    notices, passed_on, gpu_trouble = [], [], []
+    for line in caught_text.splitlines():
+        if not line.strip() or _ABSL_BANNER.match(line):
+            continue
+        match = _RUNTIME_LOG_LINE.match(line)
+        if match is None:
+            passed_on.append(line)
+        elif match["severity"] == "I":
+            continue
+        elif _GPU_SEARCH.search(match["message"]) or _GPU_SEARCH.search(match["source"]):
+            gpu_trouble.append(match["message"])
+        else:
+            passed_on.append(line)
+    if gpu_present and not gpus_seen:
+        reason = f" ({gpu_trouble[-1]})" if gpu_trouble else ""
+        notices.append(f"a GPU is present but TensorFlow cannot use it{reason}; running on the CPU "
+                       "(--debug shows TensorFlow's own messages)")
+    return notices, passed_on
+
+
+def start_tensorflow(debug=False):
+    """Import TensorFlow and Keras and let the runtime look for GPUs, quietly; returns the notices to show.
+
+    The process's stderr file descriptor is caught for the import and the GPU search (module comment above)
+    and :func:`runtime_notices` decides what of it is shown: notices come back as plain sentences for the
+    command to print as its own lines, unknown lines are written to stderr as they were.  With ``debug``
+    everything is written as it came.  Call :func:`prepare_tensorflow_environment` first.
+    """
+    if "tensorflow" in sys.modules:  # already started (a second command in one process)
+        return []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            import keras  # noqa: F401  (its start-up messages belong to the same window)
+            import tensorflow as tf
+
+            gpus = tf.config.list_physical_devices("GPU")
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+        caught.seek(0)
+        text = caught.read().decode("utf-8", errors="replace")
+    if debug:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+        return []
+    notices, passed_on = runtime_notices(text, bool(gpus), gpu_device_present())
+    for line in passed_on:
+        print(line, file=sys.stderr)
+    return notices
+
+
+def versions_text(prog):
+    """``--version``'s line: the command, ANNA-TF's, TensorFlow's and Python's versions.
+
+    TensorFlow's version is read from its installed metadata, so ``--version`` answers without loading it."""
+    import platform
+    from importlib import metadata
+
+    from anna import __version__
+
+    try:
+        tensorflow = metadata.version("tensorflow")
+    except metadata.PackageNotFoundError:
+        tensorflow = "not installed"
+    return f"{prog} (ANNA-TF) {__version__}, TensorFlow {tensorflow}, Python {platform.python_version()}"
 
 
 def configure_threads():

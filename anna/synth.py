@@ -1413,7 +1413,7 @@ def _positive_int(value, name, minimum=1):
 
 def make_example_data(outdir, *, seed=1, n_train=5000, n_xval=500, n_test=1000, grid=None,
                       resolution=None, star_labels=(5770., 4.44, 0.0, 1.0, 3.0), n_apertures=90,
-                      star_sn=200.0, line_list=None):
+                      star_sn=200.0, line_list=None, progress=None):
     """Write ANNA-TF's example data set into ``outdir`` and return ``{kind: path}``.
 
     ``grid``: None or 'tutorial' (:func:`default_grid`), 'apogee' (:func:`apogee_grid`), 'lamost'
@@ -1438,7 +1438,8 @@ def make_example_data(outdir, *, seed=1, n_train=5000, n_xval=500, n_test=1000, 
     Deterministic: the same arguments give byte-identical files.  Each product draws from its own random
     stream (spawned from ``seed``), so changing ``n_train`` does not change the test set or the star.
     Cost: the tutorial grid makes thousands of spectra a second; the APOGEE and LAMOST grids about 100 a
-    second per core (see :func:`_synthesize_survey`).
+    second per core (see :func:`_synthesize_survey`).  ``progress``: None, or an
+    :class:`anna.progress.FileProgress` (unit "spectrum") that counts the pack spectra as they are made.
     """
     n_train = _positive_int(n_train, "n_train")
     n_xval = _positive_int(n_xval, "n_xval")
@@ -1472,6 +1473,8 @@ def make_example_data(outdir, *, seed=1, n_train=5000, n_xval=500, n_test=1000, 
     outdir.mkdir(parents=True, exist_ok=True)
     streams = [np.random.default_rng(child) for child in np.random.SeedSequence(seed).spawn(4)]
     written = {}
+    if progress is not None:
+        progress.start(n_train + n_xval + n_test)
     for (kind, count, id_offset), rng in zip((("train", n_train, 0), ("xval", n_xval, 1_000_000),
                                               ("test", n_test, 2_000_000)), streams):
         labels = draw_labels(count, rng)
@@ -1481,6 +1484,8 @@ def make_example_data(outdir, *, seed=1, n_train=5000, n_xval=500, n_test=1000, 
             stop = min(start + 2000, count)
             flux[start:stop] = synthesize(grid, labels[start:stop], resolution=resolution,
                                           rv_kms=residual_rv[start:stop], line_list=line_list)
+            if progress is not None:
+                progress.advance(stop - start)
         path = outdir / f"{kind}.pack"
         write_pack(path, grid, id_offset + np.arange(1, count + 1), labels, flux, dummy=residual_rv)
         written[kind] = str(path)

@@ -14,6 +14,7 @@ import numpy as np
 
 from anna.atomic import file_sha256
 from anna.errors import AnnaInputError
+from anna.plots import write_learning_curves
 from anna.runtime import configure_threads
 from anna.train.distribute import Distribution, make_distribution
 from anna.train.describe import (PART_TITLES, compute_parts, load_xval, missing_text, noise_models, parts_of,
@@ -380,6 +381,9 @@ class Trainer:
                         + "; rerun the same command to resume from the checkpoint")
         else:
             self.report(f"frozen model written to {path}" + (f" {lacking}" if lacking else ""))
+        curves = write_learning_curves(self.history, self.cfg.output_names, self.save_loc)
+        if curves:
+            self.report(f"learning curves in {curves}")
         if self.run_dir:
             self.report(f"TensorBoard logs in {self.run_dir}  (watch with: tensorboard --logdir {self.cfg.log_loc})")
         # a signal that cut the parts short after training had finished still ends the command as interrupted

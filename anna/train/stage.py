@@ -9,43 +9,14 @@ history, the global step, the TensorBoard writer, the checkpoint writer) belongs
 :class:`~anna.train.loop.Trainer` that starts the stage.
 """
 
-import sys
 import time
 
 import numpy as np
 
+from anna.progress import StageProgress
 from anna.train.steps import make_train_steps
 from anna.train.summaries import HISTOGRAM_EVERY
 from anna.train.variance import refit_variance_biases
-
-
-class _Progress:
-    """Progress bar with iterations/s and ETA on a terminal; plain lines (one per interval) otherwise."""
-
-    def __init__(self, report, total, stage, stream=None):
-        self.report = report
-        self.total = total
-        self.stage = stage
-        self.stream = stream or sys.stdout
-        self.tty = self.stream.isatty()
-        self.start = time.perf_counter()
-
-    def tick(self, iteration):
-        if not self.tty:
-            return
-        elapsed = time.perf_counter() - self.start
-        rate = iteration / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - iteration) / rate if rate > 0 else 0.0
-        width = 30
-        filled = int(width * iteration / max(self.total, 1))
-        self.stream.write(f"\rstage {self.stage} [{'#' * filled}{'.' * (width - filled)}] "
-                          f"{iteration}/{self.total} {rate:6.1f} it/s ETA {eta:5.0f}s ")
-        self.stream.flush()
-
-    def line(self, text):
-        if self.tty:
-            self.stream.write("\r" + " " * 79 + "\r")
-        self.report(text)
 
 
 def interval_line(record, improved, show_rate):
@@ -91,7 +62,8 @@ class StageRun:
         first_chunk, self.offset = divmod(start_iteration, self.chunk_batches)
         self.chunks = iter(producer.chunk_dataset(first_chunk))
         self.chunk = None
-        self.progress = _Progress(trainer.report, plan.iterations, plan.number)
+        self.progress = StageProgress(trainer.report, plan.number, plan.iterations, plan.max_seconds,
+                                      start_iteration=start_iteration)
         self.iteration = start_iteration
         self.elapsed_before = elapsed_before
         self.start_iteration = start_iteration
@@ -125,6 +97,7 @@ class StageRun:
                     break
         if self.profiling:
             self.trainer.tf.profiler.experimental.stop()
+        self.progress.close()
         return self._summary()
 
     def _announce(self):
@@ -184,7 +157,7 @@ class StageRun:
         self.offset += count
         trainer.global_step += count
         if self.iteration // 10 != ticks_before:
-            self.progress.tick(self.iteration)
+            self.progress.tick(self.iteration, time.perf_counter() - self.stage_clock)
 
     # ----- the end of a sample interval -------------------------------------------------------------------
     def _end_interval(self, out_of_time):
@@ -206,7 +179,8 @@ class StageRun:
         cut = self.schedule.after_interval(improved, self.iteration)
         last = self.iteration >= plan.iterations or self.stopper.should_stop or self.stop.requested or out_of_time
         trainer._log_interval(record, self.network, histograms=last or len(trainer.history) % HISTOGRAM_EVERY == 1)
-        self.progress.line(interval_line(record, improved, show_rate=cfg.lr_schedule != "CONSTANT"))
+        self.progress.line(interval_line(record, improved, show_rate=cfg.lr_schedule != "CONSTANT")
+                           + self.progress.eta_text(self.iteration, time.perf_counter() - self.stage_clock))
         if cut is not None:
             self.progress.line(f"stage {plan.number}: no improvement in {cfg.lr_patience} intervals; learning "
                                f"rate cut to {cut:.3g}")
