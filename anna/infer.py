@@ -512,6 +512,16 @@ class _OutputTable:
         self.with_errors = predictor.with_errors
         self.counts = (0, 0, 0)
 
+    @classmethod
+    def rows_only(cls, predictor, stream):
+        """A table that writes its rows, without the header, to an open text ``stream`` (a part of an output
+        another process assembles: anna.infer_dask); not a context manager."""
+        table = cls(None, predictor)
+        table._handle = stream
+        table._writer = csv.writer(stream, lineterminator="\n")
+        table._header_written = True
+        return table
+
     def __enter__(self):
         self._atomic = atomic_output(self.output, "w", newline="", encoding="utf-8")
         self._handle = self._atomic.__enter__()

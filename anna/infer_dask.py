@@ -134,10 +134,8 @@ def infer_rows_task(path, start, stop):
 
     predictor = _predictor()
     pack = open_pack(path, check_labels=False)
-    table = _OutputTable(os.devnull, predictor)
     text = io.StringIO()
-    table._writer = csv.writer(text, lineterminator="\n")
-    table._header_written = True  # the client writes the header once
+    table = _OutputTable.rows_only(predictor, text)  # the client writes the header once
     for first in range(start, stop, predictor.batch_size):
         last = min(stop, first + predictor.batch_size)
         ids, _, flux = pack.read_rows(first, last, flux_dtype=np.float32)
