@@ -46,6 +46,7 @@ import math
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -58,7 +59,7 @@ from anna.packs import open_pack
 from anna.plots import write_coverage_plot, write_residuals_vs_sn
 from anna.progress import announce_total, count_done
 from anna.resample import check_same_grid
-from anna.tables import format_star_id, value_rows
+from anna.tables import format_star_id, value_texts
 
 STATS_FILE = "test_stats.out"
 SUMMARY_FILE = "test_summary.json"
@@ -417,12 +418,33 @@ def _predict_and_write(cfg, model, pack, rel_sn, stats_path, batch_size, mc_samp
               + [f"d{name}" for name in names]
               + ([f"{name}{suffix}" for suffix, _ in ERROR_COLUMNS for name in names] if sigmas else [])
               + (["sn"] if sn is not None else []))
-    with atomic_output(stats_path, "w", newline="", encoding="utf-8") as handle:
+    # Without noise the network's own precision is read (float32: half the bytes to convert and hold, and the
+    # same values the network would get); noising works in float64.  Block k is predicted in a worker thread
+    # while block k + 1 is read (and noised) and block k - 1's rows are written: TensorFlow and most numpy
+    # calls release the interpreter lock, so both cores stay busy, as in anna-infer (benchmarks/, anna-test row).
+    flux_dtype = np.float64 if sn is not None else np.float32
+
+    def predict(start, stop, ids, flux):
+        return start, stop, ids, model.predict_labels(flux, batch_size, mc_samples)
+
+    def write(start, stop, ids, predicted):
+        inferred[start:stop], chunk = predicted
+        chunk_sigmas = None
+        if chunk is not None:
+            for key in sigmas:
+                sigmas[key][start:stop] = chunk[key]
+            chunk_sigmas = [chunk[key] for _, key in ERROR_COLUMNS]
+        _write_rows(handle, ids, true[start:stop], inferred[start:stop], None if sn is None else sn[start:stop],
+                    chunk_sigmas)
+        count_done(report, stop - start)
+
+    with atomic_output(stats_path, "w", newline="", encoding="utf-8") as handle, ThreadPoolExecutor(1) as worker:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(header)
         announce_total(report, n)  # a progress display (anna.progress) counts the spectra
+        pending = None
         for start, stop in pack.iter_chunks(_chunk_stars(batch_size)):
-            ids, labels, flux = pack.read_rows(start, stop)
+            ids, labels, flux = pack.read_rows(start, stop, flux_dtype=flux_dtype)
             if sn is not None:
                 noised = np.empty_like(flux)
                 for first in range(0, stop - start, TEST_NOISE_BLOCK):
@@ -435,15 +457,12 @@ def _predict_and_write(cfg, model, pack, rel_sn, stats_path, batch_size, mc_samp
             if missing_value is not None:
                 labels[labels == missing_value] = np.nan
             true[start:stop] = labels
-            inferred[start:stop], chunk = model.predict_labels(flux, batch_size, mc_samples)
-            chunk_sigmas = None
-            if chunk is not None:
-                for key in sigmas:
-                    sigmas[key][start:stop] = chunk[key]
-                chunk_sigmas = [chunk[key] for _, key in ERROR_COLUMNS]
-            _write_rows(writer, ids, true[start:stop], inferred[start:stop],
-                        None if sn is None else sn[start:stop], chunk_sigmas)
-            count_done(report, stop - start)
+            current = worker.submit(predict, start, stop, ids, flux)
+            if pending is not None:
+                write(*pending.result())
+            pending = current
+        if pending is not None:
+            write(*pending.result())
         if bad_flux_stars:
             raise AnnaInputError(f"{bad_flux_stars} of {n} stars have NaN or infinite fluxes; anna-test needs "
                                  "clean spectra (anna-infer flags such spectra instead)", path=pack.path,
@@ -451,10 +470,12 @@ def _predict_and_write(cfg, model, pack, rel_sn, stats_path, batch_size, mc_samp
     return true, inferred, sn, sigmas
 
 
-def _write_rows(writer, ids, true, inferred, sn, sigmas=None):
+def _write_rows(handle, ids, true, inferred, sn, sigmas=None):
+    """Rows of test_stats.out as whole lines (ids are numbers, values joined by :func:`value_texts`: nothing to
+    quote)."""
     blocks = [true, inferred, true - inferred, *(sigmas or ()), *(() if sn is None else (sn,))]
-    for star_id, fields in zip(ids, value_rows(*blocks)):
-        writer.writerow([format_star_id(star_id), *fields])
+    handle.write("".join(f"{format_star_id(star_id)},{values}\n"
+                         for star_id, values in zip(ids, value_texts(*blocks))))
 
 
 def _fit_and_save_correction(cfg, true, inferred, names, pack, report):
