@@ -187,7 +187,8 @@ def test_multi_worker_killed_worker_then_restart_resumes_and_writes_one_frozen_m
     assert 0 < resumed_at < 100
     assert "frozen model written to" in outputs[0][0] and "frozen model written" not in outputs[1][0]
     assert "the chief writes the frozen model" in outputs[1][0]
-    assert sorted(os.listdir(tmp_path / "model")) == ["frozen.model"]  # one model, no checkpoint left
+    # one model and its learning curves, no checkpoint left
+    assert sorted(os.listdir(tmp_path / "model")) == ["frozen.model", "learning_curves.png"]
     assert len(os.listdir(tmp_path / "logs")) == 1  # TensorBoard: the chief's run only
     model = load_frozen(str(tmp_path / "model"))
     assert model.metadata["complete"] is True and model.metadata["stages"][0]["iterations"] == 100
