@@ -78,7 +78,7 @@ def _remove_orphans(folder, prefix):
         if not (name.startswith(prefix) and name.endswith(".tmp")):
             continue
         pid_text = name[len(prefix):].split(".", 1)[0]
-        if not pid_text.isdigit() or _process_alive(int(pid_text)):
+        if not pid_text.isdigit() or process_alive(int(pid_text)):
             continue
         try:
             os.remove(os.path.join(folder, name))
@@ -86,7 +86,8 @@ def _remove_orphans(folder, prefix):
             pass
 
 
-def _process_alive(pid):
+def process_alive(pid):
+    """Whether process ``pid`` of this machine still runs (one we may not signal counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -52,17 +52,22 @@ def identify_lrs_image(hdus):
     return _is_lamost(hdus) and data is not None and data.ndim == 2 and data.shape[0] >= 3
 
 
+def _lrs_spectrum(header, wavelength, flux, ivar, andmask):
+    """The one spectrum of a LAMOST LRS file (image or table form), named by its OBSID."""
+    velocity, key = _velocity(header)
+    name = str(header.get("OBSID", "")).strip() or "1"
+    columns = ("ivar", "andmask") if andmask is not None else ("ivar",)
+    return SurveySpectrum(name=name, wavelength=wavelength, flux=flux, error=sigma_from_ivar(ivar),
+                          bad=_bad(ivar, andmask), columns=columns, velocity=velocity, velocity_key=key,
+                          object_id=name)
+
+
 def read_lrs_image(hdus, path):
     header = hdus[0].header
     data = np.asarray(hdus[0].data, dtype=np.float64)
     flux, ivar, wavelength = data[0], data[1], data[2]
     andmask = data[3] if data.shape[0] > 3 else None
-    velocity, key = _velocity(header)
-    name = str(header.get("OBSID", "")).strip() or "1"
-    columns = ("ivar", "andmask") if andmask is not None else ("ivar",)
-    return [SurveySpectrum(name=name, wavelength=wavelength, flux=flux, error=sigma_from_ivar(ivar),
-                           bad=_bad(ivar, andmask), columns=columns, velocity=velocity, velocity_key=key,
-                           object_id=name)]
+    return [_lrs_spectrum(header, wavelength, flux, ivar, andmask)]
 
 
 def identify_lrs_table(hdus):
@@ -87,12 +92,7 @@ def read_lrs_table(hdus, path):
     andmask = np.asarray(row[present["ANDMASK"]]).reshape(-1) if "ANDMASK" in present else None
     check_same_length(path, "LAMOST LRS table", flux, IVAR=ivar, WAVELENGTH=wavelength, ANDMASK=andmask)
     header = hdus[0].header
-    velocity, key = _velocity(header)
-    name = str(header.get("OBSID", "")).strip() or "1"
-    columns = ("ivar", "andmask") if andmask is not None else ("ivar",)
-    return [SurveySpectrum(name=name, wavelength=wavelength, flux=flux, error=sigma_from_ivar(ivar),
-                           bad=_bad(ivar, andmask), columns=columns, velocity=velocity, velocity_key=key,
-                           object_id=name)]
+    return [_lrs_spectrum(header, wavelength, flux, ivar, andmask)]
 
 
 def identify_mrs(hdus):

@@ -25,6 +25,7 @@ import threading
 import time
 import warnings
 
+from anna.atomic import process_alive
 from anna.errors import AnnaInputError
 
 HEARTBEAT_SECONDS = 60
@@ -161,23 +162,13 @@ def counted(trial):
     return state in ("COMPLETE", "PRUNED") or (state == "FAIL" and FAILED in trial.user_attrs)
 
 
-def _process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def fail_lost_trials(study, optuna):
     """Trials left running by processes that are gone: on this machine by their process id, elsewhere by
     Optuna's heartbeat.  They are failed (not counted), so the search runs others in their place."""
     host = socket.gethostname()
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         attrs = trial.user_attrs
-        if attrs.get("host") == host and "pid" in attrs and not _process_alive(int(attrs["pid"])):
+        if attrs.get("host") == host and "pid" in attrs and not process_alive(int(attrs["pid"])):
             try:
                 study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
             except (ValueError, RuntimeError):
