@@ -783,8 +783,7 @@ def _trial_name(form, rows):
 def _rates_text(rates, shown=3):
     """The ``shown`` fastest of AUTO's trials ("form@rows" -> spectra/s), fastest first."""
     ranked = sorted(rates.items(), key=lambda item: -item[1])
-    text = "; ".join(f"{_trial_name(*trial.split('@'))} {rate:,.0f}/s" if "@" in trial
-                     else f"{FORWARD_FORM_NAMES[trial]} {rate:,.0f}/s" for trial, rate in ranked[:shown])
+    text = "; ".join(f"{_trial_name(*trial.split('@'))} {rate:,.0f}/s" for trial, rate in ranked[:shown])
     return text + (f"; {len(ranked) - shown} more tried" if len(ranked) > shown else "")
 
 
