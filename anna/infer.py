@@ -90,7 +90,7 @@ from anna.model import ERROR_COLUMNS, load_frozen, mc_samples_for, resolve_model
 from anna.progress import announce_total, count_done
 from anna.resample import GRID_RELATIVE_TOLERANCE, check_same_grid, cubic_resample_rows
 from anna.spectra import looks_like_fits, spectrum_stem
-from anna.tables import csv_field, format_star_id, value_texts
+from anna.tables import csv_rows, format_star_id, value_texts
 
 OUTPUT_SUFFIX = "_infer.out"
 FLAG_ORDER = ("no_coverage", "bad_wavelength", "nonfinite", "all_zero", "zero_pixels", "out_of_range",
@@ -535,12 +535,18 @@ class _OutputTable:
             self._header_written = True
         spectra, fatal, flagged = self.counts
         values = value_texts(labels, *([sigmas[key] for _, key in ERROR_COLUMNS] if sigmas is not None else []))
+        leading = csv_rows([(str(star_id), *map(str, meta)) for star_id, meta in zip(block.star_ids, block.meta)])
+        flag_texts = {}  # a block's rows share few flag sets: each set's text is made once
         lines = []
-        for star_id, meta, row_values, words in zip(block.star_ids, block.meta, values, block.flags):
-            leading = ",".join(csv_field(str(field)) for field in (star_id, *meta))
-            lines.append(f"{leading},{row_values},{format_flags(words) if words else ''}\n")
+        for first, row_values, words in zip(leading, values, block.flags):
             if words:
+                key = frozenset(words)
+                if key not in flag_texts:
+                    flag_texts[key] = format_flags(words)
+                lines.append(f"{first},{row_values},{flag_texts[key]}\n")
                 fatal, flagged = fatal + bool(words & FATAL_FLAGS), flagged + 1
+            else:
+                lines.append(f"{first},{row_values},\n")
         self._handle.write("".join(lines))
         self.counts = (spectra + len(block.star_ids), fatal, flagged)
 

@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from anna.tables import csv_field, value_rows, value_texts
+from anna.tables import csv_field, csv_rows, value_rows, value_texts
 
 
 @given(st.text(max_size=12))
@@ -19,6 +19,12 @@ def test_csv_field_quotes_as_the_csv_module_does(text):
     if "\r" not in text:  # a lone carriage return the module leaves bare (lineterminator "\n"); it is quoted here
         assert line == written.getvalue()
     assert next(csv.reader(io.StringIO(line, newline=""))) == [text, "x"]
+
+
+@given(st.lists(st.tuples(st.text(max_size=6), st.text(alphabet="ab1,", max_size=4)), max_size=5))
+def test_csv_rows_are_csv_fields_joined(rows):
+    # the one search over a whole block must quote exactly what a search per field quotes
+    assert csv_rows(rows) == [",".join(csv_field(text) for text in row) for row in rows]
 
 
 def test_value_texts_are_value_rows_joined_and_read_back_exactly():
