@@ -57,8 +57,8 @@ def test_masked_pixels_never_reach_the_network_real_lamost_file():
     from anna.infer import spectra_onto_grid
 
     settings = continuum_settings("SPLINE")
-    flux, flags, fraction, _ = survey_onto_grid([spectrum], grid, spectra_onto_grid, continuum=settings,
-                                                fill="CONTINUUM")
+    flux, flags, fraction, _, _ = survey_onto_grid([spectrum], grid, spectra_onto_grid, continuum=settings,
+                                                   fill="CONTINUUM")
     # independent: grid points whose bracketing samples include a bad one
     right = np.searchsorted(spectrum.wavelength, grid, side="right")
     expected = spectrum.bad[right - 1] | spectrum.bad[right]
@@ -101,8 +101,8 @@ def test_rv_correct_moves_a_shifted_spectrum_to_the_rest_frame():
                               velocity=velocity, velocity_key="Z")
     grid = np.linspace(5005.0, 5095.0, 900)
     truth = line_spectrum(grid, centres, depths)
-    shifted, _, _, used = survey_onto_grid([spectrum], grid, spectra_onto_grid, rv_correct=True)
-    unshifted, _, _, none = survey_onto_grid([spectrum], grid, spectra_onto_grid, rv_correct=False)
+    shifted, _, _, used, _ = survey_onto_grid([spectrum], grid, spectra_onto_grid, rv_correct=True)
+    unshifted, _, _, none, _ = survey_onto_grid([spectrum], grid, spectra_onto_grid, rv_correct=False)
     assert used[0] == velocity and np.isnan(none[0])
     assert np.max(np.abs(shifted[0] - truth)) < 2e-3
     assert np.max(np.abs(unshifted[0] - truth)) > 0.2
@@ -167,7 +167,7 @@ def test_anna_pack_from_a_survey_file_prepares_it_as_anna_infer_does(tmp_path):
                                   id_column="APOGEE_ID", label_columns=["TEFF", "LOGG"], continuum=settings)
     pack = open_pack(out)
     _, rows = read_survey_file(apstar)
-    expected, _, fraction, _ = survey_onto_grid(rows[:1], grid, spectra_onto_grid, continuum=settings)
+    expected, _, fraction, _, _ = survey_onto_grid(rows[:1], grid, spectra_onto_grid, continuum=settings)
     ids, labels, flux = pack.read_rows(0, 1)
     np.testing.assert_allclose(labels, [[4321.5, 2.25]])
     np.testing.assert_allclose(flux[0], expected[0], rtol=1e-12, atol=1e-12)
