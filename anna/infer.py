@@ -596,8 +596,9 @@ class _OutputTable:
                 "errors" if from_file else "DER_SNR" for from_file in np.isfinite(block.noise).tolist()]
             values = [f"{row},{noise!r},{source}" for row, noise, source in
                       zip(values, np.asarray(sigmas["noise"], dtype=np.float64).tolist(), sources)]
-        fractions = ([""] * len(values) if block.bad_fraction is None
-                     else ["" if np.isnan(value) else f"{value:.4f}" for value in np.asarray(block.bad_fraction).tolist()])
+        fractions = ([""] * len(values) if block.bad_fraction is None else  # NaN (value != value): not known
+                     ["" if value != value else f"{value:.4f}"
+                      for value in np.asarray(block.bad_fraction, dtype=np.float64).tolist()])
         lines = []
         for star_id, meta, row_values, fraction, words in zip(block.star_ids, block.meta, values, fractions,
                                                               block.flags):
