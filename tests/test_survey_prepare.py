@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from anna.badpixels import bad_on_grid, fill_bad, random_bad_mask
+from anna.badpixels import bad_on_grid, bad_runs, fill_bad, random_bad_mask
 from anna.continuum import continuum_settings, normalise
 from anna.survey import SurveySpectrum, read_survey_file
 from anna.survey.prepare import survey_onto_grid
@@ -30,6 +30,33 @@ def test_fill_bad_interpolates_short_runs_and_sets_long_runs_and_ends_to_continu
     assert (filled[[0, 9, 10, 11, 12, 13, 14, 19]] == 1.0).all()  # ends and a run of 6
     assert (fill_bad(flux, bad, "CONTINUUM")[bad] == 1.0).all()
     np.testing.assert_array_equal(filled[~bad], flux[~bad])
+
+
+def loop_fill(flux, bad, max_gap=5):
+    """INTERPOLATE run by run, as a plain loop: the reference the array form of fill_bad must equal exactly."""
+    out = np.array(flux, copy=True)
+    for row in range(out.shape[0]):
+        starts, stops = bad_runs(bad[row])
+        for start, stop in zip(starts, stops):
+            if start == 0 or stop == out.shape[1] or stop - start > max_gap:
+                out[row, start:stop] = 1.0
+            else:
+                left, right = float(out[row, start - 1]), float(out[row, stop])
+                out[row, start:stop] = left + (right - left) * (np.arange(1, stop - start + 1) / (stop - start + 1))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fill_bad_equals_the_run_by_run_loop(dtype):
+    rng = np.random.default_rng(8)
+    flux = (1.0 + rng.normal(0.0, 0.05, (200, 301))).astype(dtype)
+    bad = random_bad_mask(rng, flux.shape, 0.1)
+    bad[0, :] = True  # a row with no good pixel
+    bad[1, :] = False
+    flux[bad] = np.nan  # never read
+    filled = fill_bad(flux, bad, "INTERPOLATE")
+    assert filled.dtype == dtype
+    np.testing.assert_array_equal(filled, loop_fill(flux, bad))
 
 
 def test_bad_on_grid_marks_neighbours_of_bad_samples_and_gaps():
