@@ -48,16 +48,21 @@ def fill_bad(flux, bad, method=DEFAULT_FILL, max_gap=DEFAULT_MAX_GAP):
     rows_out = out.reshape(-1, out.shape[-1])
     rows_bad = bad.reshape(-1, bad.shape[-1])
     last = rows_out.shape[1]
-    for row in np.flatnonzero(rows_bad.any(axis=1)):
-        values = rows_out[row]
-        starts, stops = bad_runs(rows_bad[row])
-        for start, stop in zip(starts, stops):
-            if start == 0 or stop == last or stop - start > max_gap:
-                values[start:stop] = NEUTRAL
-            else:
-                left, right = float(values[start - 1]), float(values[stop])
-                weight = np.arange(1, stop - start + 1) / (stop - start + 1)
-                values[start:stop] = left + (right - left) * weight
+    # For every pixel, the nearest good pixel at or before it and at or after it (-1 / last when none): a bad
+    # pixel's run is bridged when both exist and lie at most max_gap + 1 apart.  Whole arrays at once: the loop
+    # over runs this replaces took 0.4-0.8 s per 1000 spectra of 1001 pixels at BAD_PIXEL_FRACTION 0.05, more
+    # than the training steps those spectra feed (benchmarks/, group bad_pixels).
+    columns = np.arange(last, dtype=np.int32)
+    left = np.maximum.accumulate(np.where(rows_bad, -1, columns), axis=1)
+    right = np.minimum.accumulate(np.where(rows_bad, last, columns)[:, ::-1], axis=1)[:, ::-1]
+    row, column = np.nonzero(rows_bad)
+    start, stop = left[row, column], right[row, column]
+    bridged = (start >= 0) & (stop < last) & (stop - start - 1 <= max_gap)
+    values = np.full(row.size, NEUTRAL)
+    low = rows_out[row[bridged], start[bridged]].astype(np.float64)
+    high = rows_out[row[bridged], stop[bridged]].astype(np.float64)
+    values[bridged] = low + (high - low) * ((column[bridged] - start[bridged]) / (stop[bridged] - start[bridged]))
+    rows_out[row, column] = values
     return out
 
 

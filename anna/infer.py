@@ -16,8 +16,11 @@ Every spectrum is resampled onto the frozen model's own wavelength grid by local
 interpolation (:mod:`anna.resample`); WAVE_TEMPLATE, when given, is only checked against that grid.  Nothing
 is extrapolated.  One output per input file,
 ``INFER_SAVE_LOC/<input stem>_infer.out``, written atomically, comma-separated, header
-``star_id,<name>...,flags`` (multispec outputs add ``file,aperture,beam`` before the names).  ``star_id`` is
-the pack id (DEBUG), the aperture number where the file gives one, or else the 1-based row number.
+``star_id,<name>...,bad_pixel_fraction,flags`` (multispec outputs add ``file,aperture,beam`` before the names).
+``star_id`` is the pack id (DEBUG), the aperture number where the file gives one, or else the 1-based row
+number.  ``bad_pixel_fraction`` (every row): the fraction of the model grid's pixels that were bad: for survey
+files masked, zero inverse variance or non-finite flux (:mod:`anna.survey.prepare`), for packs, text and
+multispec FITS non-finite flux (a grid point beside such a sample); such a row is also flagged ``nonfinite``.
 
 Flags (``|``-joined in this order, empty when the spectrum is fine).  Those marked *fatal* leave the
 outputs NaN; the others are warnings next to a real prediction:
@@ -44,7 +47,11 @@ Uncertainties (UNCERTAINTY: MC_DROPOUT, for a model whose last training stage us
 value is the mean of MC_SAMPLES dropout passes and three columns per label follow the values, in the labels'
 physical units: ``<name>_err`` (σ_total = sqrt(err_model² + err_pred²)), ``<name>_err_model`` (calibrated spread
 of the dropout passes: the network's own uncertainty, largest for spectra unlike the training set) and
-``<name>_err_pred`` (the variance head: label misfit plus propagated flux noise).  With APPLY_CORRECTION the
+``<name>_err_pred`` (the variance head: label misfit plus propagated flux noise).  With a variance head two
+columns follow the errors: ``noise``, the spectrum's noise σ (continuum-normalised flux, about 1/(S/N)) that
+the variance head read, and ``noise_source``: ``errors`` when it comes from the file's own per-pixel errors
+(survey files: the median σ over the good pixels in the grid's range, :func:`anna.survey.prepare.file_noise`),
+``DER_SNR`` when it was estimated from the flux (every other input).  With APPLY_CORRECTION the
 errors are multiplied by the slope |p'(x)| of the correction polynomial.  The dropout masks are seeded with
 SEED (0 when empty), so a rerun gives the same numbers.
 
@@ -98,9 +105,12 @@ FLAG_ORDER = ("no_coverage", "bad_wavelength", "nonfinite", "all_zero", "zero_pi
               "sigma_uncalibrated", "many_bad_pixels")
 FATAL_FLAGS = frozenset({"no_coverage", "bad_wavelength", "nonfinite", "all_zero"})
 MULTISPEC_COLUMNS = ("file", "aperture", "beam")
-# survey files (anna.survey): which spectrum of the file, the fraction of its grid pixels that were bad, and the
-# velocity its wavelengths were shifted by (RV_CORRECT; empty when none)
-SURVEY_COLUMNS = ("file", "spectrum", "bad_pixel_fraction", "rv_used")
+# survey files (anna.survey): which spectrum of the file and the velocity its wavelengths were shifted by
+# (RV_CORRECT; empty when none); the fraction of bad grid pixels is a column of every output (BAD_FRACTION_COLUMN)
+SURVEY_COLUMNS = ("file", "spectrum", "rv_used")
+BAD_FRACTION_COLUMN = "bad_pixel_fraction"
+# with a variance head: the noise σ it read and where that came from (a file's errors or DER_SNR)
+NOISE_COLUMNS = ("noise", "noise_source")
 # The flag word each missing part of a frozen model (FrozenModel.missing_parts) puts on every star.
 MISSING_PART_FLAGS = {"training_domain": "domain_unchecked", "variance_calibration": "sigma_uncalibrated"}
 # spectra_onto_grid works on this many (spectrum x pixel) values at a time, so that its temporary arrays stay
@@ -126,7 +136,8 @@ class GridBlock:
     flux: np.ndarray
     flags: list
     meta_columns: tuple = ()
-    bad_fraction: np.ndarray = None  # (n,) fraction of grid pixels that were bad (survey files), else None
+    bad_fraction: np.ndarray = None  # (n,) fraction of grid pixels that were bad (None: not known, empty column)
+    noise: np.ndarray = None  # (n,) noise σ from the file's own errors, NaN where none (None: no errors at all)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -152,6 +163,36 @@ def grid_flux_flags(flux):
         else:
             flags[row].add("zero_pixels")
     return flags
+
+
+def nonfinite_fraction(flux):
+    """(n,) fraction of each (n, npix) spectrum's pixels that are not finite: the bad pixels of a spectrum
+    already on the grid (a pack), FLAG_ROWS spectra at a time."""
+    flux = np.asarray(flux)
+    counts = np.empty(flux.shape[0], dtype=np.int64)
+    for start in range(0, flux.shape[0], FLAG_ROWS):
+        counts[start:start + FLAG_ROWS] = np.count_nonzero(~np.isfinite(flux[start:start + FLAG_ROWS]), axis=1)
+    return counts / max(flux.shape[1], 1)
+
+
+def nonfinite_fractions(spectra, flags, grid):
+    """(n,) bad-pixel fraction on ``grid`` of (wavelength, flux) pairs that :func:`spectra_onto_grid` resampled
+    into ``flags``: the grid points beside a non-finite flux sample (the rule of
+    :func:`anna.badpixels.bad_on_grid`, on the samples left once zero padding is dropped).  Only spectra
+    flagged ``nonfinite`` have any (a non-finite sample the grid reads is fatal); 0 for the others."""
+    grid = np.asarray(grid, dtype=np.float64)
+    fractions = np.zeros(len(spectra))
+    for row, words in enumerate(flags):
+        if "nonfinite" not in words:
+            continue
+        wavelength = np.asarray(spectra[row][0], dtype=np.float64).reshape(-1)
+        flux = np.asarray(spectra[row][1], dtype=np.float64).reshape(-1)
+        data = np.flatnonzero(flux != 0)
+        wavelength, flux = wavelength[data[0]:data[-1] + 1], flux[data[0]:data[-1] + 1]
+        order = np.argsort(wavelength, kind="stable")
+        marks = np.interp(grid, wavelength[order], (~np.isfinite(flux[order])).astype(np.float64)) > 0
+        fractions[row] = marks.mean()
+    return fractions
 
 
 def spectrum_onto_grid(wavelength, flux, grid):
@@ -272,7 +313,7 @@ def read_debug_pack(path, model, batch_size):
     for start, stop in pack.iter_chunks(int(batch_size)):
         ids, _, flux = pack.read_rows(start, stop, flux_dtype=np.float32)
         yield GridBlock(star_ids=[format_star_id(value) for value in ids], meta=[()] * (stop - start), flux=flux,
-                        flags=grid_flux_flags(flux))
+                        flags=grid_flux_flags(flux), bad_fraction=nonfinite_fraction(flux))
 
 
 def read_multispec(path, model, options=None):
@@ -287,21 +328,23 @@ def _survey_block(path, model, options):
     from anna.survey.prepare import survey_onto_grid
 
     _, spectra = read_survey_file(path)
-    flux, flags, bad_fraction, velocities = survey_onto_grid(
+    prepared = survey_onto_grid(
         spectra, model.wavelengths, spectra_onto_grid, continuum=model.metadata.get("continuum"),
         fill=model.metadata.get("bad_pixel_fill", "INTERPOLATE"), rv_correct=bool(options.get("rv_correct")))
     name = os.path.basename(path)
-    meta = [(name, spectrum.name, f"{fraction:.4f}", "" if np.isnan(velocity) else f"{velocity:.3f}")
-            for spectrum, fraction, velocity in zip(spectra, bad_fraction, velocities)]
-    return GridBlock(star_ids=[str(number) for number in range(1, len(spectra) + 1)], meta=meta, flux=flux,
-                     flags=flags, meta_columns=SURVEY_COLUMNS, bad_fraction=bad_fraction)
+    meta = [(name, spectrum.name, "" if np.isnan(velocity) else f"{velocity:.3f}")
+            for spectrum, velocity in zip(spectra, prepared.velocities)]
+    return GridBlock(star_ids=[str(number) for number in range(1, len(spectra) + 1)], meta=meta,
+                     flux=prepared.flux, flags=prepared.flags, meta_columns=SURVEY_COLUMNS,
+                     bad_fraction=prepared.bad_fraction, noise=prepared.noise)
 
 
 def read_text(path, model):
     """TEXT mode: one two-column text spectrum, star_id 1."""
     wavelength, flux = read_text_spectrum(path)
     on_grid, flags = spectrum_onto_grid(wavelength, flux, model.wavelengths)
-    yield GridBlock(star_ids=["1"], meta=[()], flux=on_grid[None, :], flags=[flags])
+    yield GridBlock(star_ids=["1"], meta=[()], flux=on_grid[None, :], flags=[flags],
+                    bad_fraction=nonfinite_fractions([(wavelength, flux)], [flags], model.wavelengths))
 
 
 def read_any_file(path, model, options=None):
@@ -323,8 +366,8 @@ def _fits_block(path, model, multispec, options=None):
     spectra = read_spectra(path)
     if multispec is None:
         multispec = len(spectra) > 1 or any(spectrum.aperture is not None for spectrum in spectra)
-    flux, flags = spectra_onto_grid([(spectrum.wavelength, spectrum.flux) for spectrum in spectra],
-                                    model.wavelengths)
+    pairs = [(spectrum.wavelength, spectrum.flux) for spectrum in spectra]
+    flux, flags = spectra_onto_grid(pairs, model.wavelengths)
     star_ids, meta = [], []
     for spectrum in spectra:
         star_ids.append(str(spectrum.aperture) if spectrum.aperture is not None else str(spectrum.index + 1))
@@ -334,7 +377,8 @@ def _fits_block(path, model, multispec, options=None):
         else:
             meta.append(())
     yield GridBlock(star_ids=star_ids, meta=meta, flux=flux, flags=flags,
-                    meta_columns=MULTISPEC_COLUMNS if multispec else ())
+                    meta_columns=MULTISPEC_COLUMNS if multispec else (),
+                    bad_fraction=nonfinite_fractions(pairs, flags, model.wavelengths))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -426,6 +470,11 @@ class Predictor:
     def with_errors(self):
         return self.mc_samples is not None
 
+    @property
+    def with_noise(self):
+        """Whether the outputs report the noise the variance head read (MC dropout, a model with the head)."""
+        return self.with_errors and self.model.spec.heteroscedastic
+
     def predict(self, block):
         """Reported labels (n, nout) for a GridBlock and, with MC dropout, a dict of (n, nout) sigmas
         (``sigma_total``, ``sigma_model``, ``sigma_pred``; else None).  Adds warning flags to ``block.flags``."""
@@ -440,14 +489,18 @@ class Predictor:
         scored = flux if usable.all() else flux[usable]  # no copy of a block without fatal rows
         scoring = (self.domain_pool.submit(scorer.outside, scored)
                    if scorer is not None and self.domain_pool is not None else None)
-        labels, sigmas = self.model.predict_labels(flux, self.batch_size, self.mc_samples)
+        # the variance head reads a file's own noise where it has one (survey files with errors), else DER_SNR
+        noise = None
+        if self.with_noise:
+            noise = np.full(len(flux), np.nan) if block.noise is None else np.asarray(block.noise, dtype=np.float64)
+        labels, sigmas = self.model.predict_labels(flux, self.batch_size, self.mc_samples, noise=noise)
         for values in [labels, *(sigmas or {}).values()]:
             values[~usable] = np.nan
         names = self.model.output_names
         if self.correction is not None:
             if sigmas is not None:
                 slopes = correction_slopes(self.correction, labels, names)
-                sigmas = {key: values * slopes for key, values in sigmas.items()}
+                sigmas = {key: values * slopes if key != "noise" else values for key, values in sigmas.items()}
             labels, outside = apply_correction(self.correction, labels, names)
             for row in np.flatnonzero(outside & usable):
                 block.flags[row].add("correction_extrapolated")
@@ -474,10 +527,12 @@ class Predictor:
         return labels, sigmas
 
 
-def output_header(names, meta_columns, with_errors):
-    """Header of an ``_infer.out``: star_id, meta columns, values, [error columns,] flags."""
+def output_header(names, meta_columns, with_errors, with_noise=False):
+    """Header of an ``_infer.out``: star_id, meta columns, values, [error columns, [noise columns,]]
+    bad_pixel_fraction, flags."""
     errors = [f"{name}{suffix}" for suffix, _ in ERROR_COLUMNS for name in names] if with_errors else []
-    return ["star_id", *meta_columns, *names, *errors, "flags"]
+    return ["star_id", *meta_columns, *names, *errors, *(NOISE_COLUMNS if with_noise else ()), BAD_FRACTION_COLUMN,
+            "flags"]
 
 
 def format_flags(words):
@@ -510,6 +565,7 @@ class _OutputTable:
         self.output = output
         self.names = predictor.model.output_names
         self.with_errors = predictor.with_errors
+        self.with_noise = predictor.with_noise
         self.counts = (0, 0, 0)
 
     @classmethod
@@ -531,28 +587,36 @@ class _OutputTable:
 
     def write_block(self, block, labels, sigmas):
         if not self._header_written:
-            self._writer.writerow(output_header(self.names, block.meta_columns, self.with_errors))
+            self._writer.writerow(output_header(self.names, block.meta_columns, self.with_errors, self.with_noise))
             self._header_written = True
         spectra, fatal, flagged = self.counts
         values = value_texts(labels, *([sigmas[key] for _, key in ERROR_COLUMNS] if sigmas is not None else []))
+        if self.with_noise:
+            sources = ["DER_SNR"] * len(values) if block.noise is None else [
+                "errors" if from_file else "DER_SNR" for from_file in np.isfinite(block.noise).tolist()]
+            values = [f"{row},{noise!r},{source}" for row, noise, source in
+                      zip(values, np.asarray(sigmas["noise"], dtype=np.float64).tolist(), sources)]
+        fractions = ([""] * len(values) if block.bad_fraction is None else  # NaN (value != value): not known
+                     ["" if value != value else f"{value:.4f}"
+                      for value in np.asarray(block.bad_fraction, dtype=np.float64).tolist()])
         leading = csv_rows([(str(star_id), *map(str, meta)) for star_id, meta in zip(block.star_ids, block.meta)])
         flag_texts = {}  # a block's rows share few flag sets: each set's text is made once
         lines = []
-        for first, row_values, words in zip(leading, values, block.flags):
+        for first, row_values, fraction, words in zip(leading, values, fractions, block.flags):
             if words:
                 key = frozenset(words)
                 if key not in flag_texts:
                     flag_texts[key] = format_flags(words)
-                lines.append(f"{first},{row_values},{flag_texts[key]}\n")
+                lines.append(f"{first},{row_values},{fraction},{flag_texts[key]}\n")
                 fatal, flagged = fatal + bool(words & FATAL_FLAGS), flagged + 1
             else:
-                lines.append(f"{first},{row_values},\n")
+                lines.append(f"{first},{row_values},{fraction},\n")
         self._handle.write("".join(lines))
         self.counts = (spectra + len(block.star_ids), fatal, flagged)
 
     def __exit__(self, *exc):
         if exc[0] is None and not self._header_written:
-            self._writer.writerow(output_header(self.names, (), self.with_errors))
+            self._writer.writerow(output_header(self.names, (), self.with_errors, self.with_noise))
         return self._atomic.__exit__(*exc)
 
 
@@ -564,7 +628,10 @@ def merge_blocks(blocks):
                      flux=np.concatenate([block.flux for block in blocks]),
                      flags=[words for block in blocks for words in block.flags],
                      bad_fraction=np.concatenate([np.full(len(block.star_ids), np.nan) if block.bad_fraction is None
-                                                  else block.bad_fraction for block in blocks]))
+                                                  else block.bad_fraction for block in blocks]),
+                     noise=(None if all(block.noise is None for block in blocks) else np.concatenate(
+                         [np.full(len(block.star_ids), np.nan) if block.noise is None else block.noise
+                          for block in blocks])))
 
 
 class _FileBatcher:

@@ -32,7 +32,7 @@ from anna.errors import AnnaInputError
 import numpy as np
 
 from anna.infer import (GridBlock, Predictor, _FileBatcher, _has_error_columns, _is_done, _OutputTable,
-                        _report_written, grid_flux_flags, output_header)
+                        _report_written, grid_flux_flags, nonfinite_fraction, output_header)
 from anna.tables import format_star_id
 
 try:  # the dask extra; without it INFER_SCHEDULER says what to install (_distributed)
@@ -140,7 +140,7 @@ def infer_rows_task(path, start, stop):
         last = min(stop, first + predictor.batch_size)
         ids, _, flux = pack.read_rows(first, last, flux_dtype=np.float32)
         block = GridBlock(star_ids=[format_star_id(value) for value in ids], meta=[()] * (last - first), flux=flux,
-                          flags=grid_flux_flags(flux))
+                          flags=grid_flux_flags(flux), bad_fraction=nonfinite_fraction(flux))
         table.write_block(block, *predictor.predict(block))
     return {"start": start, "text": text.getvalue(), "counts": table.counts}
 
@@ -251,10 +251,11 @@ def _debug_pack_on_cluster(client, distributed, path, output, batch, report, num
 
 
 def _names_and_errors(client):
-    """(output names, meta columns, with error columns) of the workers' predictor, for the DEBUG header."""
+    """(output names, meta columns, with error columns, with noise columns) of the workers' predictor, for the
+    DEBUG header."""
     def describe():
         predictor = _predictor()
-        return list(predictor.model.output_names), (), predictor.with_errors
+        return list(predictor.model.output_names), (), predictor.with_errors, predictor.with_noise
 
     return client.submit(describe, pure=False).result()
 

@@ -13,7 +13,9 @@ stack was observed not to learn; centring makes absorption features the signal. 
 With UNCERTAINTY: MC_DROPOUT (``NetworkSpec.heteroscedastic``) a variance head sits beside the label layer:
 ln σ²_pred = ln(e^fit + e^gain · noise²), fit and gain dense layers on the last hidden layer and noise the
 spectrum's DER_SNR noise estimate, so the predicted error can grow with the noise of each spectrum.  The
-output is then (batch, 2·NUM_OUTS): labels, then ln σ²_pred.
+output is then (batch, 2·NUM_OUTS): labels, then ln σ²_pred.  At MC-dropout prediction a spectrum whose file
+gives per-pixel errors (survey files) has its noise taken from those errors instead (``noise`` of
+:meth:`FrozenModel.predict_with_uncertainty`); training, whose noise is the noise model's, always uses DER_SNR.
 
 Frozen model: ``SAVE_LOC/frozen.model`` is ONE file, a zip archive holding ``metadata.json`` (network spec,
 output names, label ranges, training wavelength grid, resolved parameters, versions, pack hash) and
@@ -371,9 +373,31 @@ def log_noise_variance(flux):
 
     if flux.shape[-1] is not None and flux.shape[-1] < 5:
         return tf.fill([tf.shape(flux)[0], 1], tf.constant(2.0 * np.log(NOISE_FLOOR), flux.dtype))
+    return log_noise_square(der_snr_sigma(flux))
+
+
+def der_snr_sigma(flux):
+    """DER_SNR's noise σ of each (batch, npix) float32 spectrum, (batch,), npix >= 5 (see
+    :func:`log_noise_variance`)."""
     second = tf.abs(2.0 * flux[:, 2:-2] - flux[:, :-4] - flux[:, 4:])
-    noise = DER_SNR_FACTOR * row_median(second)
-    return tf.math.log(tf.square(noise) + NOISE_FLOOR**2)[:, None]
+    return DER_SNR_FACTOR * row_median(second)
+
+
+def log_noise_square(sigma):
+    """ln(σ² + NOISE_FLOOR²), (batch, 1), for (batch,) float32 noise σ: the variance head's noise term."""
+    return tf.math.log(tf.square(sigma) + NOISE_FLOOR**2)[:, None]
+
+
+def log_noise_variance_given(flux, noise):
+    """(ln noise², (batch, 1); σ used, (batch,)): the noise a file's own errors give (``noise`` (batch,) σ in
+    continuum-normalised flux units, :func:`anna.survey.prepare.file_noise`) where it is finite, DER_SNR of
+    ``flux`` elsewhere.  Rows without a file noise get exactly :func:`log_noise_variance`'s value."""
+    if flux.shape[-1] is not None and flux.shape[-1] < 5:
+        estimate = tf.zeros_like(noise)
+    else:
+        estimate = der_snr_sigma(flux)
+    sigma = tf.where(tf.math.is_finite(noise), noise, estimate)
+    return log_noise_square(sigma), sigma
 
 
 # Bisection steps of row_median: the bit patterns of non-negative float32 span less than 2^31.
@@ -623,18 +647,18 @@ class FrozenModel:
             self._mc_forward[key] = compile_mc_forward(self.network, self.spec, key)
         return self._mc_forward[key]
 
-    def predict_labels(self, flux, batch_size=4096, mc_samples=None):
+    def predict_labels(self, flux, batch_size=4096, mc_samples=None, noise=None):
         """What anna-test and anna-infer report: (labels, sigmas).  ``mc_samples`` None: one dropout-free pass,
         sigmas None; a number: MC dropout with that many passes (:meth:`predict_with_uncertainty`), the labels
         being the mean of the passes and ``sigmas`` a dict of the three (n, nout) uncertainties named in
-        :data:`ERROR_COLUMNS`."""
+        :data:`ERROR_COLUMNS`, and with ``noise`` given also ``"noise"``: the (n,) σ the variance head read."""
         if mc_samples is None:
             return self.predict(flux, batch_size=batch_size), None
         rows = None if self.mc_spectra_per_call is None else self.mc_spectra_per_call * int(mc_samples)
-        result = self.predict_with_uncertainty(flux, samples=mc_samples, rows_per_call=rows)
-        return result["value"], {key: result[key] for _, key in ERROR_COLUMNS}
+        result = self.predict_with_uncertainty(flux, samples=mc_samples, rows_per_call=rows, noise=noise)
+        return result["value"], {key: result[key] for _, key in ERROR_COLUMNS + ((None, "noise"),) if key in result}
 
-    def predict_with_uncertainty(self, flux, samples=100, rows_per_call=None):
+    def predict_with_uncertainty(self, flux, samples=100, rows_per_call=None, noise=None):
         """MC-dropout prediction (Gal & Ghahramani; astroNN): ``samples`` stochastic passes with dropout on.
 
         Returns a dict of (n, nout) float64 arrays in physical units: ``value`` (mean of the passes),
@@ -644,18 +668,24 @@ class FrozenModel:
         ``sigma_total`` = sqrt(sigma_model² + sigma_pred²)
         (Leung & Bovy 2019, eq. 3).  Work is grouped so that one graph call handles ``rows_per_call``
         sample-rows, bounding memory.  Raises AnnaInputError for a model trained without dropout.
+
+        ``noise`` (n,): the noise σ of each spectrum from its file's own errors, in continuum-normalised flux
+        units (:func:`anna.survey.prepare.file_noise`), NaN where the file has none.  The variance head then
+        reads ln σ² from it instead of from DER_SNR (rows with NaN keep DER_SNR, bit for bit), and the result
+        holds ``noise``: the (n,) σ read.  Training never gives one: its spectra are noised by the noise model,
+        which is what DER_SNR measures.
         """
         if self.mc_dropout_rate <= 0:
             raise AnnaInputError("this frozen model's final training stage ran without dropout (KEEP_PROB = 1), "
                                  "so there is nothing to sample; retrain with UNCERTAINTY: MC_DROPOUT and a "
                                  "last-stage KEEP_PROB below 1", path=self.path)
-        mean, var_model, var_pred = mc_moments(self._compiled_mc(samples), flux, self.nout, samples,
-                                               rows_per_call)
+        mean, var_model, var_pred, *used = mc_moments(self._compiled_mc(samples), flux, self.nout, samples,
+                                                      rows_per_call, noise=noise)
         var_model = var_model * self.model_variance_scale
         sigma_model = self.scaler.physical_sigma(np.sqrt(var_model))
         sigma_pred = self.scaler.physical_sigma(np.sqrt(var_pred))
         return {"value": self.scaler.physical(mean), "sigma_model": sigma_model, "sigma_pred": sigma_pred,
-                "sigma_total": np.hypot(sigma_model, sigma_pred)}
+                "sigma_total": np.hypot(sigma_model, sigma_pred), **({"noise": used[0]} if used else {})}
 
 
 def compile_mc_forward(network, spec, samples):
@@ -692,9 +722,7 @@ def compile_mc_forward(network, spec, samples):
             [network.get_layer("log_variance_fit")(x), network.get_layer("log_noise_gain")(x), noise]))
     floats_per_row = max(int(np.prod(layer.output.shape[1:])) for layer in top.layers)
 
-    @tf.function(input_signature=[tf.TensorSpec([None, spec.npix], tf.float32)], reduce_retracing=True,
-                 autograph=False)
-    def mc_forward(flux):
+    def moments(flux, log_noise_sq):
         count = tf.shape(flux)[0]
         shared = trunk(flux, training=False)
         tiled = tf.tile(shared, [samples] + [1] * (len(shared.shape) - 1))
@@ -704,32 +732,52 @@ def compile_mc_forward(network, spec, samples):
         if heteroscedastic:
             # the variance head is trained without dropout (anna.train), so it is read without dropout, from
             # the trunk's activations already computed (a second pass over the trunk doubled the cost)
-            log_var = head([shared, log_noise_variance(flux)], training=False)
+            log_var = head([shared, log_noise_sq()], training=False)
             var_pred = tf.exp(tf.clip_by_value(log_var, LOG_VARIANCE_MIN, LOG_VARIANCE_MAX))
         else:
             var_pred = tf.zeros_like(var_model)
         return mean, var_model, var_pred
 
+    @tf.function(input_signature=[tf.TensorSpec([None, spec.npix], tf.float32)], reduce_retracing=True,
+                 autograph=False)
+    def mc_forward(flux):
+        return moments(flux, lambda: log_noise_variance(flux))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, spec.npix], tf.float32), tf.TensorSpec([None], tf.float32)],
+                 reduce_retracing=True, autograph=False)
+    def given_noise(flux, noise):
+        """mc_forward with the variance head's noise from ``noise`` (n,) where finite (a file's own errors),
+        DER_SNR elsewhere; returns the σ used as a fourth output (log_noise_variance_given)."""
+        log_noise_sq, sigma = log_noise_variance_given(flux, noise)
+        return (*moments(flux, lambda: log_noise_sq), sigma)
+
+    mc_forward.given_noise = given_noise
     mc_forward.rows_per_call = max(int(samples), MC_CALL_FLOATS // floats_per_row)
     mc_forward.row_bytes = 4 * memory_floats_per_row(top)  # the repeated part, measured as anna.memory measures
     return mc_forward
 
 
-def mc_moments(forward, flux, nout, samples, rows_per_call=None):
+def mc_moments(forward, flux, nout, samples, rows_per_call=None, noise=None):
     """Run :func:`compile_mc_forward`'s function over (n, npix) ``flux`` in groups of rows_per_call // samples
     spectra (default: the function's own ``rows_per_call``); returns (mean, var_model, var_pred) as (n, nout)
-    float64 arrays in normalised units."""
+    float64 arrays in normalised units.  With ``noise`` (n,) (σ from a file's errors, NaN where none) the
+    variance head reads it instead of DER_SNR where it is finite, and a fourth (n,) array follows: the σ used."""
     flux = np.asarray(flux)
     rows_per_call = forward.rows_per_call if rows_per_call is None else rows_per_call
     per_call = max(1, int(rows_per_call) // int(samples))
     mean = np.empty((flux.shape[0], nout))
     var_model = np.empty_like(mean)
     var_pred = np.empty_like(mean)
+    used = None if noise is None else np.empty(flux.shape[0])
     for start, chunk in row_blocks(flux, per_call):
-        m, vm, vp = forward(chunk)
         stop = start + len(chunk)
+        if noise is None:
+            m, vm, vp = forward(chunk)
+        else:
+            m, vm, vp, sigma = forward.given_noise(chunk, np.asarray(noise[start:stop], dtype=np.float32))
+            used[start:stop] = sigma.numpy()
         mean[start:stop], var_model[start:stop], var_pred[start:stop] = m.numpy(), vm.numpy(), vp.numpy()
-    return mean, var_model, var_pred
+    return (mean, var_model, var_pred) if noise is None else (mean, var_model, var_pred, used)
 
 
 def row_blocks(flux, rows):

@@ -152,7 +152,7 @@ def _survey_onto_grid(path, spectrum, grid, continuum, fill):
     from anna.badpixels import bad_on_grid, fill_bad
     from anna.survey.prepare import prepare_spectrum
 
-    wave, flux, bad, _ = prepare_spectrum(spectrum, continuum=continuum, fill=fill)
+    wave, flux, bad, _, _ = prepare_spectrum(spectrum, continuum=continuum, fill=fill)
     tolerance = 1e-9 * float(grid[-1])
     if wave[0] > grid[0] + tolerance or wave[-1] < grid[-1] - tolerance:
         raise AnnaInputError(f"spectrum {spectrum.name} covers {wave[0]:.3f}-{wave[-1]:.3f} A but the grid needs "

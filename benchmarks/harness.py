@@ -136,6 +136,10 @@ class Sizes:
     # anna-tune (rows_tune): the search's wall clock and one trial's budget (minutes)
     tune_minutes: float = 20.0
     tune_trial_minutes: float = 2.0
+    # survey files and bad pixels (rows_bad_pixels): stage-1 iterations of each anna-train run, and the least
+    # time each reading figure is timed over (seconds)
+    bad_pixel_iterations: int = 6000
+    bad_pixel_read_seconds: float = 1.0
 
     def train_schedule(self, npix):
         """(iterations, SAMPLE_INTERVAL, warm-up intervals) of a row-1 anna-train run on ``npix`` pixels."""
@@ -171,7 +175,8 @@ def quick_sizes(accuracy_iterations=100):
                  scaling_npix=(1001, 4001, 8001), scaling_train_steps=3, scaling_predict_spectra=1024,
                  scaling_pack_stars=(2000, 6000, 20_000), accuracy_iterations=accuracy_iterations,
                  survey_infer_stars=600, survey_mc_stars=64, survey_rss_stars=(600, 2400), calibration_minutes=0.5,
-                 survey_infer_large=((1001, 6000),), tune_minutes=3.0, tune_trial_minutes=0.5)
+                 survey_infer_large=((1001, 6000),), tune_minutes=3.0, tune_trial_minutes=0.5,
+                 bad_pixel_iterations=150, bad_pixel_read_seconds=0.2)
 
 
 def linear_scaling_row(name, unit, npix, cost, reference):

@@ -155,7 +155,8 @@ def test_test_and_infer_start_quietly_with_the_model_uncertainties_and_plots(tra
     assert sum(bool(re.search(r"\[\d+/12\] .*star\d\d\.txt: 1 spectra", line)) for line in lines) == 12
     assert re.search(r"^anna-infer: 12 files, 12 spectra in [\d.]+ s", terminal.replace("\r", "\n"), re.M)
     output = (folder / "run" / "infer" / "star00_infer.out").read_text().splitlines()
-    assert output[0] == "star_id,a,b,a_err,b_err,a_err_model,b_err_model,a_err_pred,b_err_pred,flags"
+    assert output[0] == ("star_id,a,b,a_err,b_err,a_err_model,b_err_model,a_err_pred,b_err_pred,noise,noise_source,"
+                         "bad_pixel_fraction,flags")
     assert is_png(folder / "run" / "infer" / "infer_histograms.png")
 
     # UNCERTAINTY: NONE given explicitly turns them off; without tqdm the terminal gets plain lines, no bar
@@ -167,7 +168,7 @@ def test_test_and_infer_start_quietly_with_the_model_uncertainties_and_plots(tra
     assert "\r" not in terminal.replace("\r\n", "\n") and not any("star00.txt" in line for line in lines)
     assert re.match(r"anna-infer: 12 files, 12 spectra in [\d.]+ s \([\d,]+ spectra/s\)$", lines[-1]), lines
     output = (folder / "run" / "plain" / "star00_infer.out").read_text().splitlines()
-    assert output[0] == "star_id,a,b,flags"
+    assert output[0] == "star_id,a,b,bad_pixel_fraction,flags"
 
 
 def test_debug_shows_what_the_runtime_prints(trained, tmp_path):

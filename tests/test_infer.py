@@ -88,12 +88,12 @@ def test_debug_mode_reproduces_anna_test_exactly(tmp_path, model_dir):
     written = run_infer(infer_config(tmp_path, model_dir, infer_mode="DEBUG", debug_data=pack), report=lines.append)
     assert written == [str(tmp_path / "out" / "stars_infer.out")]
     header, rows = read_csv(written[0])
-    assert header == ["star_id", *NAMES, "flags"]
+    assert header == ["star_id", *NAMES, "bad_pixel_fraction", "flags"]
     _, tested = read_csv(tmp_path / "test" / "test_stats.out")
     assert [row[0] for row in rows] == [row[0] for row in tested]
     assert rows[-2][0] == "12.5" and rows[0][0] == "4503599627370496"
     assert [row[1:4] for row in rows] == [row[4:7] for row in tested]
-    assert all(row[4] == "" for row in rows)
+    assert all(row[4:] == ["0.0000", ""] for row in rows)
     assert any("[1/1]" in line and "200 spectra" in line for line in lines)
 
 
@@ -105,8 +105,8 @@ def test_text_mode_interpolates_onto_model_grid(tmp_path, model_dir):
                         report=lambda line: None)
     header, rows = read_csv(written[0])
     assert Path(written[0]).name == "star_infer.out"
-    assert header == ["star_id", *NAMES, "flags"] and len(rows) == 1
-    assert rows[0][0] == "1" and rows[0][4] == ""
+    assert header == ["star_id", *NAMES, "bad_pixel_fraction", "flags"] and len(rows) == 1
+    assert rows[0][0] == "1" and rows[0][4:] == ["0.0000", ""]
     assert_close_to_truth(values_of(rows, 1)[0], labels[1])
 
 
@@ -131,7 +131,7 @@ def test_fits_mode_over_a_folder_and_rerun_skips(tmp_path, model_dir):
     out = tmp_path / "out"
     assert sorted(Path(p).name for p in written) == ["night_infer.out", "single_infer.out", "star_infer.out"]
     header, night = read_csv(out / "night_infer.out")
-    assert header == ["star_id", "file", "aperture", "beam", *NAMES, "flags"]
+    assert header == ["star_id", "file", "aperture", "beam", *NAMES, "bad_pixel_fraction", "flags"]
     assert [row[:4] for row in night] == [["5", "night.fits", "5", "1"], ["7", "night.fits", "7", "1"],
                                           ["9", "night.fits", "9", "2"]]
     assert [row[-1] for row in night] == ["", "no_coverage", "nonfinite"]
@@ -139,7 +139,8 @@ def test_fits_mode_over_a_folder_and_rerun_skips(tmp_path, model_dir):
     assert_close_to_truth(values[0], labels[0])
     assert np.isnan(values[1:]).all()
     header, single = read_csv(out / "single_infer.out")
-    assert header == ["star_id", *NAMES, "flags"] and single[0][0] == "1" and single[0][4] == ""
+    assert header == ["star_id", *NAMES, "bad_pixel_fraction", "flags"] and single[0][0] == "1"
+    assert single[0][4:] == ["0.0000", ""]
     assert_close_to_truth(values_of(single, 1)[0], labels[3])
     _, text = read_csv(out / "star_infer.out")
     # same flux and grid as aperture 5: the same prediction up to float32 rounding (batches differ)
@@ -227,10 +228,10 @@ def test_flagged_text_spectra_give_nan_rows(tmp_path, model_dir):
                                      range_margin=0.0), report=lambda line: None)
     assert len(written) == 3
     results = {Path(path).name: read_csv(path)[1][0] for path in written}
-    assert results["zero_infer.out"][4] == "all_zero" and results["short_infer.out"][4] == "no_coverage"
+    assert results["zero_infer.out"][-1] == "all_zero" and results["short_infer.out"][-1] == "no_coverage"
     assert np.isnan(values_of([results["zero_infer.out"], results["short_infer.out"]], 1)).all()
     emitted = results["emission_infer.out"]
-    assert emitted[4] == "out_of_range|outside_training_domain"  # emission lines: nothing like the training set
+    assert emitted[-1] == "out_of_range|outside_training_domain"  # emission lines: nothing like the training set
     value = values_of([emitted], 1)[0]
     assert np.isfinite(value).all() and ((value < MINIMA) | (value > MAXIMA)).any()
 
@@ -326,7 +327,7 @@ def test_reference_wavelength_template_interoperates(tmp_path):
     written = run_infer(infer_config(tmp_path, model_dir, infer_mode="TEXT", text_image=template,
                                      wave_template=template), report=lambda line: None)
     _, rows = read_csv(written[0])
-    assert len(rows) == 1 and not set(rows[0][4].split("|")) & FATAL_FLAGS
+    assert len(rows) == 1 and not set(rows[0][-1].split("|")) & FATAL_FLAGS
     assert np.isfinite(values_of(rows, 1)).all()
 
 

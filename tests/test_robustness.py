@@ -484,11 +484,12 @@ def test_aperture_full_of_nan_is_a_flagged_row(tmp_path, capsys, frozen_model):
     assert "3 spectra" in shown
     succeeds(infer_main, [infer_param(tmp_path, frozen_model, INFER_MODE="MS_FITS", MS_FITS_IMAGE=image)], capsys)
     lines = (tmp_path / "out" / "night_infer.out").read_text().splitlines()
-    assert lines[0] == "star_id,file,aperture,beam,teff,logg,flags"
-    assert lines[2] == "2,night.fits,2,1,nan,nan,nonfinite"
+    assert lines[0] == "star_id,file,aperture,beam,teff,logg,bad_pixel_fraction,flags"
+    assert lines[2] == "2,night.fits,2,1,nan,nan,1.0000,nonfinite"
     for line in (lines[1], lines[3]):
         fields = line.split(",")
         assert fields[-1] == "domain_unchecked" and np.isfinite([float(v) for v in fields[4:6]]).all()
+        assert fields[-2] == "0.0000"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -648,15 +649,15 @@ def _check_output(path):
     number = int(path.name[len("star"):-len("_infer.out")])
     lines = path.read_text().splitlines()
     if number % 5 == 4:  # a text spectrum
-        assert lines[0] == "star_id,teff,logg,flags" and len(lines) == 2
+        assert lines[0] == "star_id,teff,logg,bad_pixel_fraction,flags" and len(lines) == 2
         assert lines[1].startswith("1,")
     else:
         apertures = APERTURES.get(number, DEFAULT_APERTURES)
-        assert lines[0] == "star_id,file,aperture,beam,teff,logg,flags" and len(lines) == apertures + 1
+        assert lines[0] == "star_id,file,aperture,beam,teff,logg,bad_pixel_fraction,flags" and len(lines) == apertures + 1
         assert [line.split(",")[0] for line in lines[1:]] == [str(n) for n in range(1, apertures + 1)]
     for line in lines[1:]:
         fields = line.split(",")
-        assert fields[-1] == "domain_unchecked" and np.isfinite([float(v) for v in fields[-3:-1]]).all(), line
+        assert fields[-1] == "domain_unchecked" and np.isfinite([float(v) for v in fields[-4:-2]]).all(), line
 
 
 def test_killed_infer_resumes_and_skips_finished_inputs(tmp_path, capsys, frozen_model):

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from anna.badpixels import bad_on_grid, fill_bad, random_bad_mask
+from anna.badpixels import bad_on_grid, bad_runs, fill_bad, random_bad_mask
 from anna.continuum import continuum_settings, normalise
 from anna.survey import SurveySpectrum, read_survey_file
 from anna.survey.prepare import survey_onto_grid
@@ -30,6 +30,33 @@ def test_fill_bad_interpolates_short_runs_and_sets_long_runs_and_ends_to_continu
     assert (filled[[0, 9, 10, 11, 12, 13, 14, 19]] == 1.0).all()  # ends and a run of 6
     assert (fill_bad(flux, bad, "CONTINUUM")[bad] == 1.0).all()
     np.testing.assert_array_equal(filled[~bad], flux[~bad])
+
+
+def loop_fill(flux, bad, max_gap=5):
+    """INTERPOLATE run by run, as a plain loop: the reference the array form of fill_bad must equal exactly."""
+    out = np.array(flux, copy=True)
+    for row in range(out.shape[0]):
+        starts, stops = bad_runs(bad[row])
+        for start, stop in zip(starts, stops):
+            if start == 0 or stop == out.shape[1] or stop - start > max_gap:
+                out[row, start:stop] = 1.0
+            else:
+                left, right = float(out[row, start - 1]), float(out[row, stop])
+                out[row, start:stop] = left + (right - left) * (np.arange(1, stop - start + 1) / (stop - start + 1))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fill_bad_equals_the_run_by_run_loop(dtype):
+    rng = np.random.default_rng(8)
+    flux = (1.0 + rng.normal(0.0, 0.05, (200, 301))).astype(dtype)
+    bad = random_bad_mask(rng, flux.shape, 0.1)
+    bad[0, :] = True  # a row with no good pixel
+    bad[1, :] = False
+    flux[bad] = np.nan  # never read
+    filled = fill_bad(flux, bad, "INTERPOLATE")
+    assert filled.dtype == dtype
+    np.testing.assert_array_equal(filled, loop_fill(flux, bad))
 
 
 def test_bad_on_grid_marks_neighbours_of_bad_samples_and_gaps():
@@ -57,8 +84,8 @@ def test_masked_pixels_never_reach_the_network_real_lamost_file():
     from anna.infer import spectra_onto_grid
 
     settings = continuum_settings("SPLINE")
-    flux, flags, fraction, _ = survey_onto_grid([spectrum], grid, spectra_onto_grid, continuum=settings,
-                                                fill="CONTINUUM")
+    flux, flags, fraction, _, _ = survey_onto_grid([spectrum], grid, spectra_onto_grid, continuum=settings,
+                                                   fill="CONTINUUM")
     # independent: grid points whose bracketing samples include a bad one
     right = np.searchsorted(spectrum.wavelength, grid, side="right")
     expected = spectrum.bad[right - 1] | spectrum.bad[right]
@@ -101,8 +128,8 @@ def test_rv_correct_moves_a_shifted_spectrum_to_the_rest_frame():
                               velocity=velocity, velocity_key="Z")
     grid = np.linspace(5005.0, 5095.0, 900)
     truth = line_spectrum(grid, centres, depths)
-    shifted, _, _, used = survey_onto_grid([spectrum], grid, spectra_onto_grid, rv_correct=True)
-    unshifted, _, _, none = survey_onto_grid([spectrum], grid, spectra_onto_grid, rv_correct=False)
+    shifted, _, _, used, _ = survey_onto_grid([spectrum], grid, spectra_onto_grid, rv_correct=True)
+    unshifted, _, _, none, _ = survey_onto_grid([spectrum], grid, spectra_onto_grid, rv_correct=False)
     assert used[0] == velocity and np.isnan(none[0])
     assert np.max(np.abs(shifted[0] - truth)) < 2e-3
     assert np.max(np.abs(unshifted[0] - truth)) > 0.2
@@ -167,7 +194,7 @@ def test_anna_pack_from_a_survey_file_prepares_it_as_anna_infer_does(tmp_path):
                                   id_column="APOGEE_ID", label_columns=["TEFF", "LOGG"], continuum=settings)
     pack = open_pack(out)
     _, rows = read_survey_file(apstar)
-    expected, _, fraction, _ = survey_onto_grid(rows[:1], grid, spectra_onto_grid, continuum=settings)
+    expected, _, fraction, _, _ = survey_onto_grid(rows[:1], grid, spectra_onto_grid, continuum=settings)
     ids, labels, flux = pack.read_rows(0, 1)
     np.testing.assert_allclose(labels, [[4321.5, 2.25]])
     np.testing.assert_allclose(flux[0], expected[0], rtol=1e-12, atol=1e-12)

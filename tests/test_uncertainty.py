@@ -193,8 +193,9 @@ def test_spectra_unlike_training_get_larger_sigma_and_a_flag(models, data, tmp_p
     [output] = run_infer(cfg, report=QUIET)
     header, rows = read_table(output)
     assert header == (["star_id", *NAMES] + [f"{n}{s}" for s in ("_err", "_err_model", "_err_pred") for n in NAMES]
-                      + ["flags"])
-    values = np.array([[float(v) for v in row[1:-1]] for row in rows])
+                      + ["noise", "noise_source", "bad_pixel_fraction", "flags"])
+    assert {row[-3] for row in rows} == {"DER_SNR"} and {row[-2] for row in rows} == {"0.0000"}
+    values = np.array([[float(v) for v in row[1:-4]] for row in rows])
     flags = [set(row[-1].split("|")) - {""} for row in rows]
     relative_sigma = values[:, 3:6] / SPAN
     groups = {"normal": slice(0, 150), "broad": slice(150, 300), "emission": slice(300, 450)}

@@ -12,7 +12,12 @@ The order matters and is the same for every input:
 4. **Onto the grid** (``onto_grid``, anna-infer's own :func:`anna.infer.spectra_onto_grid`, handed in so this
    module stays below the stages); grid points beside a bad pixel, or inside a detector gap, are bad too and
    get the neutral value again, on the grid.  The fraction of bad grid points is reported per spectrum.
+
+The file's per-pixel errors follow the flux through the continuum (divided by the same level) and give the
+spectrum's noise (:func:`file_noise`), which MC dropout's variance head reads instead of DER_SNR.
 """
+
+import collections
 
 import numpy as np
 
@@ -26,9 +31,14 @@ def rest_frame_wavelength(wavelength, velocity_kms):
     return np.asarray(wavelength, dtype=np.float64) / (1.0 + float(velocity_kms) / C_KMS)
 
 
+PreparedSpectrum = collections.namedtuple("PreparedSpectrum", "wavelength flux bad velocity error")
+OnGrid = collections.namedtuple("OnGrid", "flux flags bad_fraction velocities noise")
+
+
 def prepare_spectrum(spectrum, *, continuum=None, fill="INTERPOLATE", rv_correct=False):
-    """(wavelength ascending, flux with bad pixels filled, bad (bool), velocity used or None) of one
-    :class:`anna.survey.SurveySpectrum`."""
+    """A :class:`PreparedSpectrum` of one :class:`anna.survey.SurveySpectrum`: wavelength ascending, flux with
+    bad pixels filled, bad (bool), velocity used or None, and the one-sigma error in the same (normalised)
+    flux units, or None when the file gives none."""
     wavelength = np.asarray(spectrum.wavelength, dtype=np.float64)
     flux = np.asarray(spectrum.flux, dtype=np.float64)
     velocity = None
@@ -40,6 +50,7 @@ def prepare_spectrum(spectrum, *, continuum=None, fill="INTERPOLATE", rv_correct
             velocity = float(spectrum.velocity)
     order = np.argsort(wavelength, kind="stable")
     wavelength, flux = wavelength[order], flux[order]
+    error = None if spectrum.error is None else np.asarray(spectrum.error, dtype=np.float64)[order]
     bad = ~np.isfinite(flux)
     if spectrum.bad is not None:
         bad |= np.asarray(spectrum.bad, dtype=bool)[order]
@@ -50,21 +61,46 @@ def prepare_spectrum(spectrum, *, continuum=None, fill="INTERPOLATE", rv_correct
             level = np.full_like(flux, np.nan)
         with np.errstate(divide="ignore", invalid="ignore"):
             flux = flux / level
+            error = None if error is None else error / level
         bad |= ~np.isfinite(flux) | ~(level > 0)
-    return wavelength, fill_bad(flux, bad, fill), bad, velocity
+    return PreparedSpectrum(wavelength, fill_bad(flux, bad, fill), bad, velocity, error)
+
+
+def file_noise(wavelength, error, bad, grid):
+    """The noise σ of one prepared spectrum from its file's own errors: the median of ``error`` (continuum-
+    normalised flux units) over its good pixels inside the ``grid``'s wavelength range; NaN when the file has
+    no errors (``error`` None) or no good pixel there has a finite, positive one.
+
+    Why the median of σ: it is the quantity DER_SNR estimates, on the same scale, so the variance head (whose
+    noise gain was learnt against DER_SNR on training spectra) reads a number of the meaning it was trained
+    on.  DER_SNR is the median of |2 f_i − f_(i−2) − f_(i+2)| scaled to one sigma: for white noise of
+    per-pixel σ it returns σ, and where σ varies across the spectrum (the S/N profile of the training noise
+    model, the blaze of a real spectrograph) it lands near the median σ, not the mean, which a few pixels of
+    huge error (line cores of faint stars, the edges of a detector) would drag up.  Unlike DER_SNR, it is not
+    raised by lines or structure narrower than a few pixels.  The σ is the file's per-pixel error on its own pixels: where anna-infer resamples onto a finer or
+    coarser grid the noise per grid point differs from it, as it differs from what DER_SNR sees."""
+    if error is None:
+        return np.nan
+    grid = np.asarray(grid, dtype=np.float64)
+    inside = (wavelength >= grid[0]) & (wavelength <= grid[-1])
+    usable = error[inside & ~np.asarray(bad, dtype=bool)]
+    usable = usable[np.isfinite(usable) & (usable > 0)]
+    return float(np.median(usable)) if usable.size else np.nan
 
 
 def survey_onto_grid(spectra, grid, onto_grid, *, continuum=None, fill="INTERPOLATE", rv_correct=False):
-    """(flux (n, npix), flag sets, bad fraction (n,), velocities used (n,) float, NaN where none) for a list of
-    SurveySpectrum; ``onto_grid(pairs, grid)`` resamples (wavelength, flux) pairs and returns (flux, flags)."""
+    """An :class:`OnGrid` for a list of SurveySpectrum: flux (n, npix), flag sets, bad fraction (n,), velocities
+    used (n,) float (NaN where none) and the noise from the files' errors (n,) (:func:`file_noise`, NaN where
+    none); ``onto_grid(pairs, grid)`` resamples (wavelength, flux) pairs and returns (flux, flags)."""
     grid = np.asarray(grid, dtype=np.float64)
     prepared = [prepare_spectrum(spectrum, continuum=continuum, fill=fill, rv_correct=rv_correct)
                 for spectrum in spectra]
-    flux, flags = onto_grid([(wavelength, values) for wavelength, values, _, _ in prepared], grid)
+    flux, flags = onto_grid([(item.wavelength, item.flux) for item in prepared], grid)
     bad = np.zeros(flux.shape, dtype=bool)
-    for row, (wavelength, _, source_bad, _) in enumerate(prepared):
-        if wavelength.size >= 2:
-            bad[row] = bad_on_grid(wavelength, source_bad, grid)
+    for row, item in enumerate(prepared):
+        if item.wavelength.size >= 2:
+            bad[row] = bad_on_grid(item.wavelength, item.bad, grid)
     flux = fill_bad(flux, bad, fill)
-    velocities = np.array([np.nan if velocity is None else velocity for _, _, _, velocity in prepared])
-    return flux, flags, bad.mean(axis=1), velocities
+    velocities = np.array([np.nan if item.velocity is None else item.velocity for item in prepared])
+    noise = np.array([file_noise(item.wavelength, item.error, item.bad, grid) for item in prepared])
+    return OnGrid(flux, flags, bad.mean(axis=1), velocities, noise)
