@@ -89,36 +89,40 @@ def test_local_cluster_gives_the_in_process_files(tmp_path, model_dir, spectra, 
 
 @pytest.fixture(scope="module")
 def external_cluster(tmp_path_factory):
-    """One external 2-worker cluster for the tests that need one (each cluster costs two worker processes that
-    import TensorFlow); the test that kills a worker runs last."""
-    proc, address = _start_scheduler(tmp_path_factory.mktemp("cluster"), 2)
+    """One external 2-worker cluster for the tests that need one (each worker is a process that imports
+    TensorFlow); the test that kills a worker runs last."""
+    procs, address = _start_cluster(tmp_path_factory.mktemp("cluster"), 2)
     yield address
-    _stop(proc)
+    _stop(procs)
 
 
-def _start_scheduler(tmp_path, workers):
-    """An external cluster on 127.0.0.1 in its own process (scheduler and worker processes); returns
-    (process, address)."""
-    port = _free_port()
-    script = ("import sys, time, logging\n"
-              "from distributed import LocalCluster\n"
-              f"cluster = LocalCluster(n_workers={workers}, threads_per_worker=1, host='127.0.0.1', "
-              f"scheduler_port={port}, dashboard_address=None, silence_logs=logging.ERROR)\n"
-              "print('READY', flush=True)\n"
-              "sys.stdin.read()\n"
-              "cluster.close()\n")
-    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, cwd=tmp_path)
-    assert proc.stdout.readline().strip() == "READY"
-    return proc, f"tcp://127.0.0.1:{port}"
+def _start_cluster(tmp_path, workers):
+    """An external cluster on 127.0.0.1: a scheduler process and ``workers`` worker processes without nannies
+    (a killed worker stays dead: no replacement imports TensorFlow while the cluster closes); returns
+    (processes, address) once every worker has joined."""
+    from distributed import Client
 
-
-def _stop(proc):
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "cwd": tmp_path}
+    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                               "--port", address.rsplit(":", 1)[1], "--no-dashboard"], **quiet)]
+    procs += [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--no-nanny",
+                                "--nthreads", "1", "--no-dashboard"], **quiet) for _ in range(workers)]
     try:
-        proc.stdin.close()
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(workers, timeout=120)
+    except BaseException:
+        _stop(procs)
+        raise
+    return procs, address
+
+
+def _stop(procs):
+    """Kill the cluster's processes (none has children; a graceful close of a worker took up to 30 s)."""
+    for proc in reversed(procs):  # the workers, then the scheduler
+        if proc.poll() is None:
+            proc.kill()
+    for proc in procs:
         proc.wait()
 
 
