@@ -1,5 +1,6 @@
 """INFER_SCHEDULER: anna-infer over Dask ``distributed`` on this machine (127.0.0.1 only) against the run in one
-process: ``local:2`` and an external LocalCluster give the same CSV files; a worker killed mid-run still
+process: ``local:2`` and an external cluster (a ``dask scheduler`` and two ``dask worker`` processes, as on a
+survey machine) give the same CSV files; a worker killed mid-run still
 completes the run with every output written once; an unreachable scheduler is one line and exit status 2; a
 bad input is a named failure that does not stop the others; DEBUG packs in row blocks."""
 
