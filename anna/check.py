@@ -62,6 +62,11 @@ def check_stage(cfg, stage):
             xval = open_pack(cfg.xval_data, expected_npix=cfg.num_px, expected_nout=cfg.num_outs,
                              max_stars=cfg.xval_size, check_flux=True, missing_label_value=cfg.magic_number)
             lines.append(f"cross-validation pack: {xval!r}")
+        if cfg.mixed_precision:
+            from anna.train.precision import gpu_names, require_gpu
+
+            require_gpu(cfg)
+            lines.append(f"MIXED_PRECISION: float16 compute with loss scaling on {', '.join(gpu_names())}")
         lines.append(f"frozen model will be written to {os.path.join(cfg.save_loc, 'frozen.model')}")
     elif stage == "test":
         from anna.model import load_frozen

@@ -81,7 +81,8 @@ def _stage_main(prog, stage, description, run_stage, argv, flags=None):
         cfg = load_config(args.param_file, overrides=args.overrides, stage=stage)
         validate_for_stage(cfg, stage)
         check_inputs_before_runtime(cfg, stage)
-        if not (args.check and stage == "train"):  # anna-train --check opens packs and templates only
+        # anna-train --check opens packs and templates only, unless MIXED_PRECISION asks whether a GPU is there
+        if not (args.check and stage == "train") or getattr(cfg, "mixed_precision", False):
             _start_runtime(prog, args.debug)
         if args.check:
             from anna.check import check_stage

@@ -182,7 +182,7 @@ class NetworkSpec:
 
 
 def build_network(spec, dropout_rate=0.0, centre=None, dropout_seed=None, compiled_form="xla",
-                  weight_init="HE"):
+                  weight_init="HE", dtype_policy=None):
     """Build the Keras network for ``spec``.
 
     ``dropout_rate`` is 1 − KEEP_PROB of the stage being trained (dropout only acts when called with
@@ -201,7 +201,13 @@ def build_network(spec, dropout_rate=0.0, centre=None, dropout_seed=None, compil
     broad-lined spectra unlike its training set (tests/test_uncertainty.py), so HE stays the default.  "NONE"
     (zeros) is for weights about to be overwritten (:func:`load_frozen`): drawing the tutorial network's 1.3
     million random kernel values was a third of the time it took to load a frozen model.
+
+    ``dtype_policy`` (MIXED_PRECISION, :mod:`anna.train.precision`): the Keras DTypePolicy of the hidden layers
+    (convolutions, pooling, dense, dropout), e.g. ``mixed_float16``; None is the float32 default.  The input
+    centring and the label and variance layers stay float32 whatever it is, and every variable is float32, so
+    the weights are those of an ordinary network.
     """
+    hidden = {} if dtype_policy is None else {"dtype": dtype_policy}
     kernel_init = {"HE": "he_normal", "GLOROT": "glorot_uniform", "NONE": "zeros"}[weight_init]
     flux = keras.Input(shape=(spec.npix,), name="flux", dtype="float32")
     centre_layer = CentreLayer(spec.npix, name="centre")
@@ -212,29 +218,31 @@ def build_network(spec, dropout_rate=0.0, centre=None, dropout_seed=None, compil
 
     for number, conv in enumerate(spec.conv_layers, start=1):
         if number == 1 and conv.stride == 1:
-            x = SpectrumConv1D(conv.kernels, conv.width, initializer=kernel_init, name="conv1")(x)
+            x = SpectrumConv1D(conv.kernels, conv.width, initializer=kernel_init, name="conv1", **hidden)(x)
         else:
             if number == 1:
-                x = layers.Reshape((spec.npix, 1), name="channel")(x)
+                x = layers.Reshape((spec.npix, 1), name="channel", **hidden)(x)
             x = layers.Conv1D(conv.kernels, conv.width, strides=conv.stride, padding="same", activation="relu",
-                              kernel_initializer=kernel_init, bias_initializer="zeros", name=f"conv{number}")(x)
+                              kernel_initializer=kernel_init, bias_initializer="zeros", name=f"conv{number}",
+                              **hidden)(x)
         if conv.pool > 1:
-            x = SpectrumMaxPool1D(conv.pool, compiled_form=compiled_form, name=f"pool{number}")(x)
+            x = SpectrumMaxPool1D(conv.pool, compiled_form=compiled_form, name=f"pool{number}", **hidden)(x)
         if conv.dropout:
             # seeds 1000+ keep the dense layers' mask sequences what they were before conv dropout existed
-            x = layers.Dropout(dropout_rate, seed=seed_for(1000 + number), name=f"conv_dropout{number}")(x)
-    x = layers.Flatten(name="flatten")(x)
+            x = layers.Dropout(dropout_rate, seed=seed_for(1000 + number), name=f"conv_dropout{number}",
+                               **hidden)(x)
+    x = layers.Flatten(name="flatten", **hidden)(x)
     for number, width in enumerate(spec.fc_dims, start=1):
         x = layers.Dense(width, activation="relu", kernel_initializer=kernel_init, bias_initializer="zeros",
-                         name=f"fc{number}")(x)
-        x = layers.Dropout(dropout_rate, seed=seed_for(number), name=f"dropout{number}")(x)
-    outputs = layers.Dense(spec.nout, name="labels")(x)
+                         name=f"fc{number}", **hidden)(x)
+        x = layers.Dropout(dropout_rate, seed=seed_for(number), name=f"dropout{number}", **hidden)(x)
+    outputs = layers.Dense(spec.nout, name="labels", dtype="float32")(x)
     if spec.heteroscedastic:
         # Predicted variance of each label = misfit part + noise part (linear error propagation: a label's error
         # from flux noise scales with that noise).  Both parts depend on the spectrum through the features.
-        log_var_fit = layers.Dense(spec.nout, name="log_variance_fit", kernel_initializer="zeros",
+        log_var_fit = layers.Dense(spec.nout, name="log_variance_fit", kernel_initializer="zeros", dtype="float32",
                                    bias_initializer=keras.initializers.Constant(INITIAL_LOG_VARIANCE_FIT))(x)
-        log_gain = layers.Dense(spec.nout, name="log_noise_gain", kernel_initializer="zeros",
+        log_gain = layers.Dense(spec.nout, name="log_noise_gain", kernel_initializer="zeros", dtype="float32",
                                 bias_initializer=keras.initializers.Constant(INITIAL_LOG_NOISE_GAIN))(x)
         log_noise_sq = LogNoiseVariance(name="log_noise_variance")(flux)
         log_var = VarianceSum(name="log_variance")([log_var_fit, log_gain, log_noise_sq])
@@ -302,7 +310,8 @@ class SpectrumConv1D(keras.layers.Layer):
     def call(self, flux):
         padded = tf.pad(flux, [[0, 0], [self.left_pad, self.right_pad]])
         tiles = tf.gather(padded, self.tile_pixels, axis=1)                      # (batch, tiles, span)
-        band = tf.gather(self.kernel[:, 0, :], self.band_taps) * self.band_mask  # (span, TILE, kernels)
+        kernel = self.kernel[:, 0, :]
+        band = tf.gather(kernel, self.band_taps) * tf.cast(self.band_mask, kernel.dtype)  # (span, TILE, kernels)
         band = tf.reshape(band, [band.shape[0], self.TILE * self.kernels])
         out = tf.matmul(tf.reshape(tiles, [-1, band.shape[0]]), band)            # (batch*tiles, TILE*kernels)
         out = tf.reshape(out, [-1, self.tiles * self.TILE, self.kernels])[:, :self.npix, :]

@@ -205,6 +205,8 @@ KEY_TABLE = (
     KeySpec("DISTRIBUTE", Choice(("NONE", "MIRRORED", "MULTI_WORKER")), "NONE", _TR,
             "NONE (one device), MIRRORED (every local GPU, or the logical CPU devices) or MULTI_WORKER (the "
             "cluster in the TF_CONFIG environment variable); BATCH_SIZEn stays the global batch"),
+    KeySpec("MIXED_PRECISION", Flag(), False, _TR,
+            "float16 compute with loss scaling (GPU only; refused without one); the frozen model stays float32"),
     KeySpec("MAGIC_NUMBER", Float(), -9999.0, _ALL, "value that marks a missing label or bad pixel"),
     KeySpec("UNCERTAINTY", Choice(("NONE", "MC_DROPOUT")), "NONE", _ALL,
             "per-star uncertainty estimate; anna-test and anna-infer without it: what the frozen model was "
@@ -771,6 +773,14 @@ def validate_for_stage(cfg, stage, *, check_paths=True):
 
     if stage == TRAIN:
         problems += _network_problems(cfg) + _optimiser_problems(cfg)
+    if stage == TRAIN and cfg.distribute == "MULTI_WORKER":
+        for key in ("MAX_MINUTES1", "MAX_MINUTES2"):
+            if getattr(cfg, key.lower()) is not None:
+                # each worker's own clock would end the stage at a different step: the workers' collectives
+                # would then wait on each other (a hang until the collective timeout)
+                problems.append(cfg.error(key, "cannot be used with DISTRIBUTE: MULTI_WORKER (each worker's clock "
+                                               "would end the stage at a different step); give the stage's "
+                                               "iterations instead"))
     if stage == TRAIN and cfg.uncertainty == "MC_DROPOUT":
         last_key = "KEEP_PROB2" if cfg.do_train2 else "KEEP_PROB1"
         if getattr(cfg, last_key.lower()) >= 1.0:

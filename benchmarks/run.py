@@ -41,7 +41,7 @@ prepare_tensorflow_environment()
 import harness  # noqa: E402  (needs the path set above)
 
 GROUPS = ("train", "tutorial", "infer_pack", "infer_fits", "mc_dropout", "rss", "scaling", "accuracy", "survey",
-          "survey_infer", "mc_training", "uncertainty", "tune", "bad_pixels")
+          "survey_infer", "mc_training", "uncertainty", "tune", "scale_infer", "scale_train", "bad_pixels")
 GROUP_TITLES = {
     "train": "1. training throughput",
     "tutorial": "2. tutorial wall time",
@@ -56,7 +56,10 @@ GROUP_TITLES = {
     "mc_training": "11. the cost of uncertainty-aware training: a step with the variance head against a plain step",
     "uncertainty": "12. uncertainty calibration on unseen survey spectra: a time-budgeted and a SIGINT-stopped run",
     "tune": "13. anna-tune: a timed search against configs/tutorial.param trained for one trial's minutes",
-    "bad_pixels": "14. survey files: reading and preparing each format; 5 % masked pixels with and without "
+    "scale_infer": "14. INFER_SCHEDULER: anna-infer from multispec FITS on Dask (local:2, external 2-worker) against "
+                   "one process",
+    "scale_train": "15. DISTRIBUTE MIRRORED over 2 logical CPU devices against NONE",
+    "bad_pixels": "16. survey files: reading and preparing each format; 5 % masked pixels with and without "
                   "BAD_PIXEL_FRACTION training",
 }
 LARGE_PACK_BYTES = 10**9  # tiled packs above this size are deleted as soon as no remaining row needs them
@@ -222,6 +225,11 @@ def run_group(name, ctx):
         import rows_tune
 
         return rows_tune.tune_against_tutorial(ctx)
+    if name in ("scale_infer", "scale_train"):
+        import rows_scale_out
+
+        row = rows_scale_out.scale_out_inference if name == "scale_infer" else rows_scale_out.scale_out_training
+        return row(ctx)
     if name == "bad_pixels":
         import rows_bad_pixels
 

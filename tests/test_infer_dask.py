@@ -1,5 +1,6 @@
 """INFER_SCHEDULER: anna-infer over Dask ``distributed`` on this machine (127.0.0.1 only) against the run in one
-process: ``local:2`` and an external LocalCluster give the same CSV files; a worker killed mid-run still
+process: ``local:2`` and an external cluster (a ``dask scheduler`` and two ``dask worker`` processes, as on a
+survey machine) give the same CSV files; a worker killed mid-run still
 completes the run with every output written once; an unreachable scheduler is one line and exit status 2; a
 bad input is a named failure that does not stop the others; DEBUG packs in row blocks."""
 
@@ -8,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -88,36 +90,40 @@ def test_local_cluster_gives_the_in_process_files(tmp_path, model_dir, spectra, 
 
 @pytest.fixture(scope="module")
 def external_cluster(tmp_path_factory):
-    """One external 2-worker cluster for the tests that need one (each cluster costs two worker processes that
-    import TensorFlow); the test that kills a worker runs last."""
-    proc, address = _start_scheduler(tmp_path_factory.mktemp("cluster"), 2)
+    """One external 2-worker cluster for the tests that need one (each worker is a process that imports
+    TensorFlow); the test that kills a worker runs last."""
+    procs, address = _start_cluster(tmp_path_factory.mktemp("cluster"), 2)
     yield address
-    _stop(proc)
+    _stop(procs)
 
 
-def _start_scheduler(tmp_path, workers):
-    """An external cluster on 127.0.0.1 in its own process (scheduler and worker processes); returns
-    (process, address)."""
-    port = _free_port()
-    script = ("import sys, time, logging\n"
-              "from distributed import LocalCluster\n"
-              f"cluster = LocalCluster(n_workers={workers}, threads_per_worker=1, host='127.0.0.1', "
-              f"scheduler_port={port}, dashboard_address=None, silence_logs=logging.ERROR)\n"
-              "print('READY', flush=True)\n"
-              "sys.stdin.read()\n"
-              "cluster.close()\n")
-    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, cwd=tmp_path)
-    assert proc.stdout.readline().strip() == "READY"
-    return proc, f"tcp://127.0.0.1:{port}"
+def _start_cluster(tmp_path, workers):
+    """An external cluster on 127.0.0.1: a scheduler process and ``workers`` worker processes without nannies
+    (a killed worker stays dead: no replacement imports TensorFlow while the cluster closes); returns
+    (processes, address) once every worker has joined."""
+    from distributed import Client
 
-
-def _stop(proc):
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "cwd": tmp_path}
+    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                               "--port", address.rsplit(":", 1)[1], "--no-dashboard"], **quiet)]
+    procs += [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--no-nanny",
+                                "--nthreads", "1", "--no-dashboard"], **quiet) for _ in range(workers)]
     try:
-        proc.stdin.close()
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(workers, timeout=120)
+    except BaseException:
+        _stop(procs)
+        raise
+    return procs, address
+
+
+def _stop(procs):
+    """Kill the cluster's processes (none has children; a graceful close of a worker took up to 30 s)."""
+    for proc in reversed(procs):  # the workers, then the scheduler
+        if proc.poll() is None:
+            proc.kill()
+    for proc in procs:
         proc.wait()
 
 
@@ -177,23 +183,28 @@ def test_debug_pack_in_row_blocks(tmp_path, model_dir, external_cluster):
 
 def test_external_cluster_and_a_killed_worker(tmp_path, model_dir, spectra, in_process, external_cluster):
     """Over an external 2-worker cluster, one worker is killed (SIGKILL) while the run is under way: its tasks run
-    again elsewhere, the run completes, every output is the in-process one and is reported once."""
+    again elsewhere, the run completes, every output is the in-process one and is reported once.  The run is
+    this process's own (a thread kills the worker once ten outputs are written): no further TensorFlow start."""
     pids = _worker_pids(external_cluster)
     assert len(pids) == 2
     cfg = _config(tmp_path, model_dir, spectra, infer_scheduler=external_cluster)
-    run = subprocess.Popen([sys.executable, "-c", "import sys; from anna.cli import infer_main; "
-                            "sys.exit(infer_main(sys.argv[1:]))", cfg.source], cwd=tmp_path,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out = tmp_path / "out"
-    try:
+    killed = []
+
+    def kill_mid_run():
         deadline = time.time() + 120
-        while time.time() < deadline and run.poll() is None and len(list(out.glob("*_infer.out"))) < 10:
+        while time.time() < deadline and len(list(out.glob("*_infer.out"))) < 10:
             time.sleep(0.05)
         os.kill(pids[0], signal.SIGKILL)
-        stdout, stderr = run.communicate(timeout=240)
-    finally:
-        run.kill()
-    assert run.returncode == 0, stderr[-3000:]
+        killed.append(len(list(out.glob("*_infer.out"))))
+
+    killer = threading.Thread(target=kill_mid_run, daemon=True)
+    lines = []
+    killer.start()
+    written = run_infer(cfg, report=lines.append)
+    killer.join(timeout=130)
+    assert killed and killed[0] < N_FILES, killed  # the worker died while inputs were left
+    assert sorted(written) == sorted(str(out / name) for name in in_process)
     assert _outputs(tmp_path) == in_process
-    reported = [line.rsplit(" -> ", 1)[1].split(" (")[0] for line in stdout.splitlines() if " -> " in line]
+    reported = [line.rsplit(" -> ", 1)[1].split(" (")[0] for line in lines if " -> " in line]
     assert sorted(reported) == sorted(str(out / name) for name in in_process)  # each exactly once

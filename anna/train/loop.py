@@ -17,6 +17,7 @@ from anna.errors import AnnaInputError
 from anna.plots import write_learning_curves
 from anna.runtime import configure_threads
 from anna.train.distribute import Distribution, make_distribution
+from anna.train.precision import network_policy, require_gpu, wrap_optimizer
 from anna.train.describe import (PART_TITLES, compute_parts, load_xval, missing_text, noise_models, parts_of,
                                  training_sample)
 from anna.train.schedule import DEFAULT_WEIGHT_DECAY, EarlyStopping, make_optimizer, stage_plans, stage_schedule
@@ -144,8 +145,9 @@ class Trainer:
                 plan = plans[stage_index]
                 with self.distribution.scope():  # variables made here are mirrored over the replicas
                     network = build_network(self.spec, dropout_rate=1.0 - plan.keep_prob, centre=self.centre,
-                                            compiled_form=self.compiled["form"], weight_init=cfg.weight_init)
-                    optimizer = make_optimizer(cfg, plan.learn_rate)
+                                            compiled_form=self.compiled["form"], weight_init=cfg.weight_init,
+                                            dtype_policy=network_policy(cfg))
+                    optimizer = wrap_optimizer(make_optimizer(cfg, plan.learn_rate), network_policy(cfg))
                     optimizer.build(network.trainable_variables)
                 resuming_here = arrays is not None and stage_index == self.state["stage_index"]
                 if resuming_here:
@@ -406,6 +408,7 @@ def run_training(cfg, report=print, on_interval=None):
     """
     configure_threads()
     distribution = make_distribution(cfg)  # before TensorFlow runs anything: MULTI_WORKER joins its cluster
+    require_gpu(cfg)  # MIXED_PRECISION: YES only on a GPU (anna.train.precision)
     trainer = Trainer(cfg, report, on_interval, distribution)
     if distribution.kind != "MULTI_WORKER":
         return trainer.run()

@@ -154,7 +154,9 @@ def make_distributed_train_steps(network, optimizer, spec, chunk_batches, batch_
 def _train_step_function(network, optimizer, spec, loss_scale=None):
     """``train_step(flux, labels, mask) -> (cost, parts)``: one optimiser step on one batch (see
     :func:`make_train_steps`).  ``loss_scale`` multiplies the loss whose gradient is taken (1 / replicas under
-    a distribution strategy, whose optimiser sums the replicas' gradients); the returned cost is unscaled."""
+    a distribution strategy, whose optimiser sums the replicas' gradients); the returned cost is unscaled.
+    A ``keras.optimizers.LossScaleOptimizer`` (MIXED_PRECISION) also scales the loss by its dynamic scale."""
+    import keras
     import tensorflow as tf
 
     from anna.losses import masked_squared_error, robust_heteroscedastic
@@ -162,6 +164,7 @@ def _train_step_function(network, optimizer, spec, loss_scale=None):
 
     nout = spec.nout
     heteroscedastic = spec.heteroscedastic
+    scales_loss = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     if heteroscedastic:
         trunk, free_top, dropout_top, variance_sum = variance_head_parts(network, spec)
 
@@ -194,6 +197,8 @@ def _train_step_function(network, optimizer, spec, loss_scale=None):
                 loss = cost
             if loss_scale is not None:
                 loss = loss * loss_scale
+            if scales_loss:  # MIXED_PRECISION: the LossScaleOptimizer unscales the gradients in its update
+                loss = optimizer.scale_loss(loss)
         grads = tape.gradient(loss, network.trainable_variables)
         optimizer.apply_gradients(zip(grads, network.trainable_variables))
         if heteroscedastic:
