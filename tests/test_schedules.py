@@ -138,7 +138,7 @@ def test_plateau_schedule_resumes_exactly_after_kill_9(tmp_path, toy_packs):
     """A rate far too high stops improving at once, so PLATEAU (patience 1) cuts it interval after interval;
     after kill -9 the rerun continues from the checkpoint's rate and count, not from LEARN_RATE1."""
     path = write_params(tmp_path, toy_packs, LR_SCHEDULE="PLATEAU", LR_PATIENCE=1, LR_FACTOR=0.7,
-                        LEARN_RATE1=0.5, NUM_TRAIN_ITERS1=600, SAMPLE_INTERVAL=20, DO_TRAIN2="NO",
+                        LEARN_RATE1=0.5, NUM_TRAIN_ITERS1=300, SAMPLE_INTERVAL=20, DO_TRAIN2="NO",
                         ES_SAMPLE=10 ** 6, JIT_COMPILE="NO")
     checkpoint = tmp_path / "model" / "checkpoint.anna"
     _kill_after_checkpoints(path, checkpoint, 4)
@@ -158,8 +158,9 @@ def test_plateau_schedule_resumes_exactly_after_kill_9(tmp_path, toy_packs):
 
 
 def test_cosine_schedule_after_kill_9_matches_an_uninterrupted_run(tmp_path, toy_packs):
-    keys = dict(LR_SCHEDULE="COSINE", NUM_TRAIN_ITERS1=400, SAMPLE_INTERVAL=20, DO_TRAIN2="NO", ES_SAMPLE=10 ** 6,
-                JIT_COMPILE="NO")
+    iterations = 240  # the kill comes after the third checkpoint (iteration ~60): the rest is the resume's
+    keys = dict(LR_SCHEDULE="COSINE", NUM_TRAIN_ITERS1=iterations, SAMPLE_INTERVAL=20, DO_TRAIN2="NO",
+                ES_SAMPLE=10 ** 6, JIT_COMPILE="NO")
     reference_folder = tmp_path / "reference"
     reference_folder.mkdir()
     reference = run_training(load_config(write_params(reference_folder, toy_packs, TBOARD_OUTPUT="NO", **keys)),
@@ -174,7 +175,7 @@ def test_cosine_schedule_after_kill_9_matches_an_uninterrupted_run(tmp_path, toy
     assert out.returncode == 0, out.stderr
     logged = _latest_by_step(_event_scalars(tmp_path / "logs", "learning_rate"))
     resumed = {step: rate for step, rate in logged.items() if step > stopped_at}
-    assert sorted(resumed) == list(range(stopped_at + 20, 401, 20))
+    assert sorted(resumed) == list(range(stopped_at + 20, iterations + 1, 20))
     for step, rate in resumed.items():
         assert rate == pytest.approx(expected[step], rel=1e-6)  # float32 in the event file
 

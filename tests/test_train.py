@@ -19,6 +19,7 @@ from anna.packs import open_pack
 from anna.params import load_config
 from anna.templates import relative_sn_on_grid
 from anna.train import run_training
+from conftest import make_toy_packs
 
 QUIET = lambda *_: None  # noqa: E731
 
@@ -54,10 +55,14 @@ def xval_cost_of(model, cfg):
     return float(np.mean(np.mean((pred - truth) ** 2, axis=1)))
 
 
-@pytest.fixture
-def trained(tmp_path, toy_packs):
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One two-stage run over the toy packs, shared by the tests that only read what it wrote (the frozen model,
+    the history, the TensorBoard logs): (cfg, result)."""
+    folder = tmp_path_factory.mktemp("trained")
+    packs = make_toy_packs(folder)
     # CONTINUUM and BAD_PIXEL_FILL change nothing in this training (no pixels are dropped); the model records them
-    cfg = load_config(write_params(tmp_path, toy_packs, CONTINUUM="SPLINE", BAD_PIXEL_FILL="CONTINUUM"))
+    cfg = load_config(write_params(folder, packs, CONTINUUM="SPLINE", BAD_PIXEL_FILL="CONTINUUM"))
     result = run_training(cfg, report=QUIET)
     return cfg, result
 
@@ -260,10 +265,14 @@ def test_sigterm_stops_cleanly_with_usable_model(tmp_path, toy_packs):
     assert np.all(np.isfinite(model.predict(np.ones((2, 64)))))
 
 
-def test_kill9_then_rerun_resumes_where_it_stopped(tmp_path, toy_packs):
+RESUMED_ITERS = 400  # stage 1 of the kill -9 test: long enough that the kill always comes mid-stage
+
+
+def test_kill9_then_rerun_resumes_where_it_stopped(tmp_path, toy_packs, capsys):
     from anna.train import read_checkpoint
 
-    path = write_params(tmp_path, toy_packs, NUM_TRAIN_ITERS1=2000, SAMPLE_INTERVAL=20, DO_TRAIN2="NO",
+    # the kill comes right after the second checkpoint (iteration 40); the rest of the stage is the resume's
+    path = write_params(tmp_path, toy_packs, NUM_TRAIN_ITERS1=RESUMED_ITERS, SAMPLE_INTERVAL=20, DO_TRAIN2="NO",
                         TBOARD_OUTPUT="NO", ES_SAMPLE=100000)
     checkpoint = tmp_path / "model" / "checkpoint.anna"
     proc = _start_training(path)
@@ -273,12 +282,17 @@ def test_kill9_then_rerun_resumes_where_it_stopped(tmp_path, toy_packs):
     proc.communicate(timeout=60)
     state, _ = read_checkpoint(checkpoint)
     stopped_at = state["iteration"]
-    assert 20 <= stopped_at < 2000 and not (tmp_path / "model" / "frozen.model").exists()
+    assert 20 <= stopped_at < RESUMED_ITERS and not (tmp_path / "model" / "frozen.model").exists()
 
-    changed = write_params(tmp_path, toy_packs, name="changed.param", NUM_TRAIN_ITERS1=2000, SAMPLE_INTERVAL=20,
-                           DO_TRAIN2="NO", TBOARD_OUTPUT="NO", ES_SAMPLE=100000, LEARN_RATE1=0.1)
-    out = _cli([str(changed)], tmp_path)
-    assert out.returncode == 2 and "LEARN_RATE1" in out.stderr and "checkpoint" in out.stderr
+    changed = write_params(tmp_path, toy_packs, name="changed.param", NUM_TRAIN_ITERS1=RESUMED_ITERS,
+                           SAMPLE_INTERVAL=20, DO_TRAIN2="NO", TBOARD_OUTPUT="NO", ES_SAMPLE=100000, LEARN_RATE1=0.1)
+    # refused by the entry point in this process (the command's own exit status is checked by the resume below)
+    from anna.cli import train_main
+
+    capsys.readouterr()
+    assert train_main([str(changed)]) == 2
+    refused = capsys.readouterr().err.strip().splitlines()
+    assert len(refused) == 1 and "LEARN_RATE1" in refused[0] and "checkpoint" in refused[0], refused
 
     out = _cli([str(path)], tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -286,7 +300,8 @@ def test_kill9_then_rerun_resumes_where_it_stopped(tmp_path, toy_packs):
     first_line = next(line for line in out.stdout.splitlines() if line.startswith("stage 1 iter"))
     assert int(first_line.split()[3].rstrip(":")) == stopped_at + 20  # continues, does not restart at 20
     model = load_frozen(tmp_path / "model")
-    assert model.metadata["complete"] is True and model.metadata["stages"][0]["iterations"] == 2000
+    assert model.metadata["complete"] is True
+    assert model.metadata["stages"][0]["iterations"] == RESUMED_ITERS
     assert not checkpoint.exists()
 
 
@@ -306,7 +321,8 @@ def test_starnet_like_network_is_one_config_away(tmp_path, toy_packs):
 def test_interrupted_rerun_never_replaces_a_finished_model(tmp_path, toy_packs):
     path = write_params(tmp_path, toy_packs, NUM_TRAIN_ITERS1=60, SAMPLE_INTERVAL=20, DO_TRAIN2="NO",
                         TBOARD_OUTPUT="NO")
-    assert _cli([str(path)], tmp_path, timeout=300).returncode == 0
+    # the finished run in this process (how it was made does not matter); the interrupted rerun is the command
+    assert run_training(load_config(path), report=QUIET)["stages"][0]["iterations"] == 60
     finished = tmp_path / "model" / "frozen.model"
     before = finished.read_bytes()
     longer = write_params(tmp_path, toy_packs, name="longer.param", NUM_TRAIN_ITERS1=100000, SAMPLE_INTERVAL=20,
