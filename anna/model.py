@@ -541,6 +541,12 @@ class FrozenModel:
             def forward(flux):
                 return network(flux, training=False)
 
+            # Traced here, in the thread that asks for it first (choose_forward_form: the main thread, before any
+            # worker starts), not at its first call in a worker.  XLA's on-disk cache (anna.runtime) keys each
+            # compiled program by the traced function's name, which carries a process-wide counter: traced
+            # in a worker, beside the training-domain graph traced in another, the name changed from run to
+            # run, and a rerun compiled again (a new cache entry in 2 of 4 warm reruns of one anna-infer).
+            forward.get_concrete_function()
             self._forward[form] = forward
         return self._forward[form]
 
@@ -564,6 +570,7 @@ class FrozenModel:
         self.forward_rows = batch_size
         if setting != "AUTO":
             self.forward_form = "xla" if setting == "YES" else "graph"
+            self._compiled_forward()  # traced now, in this thread (see _compiled_forward)
             return f"forward pass: {FORWARD_FORM_NAMES[self.forward_form]} (JIT_COMPILE {setting})"
         calls = sorted({batch_size // fraction for fraction in FORWARD_CALL_FRACTIONS
                         if fraction == 1 or batch_size // fraction >= PREDICT_MIN_ROWS}, reverse=True)
@@ -572,6 +579,7 @@ class FrozenModel:
         entry = read_remembered().get(key)
         if entry and entry.get("form") in FORWARD_FORMS and entry.get("rows") in calls:
             self.forward_form, self.forward_rows = entry["form"], entry["rows"]
+            self._compiled_forward()  # traced now, in this thread (see _compiled_forward)
             return (f"forward pass: {_trial_name(self.forward_form, self.forward_rows)} (JIT_COMPILE AUTO, as "
                     f"timed on this machine on {entry['when']}: {_rates_text(entry['rates'])})")
         flux = np.ones((batch_size, self.spec.npix), np.float32)
