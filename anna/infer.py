@@ -144,35 +144,50 @@ class GridBlock:
 # Spectra onto the grid
 
 
-def grid_flux_flags(flux):
-    """Flag sets for (n, npix) fluxes already on the grid: nonfinite, all_zero, zero_pixels.  Computed
-    FLAG_ROWS spectra at a time, so the temporary masks stay small and in the CPU cache."""
+def _bad_and_zero_counts(flux):
+    """(non-finite, zero) pixel counts of each (n, npix) spectrum, FLAG_ROWS spectra at a time, so that the
+    temporary masks stay small and in the CPU cache."""
     flux = np.asarray(flux)
-    finite = np.empty(flux.shape[0], dtype=bool)
+    bad = np.empty(flux.shape[0], dtype=np.int64)
     zeros = np.empty(flux.shape[0], dtype=np.int64)
     for start in range(0, flux.shape[0], FLAG_ROWS):
         rows = flux[start:start + FLAG_ROWS]
-        finite[start:start + FLAG_ROWS] = np.isfinite(rows).all(axis=1)
+        bad[start:start + FLAG_ROWS] = np.count_nonzero(~np.isfinite(rows), axis=1)
         zeros[start:start + FLAG_ROWS] = np.count_nonzero(rows == 0, axis=1)
-    flags = [set() for _ in range(flux.shape[0])]
-    for row in np.flatnonzero(~finite | (zeros > 0)):
-        if not finite[row]:
+    return bad, zeros
+
+
+def _flags_from_counts(bad, zeros, npix):
+    flags = [set() for _ in range(len(bad))]
+    for row in np.flatnonzero((bad > 0) | (zeros > 0)):
+        if bad[row]:
             flags[row].add("nonfinite")
-        elif zeros[row] == flux.shape[1]:
+        elif zeros[row] == npix:
             flags[row].add("all_zero")
         else:
             flags[row].add("zero_pixels")
     return flags
 
 
+def grid_flux_flags(flux):
+    """Flag sets for (n, npix) fluxes already on the grid: nonfinite, all_zero, zero_pixels."""
+    flux = np.asarray(flux)
+    return _flags_from_counts(*_bad_and_zero_counts(flux), flux.shape[1])
+
+
 def nonfinite_fraction(flux):
     """(n,) fraction of each (n, npix) spectrum's pixels that are not finite: the bad pixels of a spectrum
-    already on the grid (a pack), FLAG_ROWS spectra at a time."""
+    already on the grid (a pack)."""
     flux = np.asarray(flux)
-    counts = np.empty(flux.shape[0], dtype=np.int64)
-    for start in range(0, flux.shape[0], FLAG_ROWS):
-        counts[start:start + FLAG_ROWS] = np.count_nonzero(~np.isfinite(flux[start:start + FLAG_ROWS]), axis=1)
-    return counts / max(flux.shape[1], 1)
+    return _bad_and_zero_counts(flux)[0] / max(flux.shape[1], 1)
+
+
+def grid_flags_and_bad_fraction(flux):
+    """:func:`grid_flux_flags` and :func:`nonfinite_fraction` of (n, npix) grid fluxes from one pass over them
+    (a pack's block: the readers' per-spectrum work)."""
+    flux = np.asarray(flux)
+    bad, zeros = _bad_and_zero_counts(flux)
+    return _flags_from_counts(bad, zeros, flux.shape[1]), bad / max(flux.shape[1], 1)
 
 
 def nonfinite_fractions(spectra, flags, grid):
@@ -312,8 +327,9 @@ def read_debug_pack(path, model, batch_size):
                     key="DEBUG_DATA")
     for start, stop in pack.iter_chunks(int(batch_size)):
         ids, _, flux = pack.read_rows(start, stop, flux_dtype=np.float32)
+        flags, bad_fraction = grid_flags_and_bad_fraction(flux)
         yield GridBlock(star_ids=[format_star_id(value) for value in ids], meta=[()] * (stop - start), flux=flux,
-                        flags=grid_flux_flags(flux), bad_fraction=nonfinite_fraction(flux))
+                        flags=flags, bad_fraction=bad_fraction)
 
 
 def read_multispec(path, model, options=None):

@@ -32,7 +32,7 @@ from anna.errors import AnnaInputError
 import numpy as np
 
 from anna.infer import (GridBlock, Predictor, _FileBatcher, _has_error_columns, _is_done, _OutputTable,
-                        _report_written, grid_flux_flags, nonfinite_fraction, output_header)
+                        _report_written, grid_flags_and_bad_fraction, output_header)
 from anna.tables import format_star_id
 
 try:  # the dask extra; without it INFER_SCHEDULER says what to install (_distributed)
@@ -139,8 +139,9 @@ def infer_rows_task(path, start, stop):
     for first in range(start, stop, predictor.batch_size):
         last = min(stop, first + predictor.batch_size)
         ids, _, flux = pack.read_rows(first, last, flux_dtype=np.float32)
+        flags, bad_fraction = grid_flags_and_bad_fraction(flux)
         block = GridBlock(star_ids=[format_star_id(value) for value in ids], meta=[()] * (last - first), flux=flux,
-                          flags=grid_flux_flags(flux), bad_fraction=nonfinite_fraction(flux))
+                          flags=flags, bad_fraction=bad_fraction)
         table.write_block(block, *predictor.predict(block))
     return {"start": start, "text": text.getvalue(), "counts": table.counts}
 
