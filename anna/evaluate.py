@@ -55,7 +55,7 @@ from anna.errors import AnnaInputError
 from anna.correction import (apply_correction, correction_location, fit_correction, model_fingerprint,
                              save_correction)
 from anna.model import ERROR_COLUMNS, load_frozen, mc_samples_for, resolve_model_path
-from anna.packs import open_pack
+from anna.packs import count_bad_label_stars, open_pack, refuse_bad_labels
 from anna.plots import write_coverage_plot, write_residuals_vs_sn
 from anna.progress import announce_total, count_done
 from anna.resample import check_same_grid
@@ -375,7 +375,9 @@ def _test_and_summarise(cfg, model, pack, rel_sn, mc_samples, names, staging, st
 
 
 def _open_test_pack(cfg, model):
-    pack = open_pack(cfg.testing_data, missing_label_value=getattr(cfg, "magic_number", None))
+    # the labels are checked as the pack is streamed (_predict_and_write), not by a pass of their own: at
+    # survey size that pass read the whole pack once more before the first spectrum was predicted
+    pack = open_pack(cfg.testing_data, check_labels=False)
     if pack.nout != model.nout:
         raise AnnaInputError(f"pack has {pack.nout} labels per star but the model predicts {model.nout} "
                              f"({', '.join(model.output_names)})", path=pack.path, key="TESTING_DATA")
@@ -443,8 +445,12 @@ def _predict_and_write(cfg, model, pack, rel_sn, stats_path, batch_size, mc_samp
         writer.writerow(header)
         announce_total(report, n)  # a progress display (anna.progress) counts the spectra
         pending = None
+        bad_labels = (0, 0)  # stars with infinite labels, with NaN labels (refused: anna.packs)
         for start, stop in pack.iter_chunks(_chunk_stars(batch_size)):
             ids, labels, flux = pack.read_rows(start, stop, flux_dtype=flux_dtype)
+            bad_labels = tuple(map(sum, zip(bad_labels, count_bad_label_stars(labels, missing_value))))
+            if any(bad_labels):
+                continue  # the pack is refused: the rest is only read, so that the error counts every bad star
             if sn is not None:
                 noised = np.empty_like(flux)
                 for first in range(0, stop - start, TEST_NOISE_BLOCK):
@@ -461,6 +467,7 @@ def _predict_and_write(cfg, model, pack, rel_sn, stats_path, batch_size, mc_samp
             if pending is not None:
                 write(*pending.result())
             pending = current
+        refuse_bad_labels(pack, *bad_labels)
         if pending is not None:
             write(*pending.result())
         if bad_flux_stars:

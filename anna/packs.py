@@ -222,9 +222,24 @@ def open_pack(path, *, expected_npix=None, expected_nout=None, max_stars=None, c
 def _check_labels(pack, missing_label_value):
     bad_inf, bad_nan = 0, 0
     for _, _, labels, _ in pack.iter_blocks():
-        bad_inf += int(np.count_nonzero(np.isinf(labels).any(axis=1)))
-        if missing_label_value is None:
-            bad_nan += int(np.count_nonzero(np.isnan(labels).any(axis=1)))
+        inf, nan = count_bad_label_stars(labels, missing_label_value)
+        bad_inf, bad_nan = bad_inf + inf, bad_nan + nan
+    refuse_bad_labels(pack, bad_inf, bad_nan)
+
+
+def count_bad_label_stars(labels, missing_label_value=None):
+    """(stars with an infinite label, stars with a NaN label) among (n, nout) ``labels``; NaN labels count
+    only when ``missing_label_value`` is None (otherwise NaN marks a missing label, which is allowed).
+
+    Shared by open_pack's check and by whole-pack passes that check the labels as they read them (anna-test),
+    instead of reading the pack once more for them first."""
+    bad_inf = int(np.count_nonzero(np.isinf(labels).any(axis=1)))
+    bad_nan = int(np.count_nonzero(np.isnan(labels).any(axis=1))) if missing_label_value is None else 0
+    return bad_inf, bad_nan
+
+
+def refuse_bad_labels(pack, bad_inf, bad_nan):
+    """Raise the one-line error for a pack whose labels :func:`count_bad_label_stars` found bad, if any."""
     if bad_inf:
         raise AnnaInputError(f"{bad_inf} of {pack.n_stars} stars have infinite labels", path=pack.path)
     if bad_nan:

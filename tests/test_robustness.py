@@ -590,6 +590,25 @@ def test_failing_anna_test_leaves_no_output(tmp_path, capsys, frozen_model):
     assert files_under(tmp_path / "results") == []
 
 
+def test_anna_test_refuses_bad_labels_counted_over_the_whole_pack(tmp_path, capsys, frozen_model):
+    # anna-test checks the labels as it streams the pack (chunks of 512 stars): a bad label in the first chunk
+    # and one in the third are both counted, and nothing is written
+    n = 1100
+    labels, flux = star_labels_and_flux(n, seed=4)
+    labels[3, 1], labels[1050, 0] = np.inf, -np.inf
+    pack = tmp_path / "inf.pack"
+    write_pack(pack, GRID, np.arange(n), labels, flux)
+    message = one_message(fails(anna_test_main, [anna_test_param(tmp_path, frozen_model, pack)], capsys))
+    assert message == f"{pack}: 2 of {n} stars have infinite labels"
+    assert files_under(tmp_path / "results") == []
+    # NaN marks a missing label (MAGIC_NUMBER's default applies): accepted, the star left out of that label
+    labels[3, 1], labels[1050, 0] = np.nan, np.nan
+    write_pack(pack, GRID, np.arange(n), labels, flux)
+    succeeds(anna_test_main, [anna_test_param(tmp_path, frozen_model, pack)], capsys)
+    summary = json.loads((tmp_path / "results" / "test_summary.json").read_text())
+    assert [label["n"] for label in summary["labels"].values()] == [n - 1, n - 1]
+
+
 def test_failed_correction_fit_leaves_no_output(tmp_path, capsys, frozen_model):
     labels, flux = star_labels_and_flux(4, seed=3)
     pack = tmp_path / "few.pack"
