@@ -495,10 +495,8 @@ class Predictor:
         """Reported labels (n, nout) for a GridBlock and, with MC dropout, a dict of (n, nout) sigmas
         (``sigma_total``, ``sigma_model``, ``sigma_pred``; else None).  Adds warning flags to ``block.flags``."""
         usable = np.array([not (words & FATAL_FLAGS) for words in block.flags], dtype=bool)
-        # Fatal rows go through as flat continuum so every batch has the same rows as the input, as in anna-test.
-        # Their outputs are discarded.  The network reads float32.  DEBUG results equal anna-test's to the
-        # network's float32 rounding: with the training-domain projection in its program (see
-        # FrozenModel.attach_domain_projection), XLA may order the network's sums differently.
+        # Fatal rows go through as flat continuum so every batch has the same rows as the input: DEBUG results
+        # then equal anna-test's exactly.  Their outputs are discarded.  The network reads float32.
         flux = np.asarray(block.flux, dtype=np.float32)
         if not usable.all():
             flux = np.where(usable[:, None], flux, np.float32(1.0))
@@ -553,15 +551,6 @@ class Predictor:
             for row in np.flatnonzero(usable & (np.asarray(block.bad_fraction) > self.max_bad_pixel_fraction)):
                 block.flags[row].add("many_bad_pixels")
         return labels, sigmas
-
-
-def project_domain_in_forward(model):
-    """Put the training-domain projection into the model's forward pass (FrozenModel.attach_domain_projection),
-    when the model has a training domain.  Every anna-infer run without MC dropout does, in one process or on
-    Dask workers, so that they all run the same program and report the same values."""
-    domain = model.metadata.get("training_domain")
-    if domain:
-        model.attach_domain_projection(*DomainScorer(domain).basis(np.float32))
 
 
 def output_header(names, meta_columns, with_errors, with_noise=False):
@@ -792,7 +781,9 @@ def run_infer(cfg, report=print):
     plan = model.plan_batches(cfg.infer_batch_size, cfg.max_memory_gb, mc_samples, key="INFER_BATCH_SIZE")
     report(plan.text)
     if mc_samples is None:  # MC dropout runs its own sampled graph
-        project_domain_in_forward(model)
+        domain = model.metadata.get("training_domain")
+        if domain and not cfg.infer_scheduler:  # the flags' projection rides on the forward pass
+            model.attach_domain_projection(*DomainScorer(domain).basis(np.float32))
         report(model.choose_forward_form(cfg.jit_compile, plan.batch, report))
     announce_total(report, len(todo))
     if cfg.infer_scheduler:  # the same work on a Dask cluster's workers (anna.infer_dask)

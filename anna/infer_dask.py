@@ -32,7 +32,7 @@ from anna.errors import AnnaInputError
 import numpy as np
 
 from anna.infer import (GridBlock, Predictor, _FileBatcher, _has_error_columns, _is_done, _OutputTable,
-                        _report_written, grid_flags_and_bad_fraction, output_header, project_domain_in_forward)
+                        _report_written, grid_flags_and_bad_fraction, output_header)
 from anna.tables import format_star_id
 
 try:  # the dask extra; without it INFER_SCHEDULER says what to install (_distributed)
@@ -89,8 +89,6 @@ class ModelOnWorker(WorkerPlugin):
                 pass
         s = self.settings
         model = load_frozen(s["model_loc"], dropout_seed=s["dropout_seed"])
-        if s["mc_samples"] is None:  # the program the client chose its form for (run_infer)
-            project_domain_in_forward(model)
         if s["forward_form"] is not None:  # the client's choice (JIT_COMPILE), so numbers match its run
             model.forward_form = s["forward_form"]
         self.predictor = Predictor(model, s["batch"], s["range_margin"], s["correction"], s["mc_samples"],

@@ -535,11 +535,10 @@ class FrozenModel:
         :meth:`predict_parts` then returns the coefficients and residual sums beside the outputs.
 
         Why: anna-infer flags each spectrum by its training-domain statistics.  Run as a graph of its own, beside
-        the network, the projection read every block of spectra a second time: on 1001-pixel spectra, 6-10 us
-        of CPU per spectrum against the network's 47-100 (quiet and busy cores); inside the network's program
-        it adds 2, XLA reading each spectrum once for both.  The price: XLA compiles another program, whose
-        network outputs may differ from anna-test's (no projection) in the last bit of float32.  Call before
-        :meth:`choose_forward_form`, so that the form is chosen, and traced, with the projection in it."""
+        the network, the projection read every block of spectra a second time and cost 6 us of CPU per
+        1001-pixel spectrum, while the network took 47 (benchmarks/, survey-size inference); inside the
+        network's program XLA reads each spectrum once for both.  Call before :meth:`choose_forward_form`, so
+        that the form is chosen, and traced, with the projection in it."""
         self._domain_basis = (tf.constant(np.asarray(components, dtype=np.float32)),
                               tf.constant(np.asarray(reference, dtype=np.float32)))
         self._forward = {}
