@@ -82,28 +82,15 @@ class DomainScorer:
         self.inverse_covariance = np.asarray(domain["coefficient_inverse_covariance"], dtype=np.float64)
         self._tensors = {}
 
-    def basis(self, dtype):
-        """(components (K, npix), reference spectrum (npix,)) in ``dtype``: what :func:`project_onto_domain`
-        takes, for a caller that runs the projection inside its own program (anna-infer's forward pass)."""
-        return self.components.astype(dtype), self.reference.astype(dtype)
-
     def _project(self, flux):
         """(coefficients (n, K), residual sum of squares (n,)) of flux - reference, float64."""
         import tensorflow as tf
 
         if flux.dtype not in self._tensors:
-            self._tensors[flux.dtype] = tuple(tf.constant(array) for array in self.basis(flux.dtype))
+            self._tensors[flux.dtype] = (tf.constant(self.components.astype(flux.dtype)),
+                                         tf.constant(self.reference.astype(flux.dtype)))
         coefficients, residual_sum = _projection(flux.dtype)(flux, *self._tensors[flux.dtype])
         return coefficients.numpy().astype(np.float64), residual_sum.numpy().astype(np.float64)
-
-    def noise(self, flux):
-        """(n,) DER_SNR noise of each spectrum, in the precision of ``flux``, SCORE_ROWS spectra at a time
-        (see :meth:`scores`)."""
-        flux = _working_precision(flux)
-        if flux.shape[0] == 0:
-            return np.zeros(0)
-        return np.concatenate([der_snr_noise(flux[start:start + SCORE_ROWS])
-                               for start in range(0, flux.shape[0], SCORE_ROWS)])
 
     def scores(self, flux):
         """(n, 2) scores.  The projection runs on up to PROJECT_ROWS spectra per graph call: each call has a
@@ -113,48 +100,25 @@ class DomainScorer:
         stay in the CPU cache and are reused, where whole blocks of a thousand 7214-pixel spectra made fresh
         arrays of 30 MB each, paid for in page faults."""
         flux = _working_precision(flux)
+        dof = max(flux.shape[1] - self.components.shape[0], 1)
         result = np.empty((flux.shape[0], 2))
         for block_start in range(0, flux.shape[0], PROJECT_ROWS):
             block = flux[block_start:block_start + PROJECT_ROWS]
             coefficients, residual_sum = self._project(block)
-            result[block_start:block_start + block.shape[0]] = self.scores_given(
-                coefficients, residual_sum, self.noise(block))
+            noise = np.concatenate([der_snr_noise(block[start:start + SCORE_ROWS])
+                                    for start in range(0, block.shape[0], SCORE_ROWS)])
+            excess = residual_sum / dof - noise ** 2
+            offset = coefficients - self.coefficient_mean[None, :]
+            mahalanobis = np.einsum("ij,jk,ik->i", offset, self.inverse_covariance, offset)
+            rows = slice(block_start, block_start + block.shape[0])
+            result[rows, 0] = np.sqrt(np.maximum(excess, 0.0))
+            result[rows, 1] = np.sqrt(np.maximum(mahalanobis, 0.0))
         return result
 
-    def scores_given(self, coefficients, residual_sum, noise):
-        """(n, 2) scores from a projection already made (:func:`project_onto_domain`: (n, K) coefficients and
-        (n,) residual sums of squares) and the (n,) DER_SNR noise (:meth:`noise`) of the same spectra."""
-        coefficients = np.asarray(coefficients, dtype=np.float64)
-        residual_sum = np.asarray(residual_sum, dtype=np.float64)
-        noise = np.asarray(noise, dtype=np.float64)
-        dof = max(self.components.shape[1] - self.components.shape[0], 1)
-        excess = residual_sum / dof - noise ** 2
-        offset = coefficients - self.coefficient_mean[None, :]
-        mahalanobis = np.einsum("ij,jk,ik->i", offset, self.inverse_covariance, offset)
-        return np.stack([np.sqrt(np.maximum(excess, 0.0)), np.sqrt(np.maximum(mahalanobis, 0.0))], axis=1)
-
     def outside(self, flux):
-        return self._beyond(self.scores(flux))
-
-    def outside_given(self, coefficients, residual_sum, noise):
-        """:meth:`outside` from a projection already made and the noise (see :meth:`scores_given`)."""
-        return self._beyond(self.scores_given(coefficients, residual_sum, noise))
-
-    def _beyond(self, scores):
+        scores = self.scores(flux)
         limits = self.domain["thresholds"]
         return (scores[:, 0] > limits["residual"]) | (scores[:, 1] > limits["mahalanobis"])
-
-
-def project_onto_domain(values, components, reference):
-    """TensorFlow ops: (coefficients (n, K), residual sum of squares (n,)) of (n, npix) ``values`` - reference
-    on the orthonormal rows of ``components``.  The one definition of the projection, run by DomainScorer's own
-    graph and, fused with the network, by anna-infer's forward pass (anna.model.FrozenModel)."""
-    import tensorflow as tf
-
-    centred = values - reference
-    coefficients = tf.matmul(centred, components, transpose_b=True)
-    residual = centred - tf.matmul(coefficients, components)
-    return coefficients, tf.reduce_sum(tf.square(residual), axis=1)
 
 
 _PROJECTIONS = {}
@@ -166,8 +130,15 @@ def _projection(dtype):
     import tensorflow as tf
 
     if dtype not in _PROJECTIONS:
-        _PROJECTIONS[dtype] = tf.function(project_onto_domain, autograph=False, input_signature=[
-            tf.TensorSpec([None, None], dtype), tf.TensorSpec([None, None], dtype), tf.TensorSpec([None], dtype)])
+        @tf.function(input_signature=[tf.TensorSpec([None, None], dtype), tf.TensorSpec([None, None], dtype),
+                                      tf.TensorSpec([None], dtype)], autograph=False)
+        def project(values, components, reference):
+            centred = values - reference
+            coefficients = tf.matmul(centred, components, transpose_b=True)
+            residual = centred - tf.matmul(coefficients, components)
+            return coefficients, tf.reduce_sum(tf.square(residual), axis=1)
+
+        _PROJECTIONS[dtype] = project
     return _PROJECTIONS[dtype]
 
 

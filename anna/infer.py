@@ -501,23 +501,15 @@ class Predictor:
         if not usable.all():
             flux = np.where(usable[:, None], flux, np.float32(1.0))
         scorer = self.domain_scorer if usable.any() else None
-        # With the projection in the forward pass (attach_domain_projection) only the DER_SNR noise is left to
-        # the domain statistics; either way they run in their own thread while the network predicts: +15 %
-        # spectra/s (benchmarks/)
-        projected = scorer is not None and self.mc_samples is None and self.model.projects_domain
+        # the domain statistics in their own thread while the network predicts: +15 % spectra/s (benchmarks/)
         scored = flux if usable.all() else flux[usable]  # no copy of a block without fatal rows
-        domain_work = None if scorer is None else scorer.noise if projected else scorer.outside
-        scoring = (self.domain_pool.submit(domain_work, scored)
-                   if domain_work is not None and self.domain_pool is not None else None)
+        scoring = (self.domain_pool.submit(scorer.outside, scored)
+                   if scorer is not None and self.domain_pool is not None else None)
         # the variance head reads a file's own noise where it has one (survey files with errors), else DER_SNR
         noise = None
         if self.with_noise:
             noise = np.full(len(flux), np.nan) if block.noise is None else np.asarray(block.noise, dtype=np.float64)
-        if projected:
-            labels, coefficients, residual_sum = self.model.predict_with_projection(flux, self.batch_size)
-            sigmas = None
-        else:
-            labels, sigmas = self.model.predict_labels(flux, self.batch_size, self.mc_samples, noise=noise)
+        labels, sigmas = self.model.predict_labels(flux, self.batch_size, self.mc_samples, noise=noise)
         for values in [labels, *(sigmas or {}).values()]:
             values[~usable] = np.nan
         names = self.model.output_names
@@ -539,9 +531,7 @@ class Predictor:
             for row in np.flatnonzero(large & usable):
                 block.flags[row].add("large_sigma")
         if scorer is not None:
-            outside = scoring.result() if scoring is not None else domain_work(scored)
-            if projected:  # what came back is the noise
-                outside = scorer.outside_given(coefficients[usable], residual_sum[usable], outside)
+            outside = scoring.result() if scoring is not None else scorer.outside(scored)
             for row in np.flatnonzero(usable)[outside]:
                 block.flags[row].add("outside_training_domain")
         for word in self.missing_flags:
@@ -781,9 +771,6 @@ def run_infer(cfg, report=print):
     plan = model.plan_batches(cfg.infer_batch_size, cfg.max_memory_gb, mc_samples, key="INFER_BATCH_SIZE")
     report(plan.text)
     if mc_samples is None:  # MC dropout runs its own sampled graph
-        domain = model.metadata.get("training_domain")
-        if domain and not cfg.infer_scheduler:  # the flags' projection rides on the forward pass
-            model.attach_domain_projection(*DomainScorer(domain).basis(np.float32))
         report(model.choose_forward_form(cfg.jit_compile, plan.batch, report))
     announce_total(report, len(todo))
     if cfg.infer_scheduler:  # the same work on a Dask cluster's workers (anna.infer_dask)

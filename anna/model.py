@@ -501,7 +501,6 @@ class FrozenModel:
         self.mc_spectra_per_call = None  # None: compile_mc_forward's own grouping; else anna.memory's plan
         self._forward = {}
         self._mc_forward = {}
-        self._domain_basis = None  # (components, reference) tensors: see attach_domain_projection
 
     @property
     def nout(self):
@@ -529,30 +528,10 @@ class FrozenModel:
         self.mc_spectra_per_call = plan.mc_spectra_per_call
         return plan
 
-    def attach_domain_projection(self, components, reference):
-        """Make every forward pass also project its spectra on the training domain's principal components
-        (:func:`anna.domain.project_onto_domain`; float32 (K, npix) ``components`` and (npix,) ``reference``):
-        :meth:`predict_parts` then returns the coefficients and residual sums beside the outputs.
-
-        Why: anna-infer flags each spectrum by its training-domain statistics.  Run as a graph of its own, beside
-        the network, the projection read every block of spectra a second time and cost 6 us of CPU per
-        1001-pixel spectrum, while the network took 47 (benchmarks/, survey-size inference); inside the
-        network's program XLA reads each spectrum once for both.  Call before :meth:`choose_forward_form`, so
-        that the form is chosen, and traced, with the projection in it."""
-        self._domain_basis = (tf.constant(np.asarray(components, dtype=np.float32)),
-                              tf.constant(np.asarray(reference, dtype=np.float32)))
-        self._forward = {}
-
-    @property
-    def projects_domain(self):
-        """Whether the forward pass also projects on the training domain (:meth:`attach_domain_projection`)."""
-        return self._domain_basis is not None
-
     def _compiled_forward(self, form=None):
         form = form or self.forward_form
         if form not in self._forward:
             network = self.network
-            basis = self._domain_basis
 
             # XLA fuses the network into a few loops: 1.5x the spectra per second of the plain graph on 2 cores
             # for the tutorial network (benchmarks/).  It compiles once per batch shape, hence the fixed shapes
@@ -560,12 +539,7 @@ class FrozenModel:
             @tf.function(input_signature=[tf.TensorSpec([None, self.spec.npix], tf.float32)],
                          jit_compile=form == "xla", autograph=False)
             def forward(flux):
-                outputs = network(flux, training=False)
-                if basis is None:
-                    return (outputs,)
-                from anna.domain import project_onto_domain
-
-                return (outputs, *project_onto_domain(flux, *basis))
+                return network(flux, training=False)
 
             # Traced here, in the thread that asks for it first (choose_forward_form: the main thread, before any
             # worker starts), not at its first call in a worker.  XLA's on-disk cache (anna.runtime) keys each
@@ -600,11 +574,8 @@ class FrozenModel:
             return f"forward pass: {FORWARD_FORM_NAMES[self.forward_form]} (JIT_COMPILE {setting})"
         calls = sorted({batch_size // fraction for fraction in FORWARD_CALL_FRACTIONS
                         if fraction == 1 or batch_size // fraction >= PREDICT_MIN_ROWS}, reverse=True)
-        key = {"forward": self.spec.to_dict(), "batch": batch_size, "forms": list(FORWARD_FORMS), "calls": calls,
-               "machine": machine_description()}
-        if self.projects_domain:  # a program of its own (attach_domain_projection), timed on its own
-            key["domain_projection"] = int(self._domain_basis[0].shape[0])
-        key = json.dumps(key, sort_keys=True)
+        key = json.dumps({"forward": self.spec.to_dict(), "batch": batch_size, "forms": list(FORWARD_FORMS),
+                          "calls": calls, "machine": machine_description()}, sort_keys=True)
         entry = read_remembered().get(key)
         if entry and entry.get("form") in FORWARD_FORMS and entry.get("rows") in calls:
             self.forward_form, self.forward_rows = entry["form"], entry["rows"]
@@ -617,13 +588,13 @@ class FrozenModel:
             forward = self._compiled_forward(form)
             for rows in calls:
                 try:
-                    _wait_for(forward(flux[:rows]))  # compiles
+                    forward(flux[:rows]).numpy()  # compiles
                 except (tf.errors.OpError, ValueError, RuntimeError) as error:
                     report(f"forward pass: {FORWARD_FORM_NAMES[form]} fails here ({type(error).__name__}), not used")
                     break
                 done, start = 0, time.perf_counter()
                 while time.perf_counter() - start < seconds or done < 2:
-                    _wait_for(forward(flux[:rows]))
+                    forward(flux[:rows]).numpy()
                     done += 1
                 rates[f"{form}@{rows}"] = done * rows / (time.perf_counter() - start)
         if not rates:
@@ -636,10 +607,8 @@ class FrozenModel:
         return (f"forward pass: {_trial_name(self.forward_form, self.forward_rows)} (JIT_COMPILE AUTO: "
                 f"{_rates_text(rates)}" + (f"; could not remember the choice: {problem}" if problem else "") + ")")
 
-    def predict_parts(self, flux, batch_size=4096):
-        """What the forward pass returns for (n, npix) flux, as float64 numpy arrays: ``[outputs]`` (normalised
-        labels [+ log-variances], (n, outputs)), and with :meth:`attach_domain_projection` also the (n, K)
-        coefficients and (n,) residual sums of squares of the training-domain projection.
+    def predict_raw(self, flux, batch_size=4096):
+        """Network outputs (normalised labels [+ log-variances]) for (n, npix) flux, float64 numpy.
 
         Spectra go through ``batch_size`` at a time; a shorter batch is padded with flat continuum up to the
         next power of two (at least PREDICT_MIN_ROWS), so however the input is cut only a handful of batch
@@ -648,33 +617,19 @@ class FrozenModel:
         flux = np.asarray(flux)
         batch_size = min(int(batch_size), self.forward_rows or int(batch_size))
         forward = self._compiled_forward()
-        parts = [np.empty((flux.shape[0], self.network.output_shape[-1]), dtype=np.float64)]
-        if self._domain_basis is not None:
-            parts += [np.empty((flux.shape[0], int(self._domain_basis[0].shape[0]))), np.empty(flux.shape[0])]
+        out = np.empty((flux.shape[0], self.network.output_shape[-1]), dtype=np.float64)
         for start, chunk in row_blocks(flux, batch_size):
             rows = len(chunk)
             shape_rows = min(batch_size, max(PREDICT_MIN_ROWS, 1 << (rows - 1).bit_length()))
             if shape_rows > rows:
                 chunk = np.concatenate([chunk, np.ones((shape_rows - rows, chunk.shape[1]), np.float32)])
-            for part, values in zip(parts, forward(chunk)):
-                part[start:start + rows] = values.numpy()[:rows]
-        return parts
-
-    def predict_raw(self, flux, batch_size=4096):
-        """Network outputs (normalised labels [+ log-variances]) for (n, npix) flux, float64 numpy (the first
-        of :meth:`predict_parts`)."""
-        return self.predict_parts(flux, batch_size)[0]
+            out[start:start + rows] = forward(chunk).numpy()[:rows]
+        return out
 
     def predict(self, flux, batch_size=4096):
         """Labels in physical units, (n, nout) float64."""
         raw = self.predict_raw(flux, batch_size)
         return self.scaler.physical(raw[:, :self.nout])
-
-    def predict_with_projection(self, flux, batch_size=4096):
-        """(labels in physical units (n, nout), coefficients (n, K), residual sums of squares (n,)): :meth:`predict`
-        plus the training-domain projection that the forward pass makes after :meth:`attach_domain_projection`."""
-        outputs, coefficients, residual_sum = self.predict_parts(flux, batch_size)
-        return self.scaler.physical(outputs[:, :self.nout]), coefficients, residual_sum
 
     @property
     def mc_dropout_rate(self):
@@ -884,11 +839,6 @@ def load_frozen(location, dropout_seed=None):
         raise AnnaInputError(f"frozen model weights do not fit its network description ({exc})",
                              path=path) from None
     return FrozenModel(network, spec, metadata, path=path)
-
-
-def _wait_for(parts):
-    """The forward pass's outputs fetched to numpy: a timed call has finished only when they are."""
-    return [part.numpy() for part in parts]
 
 
 def _trial_name(form, rows):

@@ -370,33 +370,3 @@ def test_a_model_lacking_parts_says_so_once_and_flags_every_star(tmp_path, model
         assert len([line for line in lines if line.startswith("note: model has no")]) == len(missing)
         on_disk = json.loads((tmp_path / f"test_{folder.name}" / "test_summary.json").read_text())
         assert sorted(on_disk["model_missing_parts"]) == sorted(missing)
-
-
-@pytest.mark.parametrize("jit_compile", ["YES", "NO"])
-def test_forward_pass_projects_on_the_training_domain_as_the_scorer_does(model_dir, jit_compile):
-    """anna-infer runs the training-domain projection inside the network's forward pass
-    (FrozenModel.attach_domain_projection): its coefficients and residual sums are the scorer's own projection,
-    to float32 rounding, the labels are the network's alone, and the flags they give are the scorer's.
-    300 spectra in calls of 128 (the last one padded); a third of them shifted by 9 pixels, so both answers
-    of the flag occur."""
-    from anna.domain import DomainScorer
-    from anna.model import load_frozen
-
-    _, flux, _ = toy_stars(300, seed=11)
-    flux = (flux + np.random.default_rng(12).normal(0.0, 0.01, flux.shape)).astype(np.float32)
-    flux[::3] = np.roll(flux[::3], 9, axis=1)
-    model = load_frozen(model_dir)
-    model.choose_forward_form(jit_compile, 128, report=lambda line: None)
-    alone = model.predict(flux, 128)
-    scorer = DomainScorer(model.metadata["training_domain"])
-    model.attach_domain_projection(*scorer.basis(np.float32))
-    assert model.projects_domain
-    model.choose_forward_form(jit_compile, 128, report=lambda line: None)
-    labels, coefficients, residual_sum = model.predict_with_projection(flux, 128)
-    np.testing.assert_allclose((labels - MINIMA) / SPAN, (alone - MINIMA) / SPAN, rtol=0, atol=1e-6)
-    expected_coefficients, expected_residual = scorer._project(flux)
-    np.testing.assert_allclose(coefficients, expected_coefficients, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(residual_sum, expected_residual, rtol=1e-4, atol=1e-7)
-    outside = scorer.outside_given(coefficients, residual_sum, scorer.noise(flux))
-    np.testing.assert_array_equal(outside, scorer.outside(flux))
-    assert 0 < outside.sum() < len(flux)
