@@ -60,6 +60,16 @@ def toy_packs(tmp_path):
     return make_toy_packs(tmp_path)
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """tests/toy_model.py's tiny frozen model (train_tiny_model's defaults), trained once for the modules that
+    read it: tests/test_infer.py, test_evaluate.py, test_infer_dask.py and test_memory.py.  Nothing may be
+    written beside it: the tests that fit a correction (correction.json beside the model) copy it first."""
+    from toy_model import train_tiny_model
+
+    return train_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
 def make_toy_packs(tmp_path):
     from anna.packs import write_pack
 
