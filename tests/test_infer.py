@@ -23,8 +23,9 @@ from toy_model import NAMES, MINIMA, MAXIMA, SPAN, WAVE, SHARED, toy_flux, toy_s
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return train_tiny_model(tmp_path_factory.mktemp("model"))
+def model_dir(tiny_model_dir):
+    """The suite's one tiny model (conftest.tiny_model_dir): these tests only read it."""
+    return tiny_model_dir
 
 
 def infer_config(tmp_path, model_dir, **keys):
