@@ -5,10 +5,18 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
-import pytest
+# One BLAS thread for numpy and scipy in the suite and every command it starts (set before numpy loads, unless
+# the caller chose a count).  The suite's maths is small matrices (toy packs, 64-128 px) next to TensorFlow's own
+# thread pools on a 2-core machine: OpenBLAS's threads then wait on each other instead of working, and a
+# (3200, 64) scatter product took 20 ms with two threads against 1.4 ms with one (load 4); the training-domain
+# test of tests/test_uncertainty.py ran 33 s against 15 s.  What the tests compare is computed under the one
+# setting (a long sum may round differently with another thread count; no test holds such a last digit).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from anna.runtime import prepare_tensorflow_environment
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from anna.runtime import prepare_tensorflow_environment  # noqa: E402
 
 # JIT_COMPILE AUTO remembers its timings per network and machine, and XLA keeps its compiled programs, in
 # ANNA-TF's cache folder; the suite keeps its own (shared by its tests, so a network is timed once) instead of
@@ -50,6 +58,16 @@ def line_spectra(labels, wavelengths):
 def toy_packs(tmp_path):
     """Training, cross-validation and test packs (64 px, labels a in 0..1, b in 10..30) and an S/N template."""
     return make_toy_packs(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """tests/toy_model.py's tiny frozen model (train_tiny_model's defaults), trained once for the modules that
+    read it: tests/test_infer.py, test_evaluate.py, test_infer_dask.py and test_memory.py.  Nothing may be
+    written beside it: the tests that fit a correction (correction.json beside the model) copy it first."""
+    from toy_model import train_tiny_model
+
+    return train_tiny_model(tmp_path_factory.mktemp("tiny_model"))
 
 
 def make_toy_packs(tmp_path):

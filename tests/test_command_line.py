@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import termios
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -129,7 +130,11 @@ def test_test_and_infer_start_quietly_with_the_model_uncertainties_and_plots(tra
                              TESTING_DATA=packs["test"], PREPROCESS_TEST="YES", SN_RANGE_TEST="5, 200",
                              REL_CONT_E_TEST="-0.005, 0.005", SN_TEMPLATE_TEST=packs["sn_template"], MC_SAMPLES=20,
                              SEED=1)
-    result = run([command("anna-test"), test_param], folder)
+    # anna-test runs while the two anna-infer runs below do (separate output folders; checked at the end)
+    with ThreadPoolExecutor(1) as pool:
+        testing = pool.submit(run, [command("anna-test"), test_param], folder)
+        check_infer_on_terminals(folder, packs)
+        result = testing.result()
     assert result.stderr.splitlines() == []
     assert "MC-dropout uncertainties from 20 passes" in result.stdout  # not asked for: the model's capability
     assert re.search(r"^anna-test: 400 spectra in [\d.]+ s \([\d,]+ spectra/s\)$", result.stdout, re.M)
@@ -138,6 +143,9 @@ def test_test_and_infer_start_quietly_with_the_model_uncertainties_and_plots(tra
     for name in ("residuals_vs_sn.png", "sigma_coverage.png", "uncertainty_calibration.png", "a_test.png"):
         assert is_png(folder / "run" / "test" / name), name
 
+
+def check_infer_on_terminals(folder, packs):
+    """anna-infer on the trained model, on a terminal: with tqdm (a bar) and without it (plain lines)."""
     # anna-infer over text spectra, on a terminal: one bar, the per-file lines only with --verbose
     spectra = folder / "spectra"
     spectra.mkdir()
@@ -176,17 +184,21 @@ def test_debug_shows_what_the_runtime_prints(trained, tmp_path):
     print): the lines of a bare import and GPU search all appear, timestamps aside.  (Without --debug the
     same --check is quiet: the test and infer runs above.)"""
     folder, packs, _ = trained
-    bare = subprocess.run([sys.executable, "-c", "import keras, tensorflow as tf; "
-                           "tf.config.list_physical_devices('GPU')"], capture_output=True, text=True,
-                          env=environment(), timeout=600)
+    # the bare import runs while the command does (two processes, each on its own)
+    bare = subprocess.Popen([sys.executable, "-c", "import keras, tensorflow as tf; "
+                             "tf.config.list_physical_devices('GPU')"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=environment())
 
     def messages(text):
         return {line.split("] ", 1)[-1] for line in text.splitlines() if line.strip()}
 
     param = write_param(tmp_path / "check.param", TEST_MODEL_LOC=folder / "run" / "model",
                         TEST_SAVE_LOC=tmp_path / "out", TESTING_DATA=packs["test"])
-    result = run([command("anna-test"), param, "--check", "--debug"], tmp_path)
-    assert messages(bare.stderr) <= messages(result.stderr), (bare.stderr, result.stderr)
+    try:
+        result = run([command("anna-test"), param, "--check", "--debug"], tmp_path)
+    finally:
+        _, bare_stderr = bare.communicate(timeout=600)
+    assert messages(bare_stderr) <= messages(result.stderr), (bare_stderr, result.stderr)
 
 
 def test_runtime_output_is_sifted_to_what_matters():
@@ -265,8 +277,9 @@ def test_every_command_answers_version_without_tensorflow(tmp_path):
     from anna import __version__
 
     python = ".".join(map(str, sys.version_info[:3]))
-    for name in COMMANDS:
-        result = run([command(name), "--version"], tmp_path)
+    with ThreadPoolExecutor(2) as pool:  # two commands at a time
+        results = list(pool.map(lambda name: run([command(name), "--version"], tmp_path), COMMANDS))
+    for name, result in zip(COMMANDS, results):
         assert result.stdout.splitlines() == [f"{name} (ANNA-TF) {__version__}, TensorFlow {tf.__version__}, "
                                               f"Python {python}"]
         assert result.stderr == ""

@@ -21,8 +21,9 @@ from toy_model import NAMES, MINIMA, MAXIMA, WAVE, SHARED, toy_flux, toy_stars, 
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return train_tiny_model(tmp_path_factory.mktemp("model"))
+def model_dir(tiny_model_dir):
+    """The suite's one tiny model (conftest.tiny_model_dir); the tests that fit a correction copy it first."""
+    return tiny_model_dir
 
 
 def make_test_config(tmp_path, model_dir, pack, **extra):

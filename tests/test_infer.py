@@ -23,8 +23,9 @@ from toy_model import NAMES, MINIMA, MAXIMA, SPAN, WAVE, SHARED, toy_flux, toy_s
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return train_tiny_model(tmp_path_factory.mktemp("model"))
+def model_dir(tiny_model_dir):
+    """The suite's one tiny model (conftest.tiny_model_dir): these tests only read it."""
+    return tiny_model_dir
 
 
 def infer_config(tmp_path, model_dir, **keys):
@@ -348,10 +349,12 @@ def test_a_model_lacking_parts_says_so_once_and_flags_every_star(tmp_path, model
     write_pack(tmp_path / "stars.pack", WAVE, np.arange(1, 41), labels, flux)
     for folder, uncertainty, missing in ((partial, "MC_DROPOUT", ("training_domain", "variance_calibration")),
                                          (Path(model_dir), "NONE", ())):
+        # the plain graph form: JIT_COMPILE AUTO would time both forward forms of each model at each batch for
+        # these 40 stars (the module's other tests run AUTO's forward pass)
         cfg = make_config(tmp_path, infer_model_loc=folder, infer_mode="DEBUG", debug_data=tmp_path / "stars.pack",
                           infer_save_loc=tmp_path / f"infer_{folder.name}", uncertainty=uncertainty, mc_samples=10,
                           test_model_loc=folder, testing_data=tmp_path / "stars.pack",
-                          test_save_loc=tmp_path / f"test_{folder.name}")
+                          test_save_loc=tmp_path / f"test_{folder.name}", jit_compile="NO")
         lines = []
         written = run_infer(cfg, report=lines.append)
         notes = [line for line in lines if line.startswith("note: model has no")]

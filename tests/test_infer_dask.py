@@ -22,15 +22,16 @@ pytest.importorskip("distributed")
 from anna.errors import AnnaInputError  # noqa: E402
 from anna.infer import run_infer  # noqa: E402
 from anna.packs import write_pack  # noqa: E402
-from toy_model import WAVE, make_config, toy_flux, toy_stars, train_tiny_model  # noqa: E402
+from toy_model import WAVE, make_config, toy_flux, toy_stars  # noqa: E402
 
 N_FILES = 200
 QUIET = lambda *_: None  # noqa: E731
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return train_tiny_model(tmp_path_factory.mktemp("model"))
+def model_dir(tiny_model_dir):
+    """The suite's one tiny model (conftest.tiny_model_dir): these tests only read it."""
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")

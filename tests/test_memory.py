@@ -16,7 +16,7 @@ from anna.memory import (ALLOCATOR_FACTOR, HEADROOM_BYTES, MAX_BATCH, MIN_BATCH,
                          plan_batches)
 from anna.packs import write_pack
 
-from toy_model import NAMES, make_config, toy_stars, train_tiny_model
+from toy_model import NAMES, make_config, toy_stars
 
 GIB = 1 << 30
 # The budget of the command runs: TensorFlow and the model take about 0.7 GB before any batch.
@@ -143,8 +143,9 @@ def test_mc_dropout_auto_stays_under_max_memory(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def toy_model_dir(tmp_path_factory):
-    return train_tiny_model(tmp_path_factory.mktemp("toy_model"))
+def toy_model_dir(tiny_model_dir):
+    """The suite's one tiny model (conftest.tiny_model_dir): this test only reads it."""
+    return tiny_model_dir
 
 
 def test_results_do_not_depend_on_the_batch_size(tmp_path, toy_model_dir):

@@ -10,7 +10,7 @@ from anna.model import load_frozen
 from anna.params import load_config
 from anna.train import LearningRateSchedule, read_checkpoint, run_training
 
-from test_train import QUIET, _cli, _start_training, _wait_for_checkpoint, write_params
+from test_train import QUIET, _start_training, _wait_for_checkpoint, write_params
 
 
 def test_constant_keeps_the_rate():
@@ -134,7 +134,19 @@ def _kill_after_checkpoints(path, checkpoint, count):
     proc.communicate(timeout=60)
 
 
-def test_plateau_schedule_resumes_exactly_after_kill_9(tmp_path, toy_packs):
+def _resume(path, capsys):
+    """The rerun after the kill, through the function the console command calls, in this process (the command's
+    own exit status and lines after a kill -9 are tests/test_train.py's); returns what it printed."""
+    from anna.cli import train_main
+
+    capsys.readouterr()
+    status = train_main([str(path)])
+    out = capsys.readouterr()
+    assert status == 0, out.err
+    return out.out
+
+
+def test_plateau_schedule_resumes_exactly_after_kill_9(tmp_path, toy_packs, capsys):
     """A rate far too high stops improving at once, so PLATEAU (patience 1) cuts it interval after interval;
     after kill -9 the rerun continues from the checkpoint's rate and count, not from LEARN_RATE1."""
     path = write_params(tmp_path, toy_packs, LR_SCHEDULE="PLATEAU", LR_PATIENCE=1, LR_FACTOR=0.7,
@@ -146,10 +158,9 @@ def test_plateau_schedule_resumes_exactly_after_kill_9(tmp_path, toy_packs):
     assert state["schedule"]["cuts"], "the test needs a cut before the kill"
     saved_rate, stopped_at = state["schedule"]["current"], state["iteration"]
     assert saved_rate < 0.5
-    out = _cli([str(path)], tmp_path, timeout=300)
-    assert out.returncode == 0, out.stderr
+    out = _resume(path, capsys)
     model = load_frozen(tmp_path / "model")
-    first = next(line for line in out.stdout.splitlines() if line.startswith("stage 1 iter"))
+    first = next(line for line in out.splitlines() if line.startswith("stage 1 iter"))
     assert int(first.split()[3].rstrip(":")) == stopped_at + 20
     logged = _latest_by_step(_event_scalars(tmp_path / "logs", "learning_rate"))
     assert logged[stopped_at + 20] == pytest.approx(saved_rate, rel=1e-6)  # continues at the saved rate
@@ -157,7 +168,7 @@ def test_plateau_schedule_resumes_exactly_after_kill_9(tmp_path, toy_packs):
     assert cuts[:len(state["schedule"]["cuts"])] == state["schedule"]["cuts"]  # the cuts before the kill kept
 
 
-def test_cosine_schedule_after_kill_9_matches_an_uninterrupted_run(tmp_path, toy_packs):
+def test_cosine_schedule_after_kill_9_matches_an_uninterrupted_run(tmp_path, toy_packs, capsys):
     iterations = 240  # the kill comes after the third checkpoint (iteration ~60): the rest is the resume's
     keys = dict(LR_SCHEDULE="COSINE", NUM_TRAIN_ITERS1=iterations, SAMPLE_INTERVAL=20, DO_TRAIN2="NO",
                 ES_SAMPLE=10 ** 6, JIT_COMPILE="NO")
@@ -171,8 +182,7 @@ def test_cosine_schedule_after_kill_9_matches_an_uninterrupted_run(tmp_path, toy
     checkpoint = tmp_path / "model" / "checkpoint.anna"
     _kill_after_checkpoints(path, checkpoint, 3)
     stopped_at = read_checkpoint(checkpoint)[0]["iteration"]
-    out = _cli([str(path)], tmp_path, timeout=300)
-    assert out.returncode == 0, out.stderr
+    _resume(path, capsys)
     logged = _latest_by_step(_event_scalars(tmp_path / "logs", "learning_rate"))
     resumed = {step: rate for step, rate in logged.items() if step > stopped_at}
     assert sorted(resumed) == list(range(stopped_at + 20, iterations + 1, 20))

@@ -306,9 +306,11 @@ def test_kill9_then_rerun_resumes_where_it_stopped(tmp_path, toy_packs, capsys):
 
 
 def test_starnet_like_network_is_one_config_away(tmp_path, toy_packs):
-    """Two conv layers + max-pooling + two dense layers (StarNet's shape) trains through the same builder."""
+    """Two conv layers + max-pooling + two dense layers (StarNet's shape) trains through the same builder.  In the
+    plain graph form: JIT_COMPILE AUTO on a pooled network (timing every form, then XLA) is
+    tests/test_networks.py's seed test, and it would time and compile this network's forms for this test alone."""
     cfg = load_config(write_params(tmp_path, toy_packs, CONV2_SHAPE="1, 5, 1, 8", POOL_SIZE=4, DO_TRAIN2="NO",
-                                   TBOARD_OUTPUT="NO"))
+                                   TBOARD_OUTPUT="NO", JIT_COMPILE="NO"))
     result = run_training(cfg, report=QUIET)
     model = load_frozen(cfg.save_loc)
     layer_names = [layer.name for layer in model.network.layers]
@@ -320,8 +322,9 @@ def test_starnet_like_network_is_one_config_away(tmp_path, toy_packs):
 
 def test_interrupted_rerun_never_replaces_a_finished_model(tmp_path, toy_packs):
     path = write_params(tmp_path, toy_packs, NUM_TRAIN_ITERS1=60, SAMPLE_INTERVAL=20, DO_TRAIN2="NO",
-                        TBOARD_OUTPUT="NO")
-    # the finished run in this process (how it was made does not matter); the interrupted rerun is the command
+                        TBOARD_OUTPUT="NO", JIT_COMPILE="NO")
+    # the finished run in this process (how it was made does not matter: the plain graph form, nothing compiled
+    # by XLA for it); the interrupted rerun is the command
     assert run_training(load_config(path), report=QUIET)["stages"][0]["iterations"] == 60
     finished = tmp_path / "model" / "frozen.model"
     before = finished.read_bytes()
