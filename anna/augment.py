@@ -235,4 +235,9 @@ class BatchProducer:
             chunks = chunks.prefetch(max(1, self.depth_batches // self.batches_per_chunk))
         options = tf.data.Options()
         options.deterministic = True
+        # No autotuning: the threads and the prefetch depth are set above (PP_THREADS, MAX_PP_DEPTH).  Its model
+        # thread waits between optimisation rounds, up to a minute once training has run a while, and the
+        # iterator's destructor, at the end of every stage, waited for it: a SIGINT-stopped MC-dropout run on
+        # 7214-pixel spectra took 45-67 s from the signal to the model, 50 of them in that destructor.
+        options.autotune.enabled = False
         return chunks.with_options(options)

@@ -114,3 +114,25 @@ def test_queue_holds_at_most_max_queue_bytes(flat_pack):
     huge = BatchProducer(rows, scaler, None, batch_size=10, seed=1, stage=1, depth=10**12)
     assert 2 <= huge.depth_batches and huge.depth_batches * 10 * rows.npix * 4 <= MAX_QUEUE_BYTES
     assert BatchProducer(rows, scaler, None, batch_size=10, seed=1, stage=1, depth=50).depth_batches == 5
+
+
+def test_chunk_stream_is_not_autotuned(flat_pack):
+    """tf.data's autotuning stays off for the producer's stream: its threads and depth are PP_THREADS and
+    MAX_PP_DEPTH, and its model thread, which sleeps up to a minute between rounds, held up the iterator's
+    destructor at the end of every stage (a SIGINT-stopped survey run took 62-67 s instead of ~21 s to write its
+    model; benchmarks/, uncertainty row).  The stream is the same either way."""
+    producer = _producer(flat_pack, None)
+    for stream in (producer.chunk_dataset(), producer.dataset()):
+        assert stream.options().autotune.enabled is False
+    first = next(iter(producer.chunk_dataset()))
+    again = next(iter(producer.chunk_dataset().with_options(_autotuned())))
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def _autotuned():
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.autotune.enabled = True
+    return options
