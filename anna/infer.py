@@ -117,7 +117,7 @@ MISSING_PART_FLAGS = {"training_domain": "domain_unchecked", "variance_calibrati
 # in the CPU cache: a whole multispec file at once (90 x 1000 values per array) ran 3.5x slower, 4096 values
 # (too few rows to share the per-call cost) 1.6x slower (benchmarks/, FITS row).
 ONTO_GRID_ELEMENTS = 16384
-# grid_flux_flags works on this many spectra at a time.
+# The grid flags (_bad_and_zero_counts) are counted on this many spectra at a time.
 FLAG_ROWS = 128
 # Within one long input (a big DEBUG pack) a progress line is printed at most this often.
 PROGRESS_SECONDS = 30.0
@@ -175,16 +175,9 @@ def grid_flux_flags(flux):
     return _flags_from_counts(*_bad_and_zero_counts(flux), flux.shape[1])
 
 
-def nonfinite_fraction(flux):
-    """(n,) fraction of each (n, npix) spectrum's pixels that are not finite: the bad pixels of a spectrum
-    already on the grid (a pack)."""
-    flux = np.asarray(flux)
-    return _bad_and_zero_counts(flux)[0] / max(flux.shape[1], 1)
-
-
 def grid_flags_and_bad_fraction(flux):
-    """:func:`grid_flux_flags` and :func:`nonfinite_fraction` of (n, npix) grid fluxes from one pass over them
-    (a pack's block: the readers' per-spectrum work)."""
+    """:func:`grid_flux_flags` of (n, npix) grid fluxes and the (n,) fraction of each spectrum's pixels that are
+    not finite (the bad pixels of a spectrum already on the grid: a pack's block), from one pass over them."""
     flux = np.asarray(flux)
     bad, zeros = _bad_and_zero_counts(flux)
     return _flags_from_counts(bad, zeros, flux.shape[1]), bad / max(flux.shape[1], 1)

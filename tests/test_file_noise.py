@@ -164,12 +164,14 @@ def test_without_file_errors_the_prediction_is_unchanged_bit_for_bit(model_dir):
 
 
 def test_nonfinite_fraction_of_pack_rows():
-    from anna.infer import nonfinite_fraction
+    from anna.infer import grid_flags_and_bad_fraction
 
     flux = np.ones((300, 50), dtype=np.float32)
     flux[7, [3, 9, 11]] = np.nan
     flux[200, :] = np.inf
-    fraction = nonfinite_fraction(flux)
+    flags, fraction = grid_flags_and_bad_fraction(flux)
     expected = np.zeros(300)
     expected[7], expected[200] = 3 / 50, 1.0
     np.testing.assert_array_equal(fraction, expected)
+    assert [row for row, words in enumerate(flags) if words] == [7, 200]
+    assert flags[7] == flags[200] == {"nonfinite"}
