@@ -445,11 +445,12 @@ def _predict_and_write(cfg, model, pack, rel_sn, stats_path, batch_size, mc_samp
         writer.writerow(header)
         announce_total(report, n)  # a progress display (anna.progress) counts the spectra
         pending = None
-        bad_labels = (0, 0)  # stars with infinite labels, with NaN labels (refused: anna.packs)
+        bad_inf, bad_nan = 0, 0  # stars with infinite labels, with NaN labels (refused: anna.packs)
         for start, stop in pack.iter_chunks(_chunk_stars(batch_size)):
             ids, labels, flux = pack.read_rows(start, stop, flux_dtype=flux_dtype)
-            bad_labels = tuple(map(sum, zip(bad_labels, count_bad_label_stars(labels, missing_value))))
-            if any(bad_labels):
+            inf, nan = count_bad_label_stars(labels, missing_value)
+            bad_inf, bad_nan = bad_inf + inf, bad_nan + nan
+            if bad_inf or bad_nan:
                 continue  # the pack is refused: the rest is only read, so that the error counts every bad star
             if sn is not None:
                 noised = np.empty_like(flux)
@@ -467,7 +468,7 @@ def _predict_and_write(cfg, model, pack, rel_sn, stats_path, batch_size, mc_samp
             if pending is not None:
                 write(*pending.result())
             pending = current
-        refuse_bad_labels(pack, *bad_labels)
+        refuse_bad_labels(pack, bad_inf, bad_nan)
         if pending is not None:
             write(*pending.result())
         if bad_flux_stars:
