@@ -319,10 +319,17 @@ def read_debug_pack(path, model, batch_size):
     check_same_grid(pack.wavelengths, model.wavelengths, what="the DEBUG_DATA pack", path=pack.path,
                     key="DEBUG_DATA")
     for start, stop in pack.iter_chunks(int(batch_size)):
-        ids, _, flux = pack.read_rows(start, stop, flux_dtype=np.float32)
-        flags, bad_fraction = grid_flags_and_bad_fraction(flux)
-        yield GridBlock(star_ids=[format_star_id(value) for value in ids], meta=[()] * (stop - start), flux=flux,
-                        flags=flags, bad_fraction=bad_fraction)
+        yield pack_rows_block(pack, start, stop)
+
+
+def pack_rows_block(pack, start, stop):
+    """The GridBlock of stars ``start:stop`` of an open pack (already on the model's grid): ids, float32 flux
+    (the network's precision), grid flags and bad-pixel fraction.  The one-process reader above and the Dask
+    tasks (anna.infer_dask) build their blocks here."""
+    ids, _, flux = pack.read_rows(start, stop, flux_dtype=np.float32)
+    flags, bad_fraction = grid_flags_and_bad_fraction(flux)
+    return GridBlock(star_ids=[format_star_id(value) for value in ids], meta=[()] * (stop - start), flux=flux,
+                     flags=flags, bad_fraction=bad_fraction)
 
 
 def read_multispec(path, model, options=None):

@@ -29,11 +29,8 @@ import time
 
 from anna.atomic import atomic_output
 from anna.errors import AnnaInputError
-import numpy as np
-
-from anna.infer import (GridBlock, Predictor, _FileBatcher, _has_error_columns, _is_done, _OutputTable,
-                        _report_written, grid_flags_and_bad_fraction, output_header)
-from anna.tables import format_star_id
+from anna.infer import (Predictor, _FileBatcher, _has_error_columns, _is_done, _OutputTable, _report_written,
+                        output_header, pack_rows_block)
 
 try:  # the dask extra; without it INFER_SCHEDULER says what to install (_distributed)
     from distributed.diagnostics.plugin import WorkerPlugin
@@ -138,10 +135,7 @@ def infer_rows_task(path, start, stop):
     table = _OutputTable.rows_only(predictor, text)  # the client writes the header once
     for first in range(start, stop, predictor.batch_size):
         last = min(stop, first + predictor.batch_size)
-        ids, _, flux = pack.read_rows(first, last, flux_dtype=np.float32)
-        flags, bad_fraction = grid_flags_and_bad_fraction(flux)
-        block = GridBlock(star_ids=[format_star_id(value) for value in ids], meta=[()] * (last - first), flux=flux,
-                          flags=flags, bad_fraction=bad_fraction)
+        block = pack_rows_block(pack, first, last)
         table.write_block(block, *predictor.predict(block))
     return {"start": start, "text": text.getvalue(), "counts": table.counts}
 
