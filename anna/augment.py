@@ -82,16 +82,24 @@ def noisy_copy(flux, rel_sn, sn_range, cont_range, seed, dtype=np.float64):
     producer's choice); the noise model is the same.
     """
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    sn = rng.uniform(sn_range[0], sn_range[1], size=np.shape(flux)[0])
+    return noisy_copy_at(flux, rel_sn, sn, cont_range, rng, dtype=dtype), sn
+
+
+def noisy_copy_at(flux, rel_sn, sn, cont_range, seed, dtype=np.float64):
+    """Noised copy of ``flux`` (n, npix) at the given S/N of each spectrum (``sn`` (n,)): the noise model of
+    :func:`noisy_copy` (σ_pixel = 1 / (S/N · rel_sn(λ)), then flux · (1 + δ), δ ~ U(``cont_range``)), for
+    sets whose S/N is chosen rather than drawn (the σ calibration's S/N levels, :mod:`anna.train.describe`)."""
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     flux = np.asarray(flux, dtype=dtype)
-    n = flux.shape[0]
-    sn = rng.uniform(sn_range[0], sn_range[1], size=n)
+    sn = np.asarray(sn, dtype=np.float64)
     noisy = rng.standard_normal(flux.shape, dtype=dtype)
     noisy *= (1.0 / np.asarray(rel_sn, dtype=np.float64)).astype(dtype)[None, :]
     noisy *= (1.0 / sn).astype(dtype)[:, None]
     noisy += flux
-    delta = rng.uniform(cont_range[0], cont_range[1], size=n)
+    delta = rng.uniform(cont_range[0], cont_range[1], size=flux.shape[0])
     noisy *= (1.0 + delta).astype(dtype)[:, None]
-    return noisy, sn
+    return noisy
 
 
 def drop_pixels(flux, noise, rng):

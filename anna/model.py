@@ -643,6 +643,12 @@ class FrozenModel:
         calibration = self.metadata.get("variance_calibration") or {}
         return np.asarray(calibration.get("model_variance_scale", np.ones(self.nout)), dtype=np.float64)
 
+    @property
+    def noise_levels(self):
+        """The S/N dependence of the σ calibration (:func:`noise_variance_factor`), or None (a model calibrated
+        without S/N levels, or not calibrated)."""
+        return (self.metadata.get("variance_calibration") or {}).get("noise_levels")
+
     def missing_parts(self, mc_samples=None):
         """What this model lacks for the use asked of it: a dict part -> one-line notice (empty when whole).
 
@@ -691,18 +697,40 @@ class FrozenModel:
         reads ln σ² from it instead of from DER_SNR (rows with NaN keep DER_SNR, bit for bit), and the result
         holds ``noise``: the (n,) σ read.  Training never gives one: its spectra are noised by the noise model,
         which is what DER_SNR measures.
+
+        A model calibrated at S/N levels (:attr:`noise_levels`) multiplies both variances by the factor of the
+        noise the variance head read (:func:`noise_variance_factor`).
         """
         if self.mc_dropout_rate <= 0:
             raise AnnaInputError("this frozen model's final training stage ran without dropout (KEEP_PROB = 1), "
                                  "so there is nothing to sample; retrain with UNCERTAINTY: MC_DROPOUT and a "
                                  "last-stage KEEP_PROB below 1", path=self.path)
+        levels = self.noise_levels if self.spec.heteroscedastic else None
+        read_noise = noise
+        if levels is not None and noise is None:  # NaN rows read DER_SNR, bit for bit as without ``noise``
+            read_noise = np.full(np.shape(flux)[0], np.nan, dtype=np.float32)
         mean, var_model, var_pred, *used = mc_moments(self._compiled_mc(samples), flux, self.nout, samples,
-                                                      rows_per_call, noise=noise)
+                                                      rows_per_call, noise=read_noise)
         var_model = var_model * self.model_variance_scale
+        if levels is not None:
+            factor = noise_variance_factor(levels, np.log(np.square(used[0]) + NOISE_FLOOR**2))
+            var_model, var_pred = var_model * factor, var_pred * factor
         sigma_model = self.scaler.physical_sigma(np.sqrt(var_model))
         sigma_pred = self.scaler.physical_sigma(np.sqrt(var_pred))
         return {"value": self.scaler.physical(mean), "sigma_model": sigma_model, "sigma_pred": sigma_pred,
-                "sigma_total": np.hypot(sigma_model, sigma_pred), **({"noise": used[0]} if used else {})}
+                "sigma_total": np.hypot(sigma_model, sigma_pred), **({"noise": used[0]} if noise is not None else {})}
+
+
+def noise_variance_factor(noise_levels, log_noise_sq):
+    """(n, nout) factor g on σ²_total for spectra whose variance head read ``log_noise_sq`` (n,) = ln noise²:
+    per label, ln g interpolated linearly in ln noise² between the calibration's S/N levels (``noise_levels``:
+    ascending ``log_noise_sq`` knots and their (levels, nout) ``variance_factor``), and held at the end values
+    beyond them: outside the S/N range it was calibrated on, σ keeps the nearest level's calibration rather
+    than extrapolating a trend."""
+    knots = np.asarray(noise_levels["log_noise_sq"], dtype=np.float64)
+    log_factor = np.log(np.asarray(noise_levels["variance_factor"], dtype=np.float64))
+    x = np.asarray(log_noise_sq, dtype=np.float64)
+    return np.exp(np.stack([np.interp(x, knots, log_factor[:, k]) for k in range(log_factor.shape[1])], axis=1))
 
 
 def compile_mc_forward(network, spec, samples):

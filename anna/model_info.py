@@ -109,13 +109,20 @@ def _uncertainty_lines(meta, names):
     calibration = meta.get("variance_calibration")
     if calibration:
         span = np.asarray(meta["max_params"], dtype=float) - np.asarray(meta["min_params"], dtype=float)
-        lines.append("calibration of sigma (cross-validation set): mean d^2/sigma^2 before -> after, median "
-                     "sigma_total")
+        lines.append(f"calibration of sigma ({calibration.get('set', 'cross-validation set')}): mean "
+                     "d^2/sigma^2 before -> after, median sigma_total")
         before = calibration.get("mean_chi2_before") or [np.nan] * len(names)
         after = calibration.get("mean_chi2_after") or [np.nan] * len(names)
         median = calibration.get("median_sigma_total") or [np.nan] * len(names)
         for k, name in enumerate(names):
             lines.append(f"  {name:>12}  {before[k]:.3g} -> {after[k]:.3g}, {median[k] * span[k]:.4g}")
+        levels = calibration.get("noise_levels")
+        if levels:
+            lines.append("  sigma factor by S/N (sqrt of the variance factor), S/N " +
+                         " / ".join(f"{sn:.3g}" for sn in levels["sn"]) + ":")
+            factors = np.sqrt(np.asarray(levels["variance_factor"], dtype=float))
+            for k, name in enumerate(names):
+                lines.append(f"  {name:>12}  " + " / ".join(f"{v:.3g}" for v in factors[:, k]))
     return lines
 
 

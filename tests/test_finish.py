@@ -111,11 +111,16 @@ def test_sigint_stopped_mc_model_is_whole_and_calibrated_on_unseen_spectra(stopp
     metadata = model.metadata
     assert metadata["complete"] is False
     assert metadata["training_domain"]["n"] == 3000 and len(metadata["training_domain"]["components"]) == 10
-    assert metadata["variance_calibration"]["set"] == "cross-validation set"
+    calibration = metadata["variance_calibration"]
+    assert calibration["set"] == "cross-validation set at 6 S/N levels"
+    # the 500 cross-validation stars at each of 6 S/N levels from 30 to 60, highest S/N (lowest noise) first
+    levels = calibration["noise_levels"]
+    np.testing.assert_allclose(levels["sn"], np.geomspace(60.0, 30.0, 6))
+    assert np.all(np.diff(levels["log_noise_sq"]) > 0) and np.shape(levels["variance_factor"]) == (6, 3)
     assert model.missing_parts(mc_samples=50) == {}
     parts = metadata["model_parts"]
     assert parts["variance_calibration"]["status"] == parts["training_domain"]["status"] == "computed"
-    assert parts["variance_calibration"]["mc_samples"] == 50 and parts["variance_calibration"]["spectra"] == 500
+    assert parts["variance_calibration"]["mc_samples"] == 50 and parts["variance_calibration"]["spectra"] == 3000
     assert parts["training_domain"]["spectra"] == 3000
     # the cost of stopping, measured and said
     stop_line = next(line for line in lines if line.startswith("stopped by SIGINT"))
@@ -183,7 +188,7 @@ def test_finish_completes_a_model_without_its_parts_and_leaves_a_whole_one_alone
     capsys.readouterr()
     assert train_main([str(path), "--finish"]) == 0
     out = capsys.readouterr().out
-    assert "variance head calibrated on the cross-validation set (500 spectra, 50 MC passes)" in out
+    assert "variance head calibrated on the cross-validation set at 6 S/N levels (3000 spectra, 50 MC passes)" in out
     finished = load_frozen(tmp_path / "old" / "model")
     assert finished.missing_parts(mc_samples=50) == {}
     assert {part: record["by"] for part, record in finished.metadata["model_parts"].items()} == {

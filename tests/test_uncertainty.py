@@ -153,6 +153,35 @@ def test_sigma_follows_sn_and_is_calibrated(models, data, tmp_path):
         assert low["uncertainty"]["labels"][name]["coverage"] == pytest.approx(by_hand, abs=1.5 / len(d))
 
 
+def test_sigma_carries_the_factor_of_the_noise_each_spectrum_has(models, data):
+    """The model is calibrated at 6 S/N levels over the training range, and the variance head's σ (dropout-free,
+    so repeatable) is multiplied by the square root of the factor interpolated at the noise the head read: DER_SNR
+    of each spectrum, or a file's own noise where given."""
+    from anna.domain import der_snr_noise
+    from anna.model import NOISE_FLOOR, noise_variance_factor
+
+    model = load_frozen(models["complete"])
+    levels = model.noise_levels
+    np.testing.assert_allclose(levels["sn"], np.geomspace(200.0, 10.0, 6))
+    factors = np.asarray(levels["variance_factor"])
+    assert factors.shape == (6, 3) and np.all(factors > 0) and not np.allclose(factors, 1.0)
+    plain = load_frozen(models["complete"])
+    plain.metadata["variance_calibration"] = {key: value for key, value in plain.metadata[
+        "variance_calibration"].items() if key != "noise_levels"}
+    assert plain.noise_levels is None
+    rng = np.random.default_rng(8)
+    labels = toy_labels(300, rng)
+    flux, _ = noisy_copy(toy_flux(labels), np.ones(128), (10.0, 200.0), (0.0, 0.0), seed=9)
+    flux = flux.astype(np.float32)
+    given = np.where(np.arange(300) % 2 == 0, 1.0 / rng.uniform(10.0, 200.0, 300), np.nan)
+    for noise, read in ((None, der_snr_noise(flux)), (given, np.where(np.isfinite(given), given, der_snr_noise(flux)))):
+        levelled = model.predict_with_uncertainty(flux, samples=3, noise=noise)
+        without = plain.predict_with_uncertainty(flux, samples=3, noise=noise)
+        assert ("noise" in levelled) == (noise is not None)
+        expected = noise_variance_factor(levels, np.log(read**2 + NOISE_FLOOR**2))
+        np.testing.assert_allclose((levelled["sigma_pred"] / without["sigma_pred"]) ** 2, expected, rtol=2e-3)
+
+
 def test_missing_labels_leave_other_labels_alone(models, data, tmp_path):
     scatter = {}
     for kind, model in models.items():

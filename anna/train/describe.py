@@ -98,6 +98,50 @@ def training_sample(pack, rows, scaler, noise, seed, missing_value, count=DOMAIN
     return flux, normalised, mask.astype(np.float64)
 
 
+class CalibrationSet:
+    """The spectra σ is calibrated on (:func:`calibration_set`): float32 ``flux``, normalised ``labels``,
+    ``mask``, the set's ``name``, and, when the set was noised at S/N levels, ``level`` ((n,) index of each
+    spectrum's level) and ``level_sn`` (the levels' S/N); both None for a set used as it is."""
+
+    def __init__(self, flux, labels, mask, name, level=None, level_sn=None):
+        self.flux, self.labels, self.mask, self.name = flux, labels, mask, name
+        self.level, self.level_sn = level, level_sn
+
+
+def calibration_set(cfg, pack, scaler, noise, xval_noise, seed, missing_value, training_set_as_stored):
+    """The set the variance head is calibrated on: the cross-validation stars (TRAINING_XVAL), else the
+    training sample (``training_set_as_stored()``: :func:`training_sample` without noise).
+
+    When the set is noised by the noise model (PREPROCESS_XVAL, or PREPROCESS_TRAIN for the training sample),
+    its first CALIBRATION_STARS stars are noised again at each of the S/N levels of
+    :func:`anna.train.variance.calibration_sn_levels` (log-spaced over the S/N range): every level has the same
+    stars, so a σ that is right at S/N 200 but too small at S/N 30 shows as such, instead of being averaged
+    over a uniform S/N draw in which the low end is a small minority.  A set the noise model does not noise
+    (real spectra) is used as it is."""
+    from anna.train.variance import CALIBRATION_STARS, calibration_sn_levels
+
+    if cfg.training_xval:
+        name, model = "cross-validation set", xval_noise
+        xval = load_xval(cfg, pack, scaler, None, seed, missing_value)
+        flux, labels, mask = xval.flux, xval.labels, xval.mask
+    else:
+        name, model = "training sample", noise
+        flux, labels, mask = training_set_as_stored()
+    if model is None:
+        return CalibrationSet(np.asarray(flux, dtype=np.float32), labels, mask, name)
+    from anna.augment import noisy_copy_at
+
+    count = min(len(flux), CALIBRATION_STARS)
+    levels = calibration_sn_levels(model.sn_range)
+    noisy = np.empty((len(levels) * count, flux.shape[1]), dtype=np.float32)
+    for number, sn in enumerate(levels):
+        noisy[number * count:(number + 1) * count] = noisy_copy_at(
+            flux[:count], model.rel_sn, np.full(count, sn), model.cont_range, seed=(seed, 7927, number))
+    return CalibrationSet(noisy, np.tile(labels[:count], (len(levels), 1)), np.tile(mask[:count], (len(levels), 1)),
+                          f"{name} at {len(levels)} S/N levels", level=np.repeat(np.arange(len(levels)), count),
+                          level_sn=levels)
+
+
 def parts_of(spec):
     """The parts a model of ``spec`` carries, in the order they are computed: the calibration first (a
     stopped MC-dropout model's σ was twice the real errors without it), then the training-domain statistics."""
@@ -109,7 +153,7 @@ def compute_parts(network, spec, wanted, training_set, calibration_set, mc_sampl
     """Compute the parts ``wanted`` (names, in order) for ``network``; returns ({part: value}, {part: record}).
 
     ``training_set()`` gives the training sample (:func:`training_sample`), ``calibration_set()`` the
-    (flux, labels, mask, name of the set) the variance head is calibrated on; each is called only when needed.
+    :class:`CalibrationSet` the variance head is calibrated on; each is called only when needed.
     The calibration moves the variance head's biases in ``network`` (:func:`calibrate_variance_head`).
     ``by`` names the command in the records, ``names`` the labels in the report lines.
 
@@ -130,12 +174,13 @@ def compute_parts(network, spec, wanted, training_set, calibration_set, mc_sampl
             for part in wanted:
                 started = time.perf_counter()
                 if part == VARIANCE_CALIBRATION:
-                    flux, labels, mask, name = calibration_set()
+                    chosen = calibration_set()
                     before = network.get_weights()
-                    calibration = calibrate_variance_head(network, spec, flux, labels, mask, mc_samples)
+                    calibration = calibrate_variance_head(network, spec, chosen.flux, chosen.labels, chosen.mask,
+                                                          mc_samples, level=chosen.level, level_sn=chosen.level_sn)
                     values[part] = calibration
-                    calibration["set"] = name
-                    record = {"spectra": int(len(flux)), "mc_samples": int(mc_samples), "set": name}
+                    calibration["set"] = chosen.name
+                    record = {"spectra": int(len(chosen.flux)), "mc_samples": int(mc_samples), "set": chosen.name}
                 else:
                     flux = training_set()[0]
                     values[part] = training_domain_statistics(flux)
@@ -160,8 +205,13 @@ def _computed_line(part, value, record, names):
         return f"training-domain statistics of {record['spectra']} training spectra (noised as in training): {seconds}"
     ratio = ", ".join(f"{name} {before:.3g} -> {after:.3g}" for name, before, after in zip(
         names, value["mean_chi2_before"], value["mean_chi2_after"]))
+    levels = value.get("noise_levels")
+    by_sn = "" if not levels else (
+        "; sigma factor from S/N {:.3g} to {:.3g}: ".format(levels["sn"][-1], levels["sn"][0]) + ", ".join(
+            f"{name} " + "/".join(f"{np.sqrt(row[k]):.2g}" for row in levels["variance_factor"][::-1])
+            for k, name in enumerate(names)))
     return (f"variance head calibrated on the {record['set']} ({record['spectra']} spectra, {record['mc_samples']} "
-            f"MC passes): mean d^2/sigma_total^2 {ratio}; {seconds}")
+            f"MC passes): mean d^2/sigma_total^2 {ratio}{by_sn}; {seconds}")
 
 
 def missing_text(records, parameter_file):

@@ -12,8 +12,8 @@ atomically; a whole model is left alone.
 
 import os
 
-from anna.train.describe import (FINISH_COMMAND, PART_TITLES, TRAINING_DOMAIN, compute_parts, load_xval, noise_models,
-                                 parts_of, training_sample)
+from anna.train.describe import (FINISH_COMMAND, PART_TITLES, TRAINING_DOMAIN, calibration_set, compute_parts,
+                                 noise_models, parts_of, training_sample)
 
 # Keys that decide how the parts' sets are drawn and noised: --finish refuses a parameter file that changed them
 # since training (the parts would describe other data than the network saw).
@@ -63,13 +63,12 @@ def finish_model(cfg, report=print):
                                           cfg.magic_number))
         return sample[0]
 
-    def calibration_set():
-        if cfg.training_xval:
-            xval = load_xval(cfg, pack, model.scaler, xval_noise, seed, cfg.magic_number)
-            return xval.flux, xval.labels, xval.mask, "cross-validation set"
-        return (*training_set(), "training sample")
+    def calibration_spectra():
+        return calibration_set(cfg, pack, model.scaler, noise, xval_noise, seed, cfg.magic_number,
+                               lambda: training_sample(pack, PackRows(pack, resident_bytes=0), model.scaler, None,
+                                                       seed, cfg.magic_number))
 
-    values, records = compute_parts(model.network, model.spec, missing, training_set, calibration_set,
+    values, records = compute_parts(model.network, model.spec, missing, training_set, calibration_spectra,
                                     cfg.mc_samples, by=FINISH_COMMAND, names=model.output_names, report=report)
     metadata = dict(model.metadata)
     metadata.update(values)

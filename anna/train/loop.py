@@ -18,8 +18,8 @@ from anna.plots import write_learning_curves
 from anna.runtime import configure_threads
 from anna.train.distribute import Distribution, make_distribution
 from anna.train.precision import network_policy, require_gpu, wrap_optimizer
-from anna.train.describe import (PART_TITLES, compute_parts, load_xval, missing_text, noise_models, parts_of,
-                                 training_sample)
+from anna.train.describe import (PART_TITLES, calibration_set, compute_parts, load_xval, missing_text, noise_models,
+                                 parts_of, training_sample)
 from anna.train.schedule import DEFAULT_WEIGHT_DECAY, EarlyStopping, make_optimizer, stage_plans, stage_schedule
 from anna.train.state import (CHECKPOINT_NAME, PARTIAL_MODEL_NAME, StopRequest, is_complete_model, read_checkpoint,
                               training_fingerprint, write_checkpoint)
@@ -60,14 +60,14 @@ class Trainer:
         self.pack = open_pack(cfg.training_data, expected_npix=cfg.num_px, expected_nout=cfg.num_outs,
                               check_flux=True, missing_label_value=self.missing_value)
         self.scaler = LabelScaler(cfg.min_params, cfg.max_params)
-        self.noise, xval_noise = noise_models(cfg, self.pack.wavelengths)
+        self.noise, self.xval_noise = noise_models(cfg, self.pack.wavelengths)
         self.save_loc = cfg.save_loc
         os.makedirs(self.save_loc, exist_ok=True)
         self.checkpoint_path = os.path.join(self.save_loc, CHECKPOINT_NAME)
         self.state = self._initial_or_resumed_state()
         self.seed = self.state["seed"]
         self._seed_everything()
-        self.xval = load_xval(cfg, self.pack, self.scaler, xval_noise, self.seed, self.missing_value) \
+        self.xval = load_xval(cfg, self.pack, self.scaler, self.xval_noise, self.seed, self.missing_value) \
             if cfg.training_xval else None
         self.rows = PackRows(self.pack)
         if self.pack.n_stars < self.distribution.num_workers:
@@ -232,13 +232,13 @@ class Trainer:
                                               self.missing_value))
             return sample[0]
 
-        def calibration_set():
-            if self.xval is not None:  # held-out spectra, noised like the training ones
-                return self.xval.flux, self.xval.labels, self.xval.mask, "cross-validation set"
-            return (*training_set(), "training sample")
+        def calibration_spectra():
+            return calibration_set(self.cfg, self.pack, self.scaler, self.noise, self.xval_noise, self.seed,
+                                   self.missing_value, lambda: training_sample(
+                                       self.pack, self.rows, self.scaler, None, self.seed, self.missing_value))
 
         values, self.model_parts = compute_parts(
-            self.network, self.spec, parts_of(self.spec), training_set, calibration_set, self.cfg.mc_samples,
+            self.network, self.spec, parts_of(self.spec), training_set, calibration_spectra, self.cfg.mc_samples,
             by="anna-train", names=self.cfg.output_names, report=self.report, stop=stop)
         self.training_domain = values.get("training_domain")
         self.variance_calibration = values.get("variance_calibration")
