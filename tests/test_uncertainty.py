@@ -388,6 +388,36 @@ def test_mc_sampling_of_the_top_layers_equals_sampling_the_whole_network():
     np.testing.assert_allclose(var_pred, np.exp(whole(flux, training=False).numpy()[:, 3:]), rtol=1e-5)
 
 
+def test_calibration_passes_equal_the_whole_network_passes_and_its_variance_head():
+    """The calibration's one pass (trunk once, tiled dropout passes, dropout-free head) gives what sampling the
+    whole network and reading its variance-head layers give."""
+    import keras
+    import tensorflow as tf
+
+    from anna.model import log_noise_variance
+    from anna.train.variance import calibration_passes
+
+    spec = NetworkSpec(npix=64, nout=3, conv_layers=((5, 4),), fc_dims=(16, 8), heteroscedastic=True)
+    shortcut, whole = (build_network(spec, dropout_rate=0.3, dropout_seed=5) for _ in range(2))
+    rng = np.random.default_rng(0)
+    weights = [0.3 * rng.standard_normal(w.shape).astype(np.float32) for w in shortcut.get_weights()]
+    shortcut.set_weights(weights)
+    whole.set_weights(weights)
+    flux = (1 + 0.05 * rng.standard_normal((7, 64))).astype(np.float32)
+    got = calibration_passes(shortcut, spec, flux, 20)
+    passes = whole(tf.tile(flux, [20, 1]), training=True).numpy()[:, :3].reshape(20, 7, 3)
+    assert passes.var(axis=0).mean() > 0.01
+    np.testing.assert_allclose(got["mean"], passes.mean(axis=0), atol=1e-5)
+    np.testing.assert_allclose(got["var_model"], passes.var(axis=0), rtol=1e-4, atol=1e-6)
+    probe = keras.Model(whole.input, [whole.get_layer(name).output for name in
+                                      ("log_variance_fit", "log_noise_gain", "log_noise_variance")])
+    log_fit, log_gain, log_noise_sq = (v.numpy().astype(np.float64) for v in probe(flux, training=False))
+    np.testing.assert_allclose(got["fit"], np.exp(log_fit), rtol=1e-5)
+    np.testing.assert_allclose(got["noise"], np.exp(log_gain + log_noise_sq), rtol=1e-5)
+    np.testing.assert_allclose(got["var_pred"], np.exp(whole(flux, training=False).numpy()[:, 3:]), rtol=1e-5)
+    np.testing.assert_allclose(got["log_noise_sq"], log_noise_variance(flux).numpy()[:, 0], rtol=1e-6)
+
+
 @pytest.mark.parametrize("width", [1, 2, 7, 10, 997, 998])
 def test_row_medians_equal_numpy_median(width):
     from anna.domain import row_medians
