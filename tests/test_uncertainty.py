@@ -367,18 +367,25 @@ def test_mc_dropout_needs_dropout_in_the_last_stage(tmp_path, data):
     assert caught.value.key == "MAX_REL_SIGMA"
 
 
-def test_mc_sampling_of_the_top_layers_equals_sampling_the_whole_network():
-    import tensorflow as tf
-
-    from anna.model import compile_mc_forward
-
+def seeded_twin_networks():
+    """(spec, shortcut, whole, flux): two networks with a variance head, the same weights and the same dropout
+    seed (so the same masks, pass after pass), and 7 spectra; one network to run a shortcut through, the other
+    to run whole."""
     spec = NetworkSpec(npix=64, nout=3, conv_layers=((5, 4),), fc_dims=(16, 8), heteroscedastic=True)
     shortcut, whole = (build_network(spec, dropout_rate=0.3, dropout_seed=5) for _ in range(2))
     rng = np.random.default_rng(0)
     weights = [0.3 * rng.standard_normal(w.shape).astype(np.float32) for w in shortcut.get_weights()]
     shortcut.set_weights(weights)
     whole.set_weights(weights)
-    flux = (1 + 0.05 * rng.standard_normal((7, 64))).astype(np.float32)
+    return spec, shortcut, whole, (1 + 0.05 * rng.standard_normal((7, 64))).astype(np.float32)
+
+
+def test_mc_sampling_of_the_top_layers_equals_sampling_the_whole_network():
+    import tensorflow as tf
+
+    from anna.model import compile_mc_forward
+
+    spec, shortcut, whole, flux = seeded_twin_networks()
     mean, var_model, var_pred = (v.numpy() for v in compile_mc_forward(shortcut, spec, 20)(flux))
     # the same seeded masks, drawn by running every pass through the whole network
     passes = whole(tf.tile(flux, [20, 1]), training=True).numpy()[:, :3].reshape(20, 7, 3)
@@ -397,13 +404,7 @@ def test_calibration_passes_equal_the_whole_network_passes_and_its_variance_head
     from anna.model import log_noise_variance
     from anna.train.variance import calibration_passes
 
-    spec = NetworkSpec(npix=64, nout=3, conv_layers=((5, 4),), fc_dims=(16, 8), heteroscedastic=True)
-    shortcut, whole = (build_network(spec, dropout_rate=0.3, dropout_seed=5) for _ in range(2))
-    rng = np.random.default_rng(0)
-    weights = [0.3 * rng.standard_normal(w.shape).astype(np.float32) for w in shortcut.get_weights()]
-    shortcut.set_weights(weights)
-    whole.set_weights(weights)
-    flux = (1 + 0.05 * rng.standard_normal((7, 64))).astype(np.float32)
+    spec, shortcut, whole, flux = seeded_twin_networks()
     got = calibration_passes(shortcut, spec, flux, 20)
     passes = whole(tf.tile(flux, [20, 1]), training=True).numpy()[:, :3].reshape(20, 7, 3)
     assert passes.var(axis=0).mean() > 0.01
