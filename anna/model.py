@@ -740,8 +740,9 @@ def compile_mc_forward(network, spec, samples):
     fc1 when only the dense layers have dropout) is the same in every pass: it runs once per spectrum, and only
     the rest of the network runs ``samples`` times, on the tiled activations in ONE call (dropout draws a fresh
     mask for every row).  The result equals sampling the whole network.  ``var_pred`` comes from the
-    dropout-free top on the same trunk activations (zeros without a variance head).  The function's ``rows_per_call`` attribute is the
-    number of sample-rows (spectra x passes) whose activations fit in :data:`MC_CALL_FLOATS`.
+    dropout-free top on the same trunk activations (zeros without a variance head).  The function's
+    ``rows_per_call`` attribute is the number of sample-rows (spectra x passes) whose activations fit in
+    :data:`MC_CALL_FLOATS`.
     """
     import keras
 

@@ -31,7 +31,7 @@ def crps_variance_factor(z):
 
     The CRPS (continuous ranked probability score; Gneiting & Raftery 2007) of N(0, s²) at z is
     s·[u(2Φ(u) − 1) + 2φ(u) − 1/√π] with u = z/s, and its derivative in s is 2φ(u) − 1/√π, so the minimum is
-    where mean φ(z/s) = 1/(2√π), which increases with s: one root, found by bisection in ln s.  Gaussian z of
+    where mean φ(z/s) = 1/(2√π), which increases with s: one root, found by Brent's method in ln s.  Gaussian z of
     unit variance give f = 1.  Why the CRPS and not the likelihood here: the likelihood matches the mean of z²,
     which a few badly fitted stars pull up, and leaves the core of the distribution over-covered (72-76 %
     within 1σ for v sin i); the CRPS weighs the tails linearly and stays a proper score (the minimum-CRPS
