@@ -724,7 +724,8 @@ class FrozenModel:
 def noise_variance_factor(noise_levels, log_noise_sq):
     """(n, nout) factor g on σ²_total for spectra whose variance head read ``log_noise_sq`` (n,) = ln noise²:
     per label, ln g interpolated linearly in ln noise² between the calibration's S/N levels (``noise_levels``:
-    ascending ``log_noise_sq`` knots and their (levels, nout) ``variance_factor``), and held at the end values
+    strictly ascending ``log_noise_sq`` knots, their (knots, nout) ``variance_factor``, and ``sn``, the S/N
+    levels pooled into each knot, for the reader), and held at the end values
     beyond them: outside the S/N range it was calibrated on, σ keeps the nearest level's calibration rather
     than extrapolating a trend."""
     knots = np.asarray(noise_levels["log_noise_sq"], dtype=np.float64)

@@ -119,7 +119,7 @@ def _uncertainty_lines(meta, names):
         levels = calibration.get("noise_levels")
         if levels:
             lines.append("  sigma factor by S/N (sqrt of the variance factor), S/N " +
-                         " / ".join(f"{sn:.3g}" for sn in levels["sn"]) + ":")
+                         " / ".join("+".join(f"{sn:.3g}" for sn in pooled) for pooled in levels["sn"]) + ":")
             factors = np.sqrt(np.asarray(levels["variance_factor"], dtype=float))
             for k, name in enumerate(names):
                 lines.append(f"  {name:>12}  " + " / ".join(f"{v:.3g}" for v in factors[:, k]))

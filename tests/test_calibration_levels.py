@@ -8,7 +8,7 @@ from scipy.stats import norm
 
 from anna.augment import noisy_copy, noisy_copy_at
 from anna.model import noise_variance_factor
-from anna.train.variance import calibration_sn_levels, crps_variance_factor, noise_level_factors
+from anna.train.variance import calibration_sn_levels, crps_variance_factor, noise_level_factors, pooled_noise_levels
 
 
 def mean_crps(z, factor):
@@ -83,3 +83,19 @@ def test_noise_at_chosen_sn_is_the_noise_model_of_a_drawn_sn():
     # and the pixel noise is 1 / (S/N · rel_sn), continuum factors within the range
     at = noisy_copy_at(np.ones((4000, 300)), rel_sn, np.full(4000, 50.0), (0.0, 0.0), seed=3)
     np.testing.assert_allclose(np.std(at, axis=0) * 50.0 * rel_sn, 1.0, rtol=0.1)
+
+
+def test_levels_the_noise_estimate_cannot_tell_apart_are_pooled_into_one_knot():
+    rng = np.random.default_rng(6)
+    level_sn = (20.0, 40.0, 80.0, 160.0)
+    level = np.repeat(np.arange(4), 500)
+    # a noise estimate that follows the S/N up to 40 and then saturates at a floor (lines, not noise)
+    true_log = np.array([np.log(1 / 20.0**2), np.log(1 / 40.0**2), -8.50, -8.52])
+    x = true_log[level] + 0.01 * rng.standard_normal(level.size)
+    groups, knots = pooled_noise_levels(x, level, level_sn)
+    assert groups == [[3, 2], [1], [0]]  # highest S/N first; 160 and 80 pooled
+    assert np.all(np.diff(knots) >= 0.1)
+    np.testing.assert_allclose(knots[1:], true_log[[1, 0]], atol=0.01)
+    # separated levels stay alone, whatever order they are given in
+    groups, _ = pooled_noise_levels(np.log(1 / np.asarray(level_sn)[level] ** 2), level, level_sn)
+    assert groups == [[3], [2], [1], [0]]

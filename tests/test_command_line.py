@@ -301,7 +301,15 @@ def test_anna_info_describes_the_model_without_tensorflow(trained, tmp_path):
     assert re.search(r"^  UNCERTAINTY: MC_DROPOUT$", text, re.M) and re.search(r"^  KEEP_PROB1: 0.9$", text, re.M)
     assert re.search(r"^stage 1: 120 iterations in \d+ s, ended by iterations; best xval cost", text, re.M)
     assert "uncertainties: MC_DROPOUT by default" in text
-    assert re.search(r"^ +a  [\d.]+ -> 1, [\d.]+$", text, re.M)  # the calibration: mean d^2/sigma^2 -> 1
+    # the calibration (mean d^2/sigma^2 before -> after, median sigma) and its sigma factor at each S/N level
+    assert "calibration of sigma (cross-validation set at 6 S/N levels)" in text
+    assert re.search(r"^ +a  [\d.]+ -> [\d.]+, [\d.]+$", text, re.M)
+    # S/N levels of 100 .. 20 from the highest down, those the noise estimate cannot tell apart pooled with "+"
+    # (64-pixel spectra: lines dominate DER_SNR at high S/N), and one factor per knot for each label
+    header = re.search(r"^  sigma factor by S/N \(sqrt of the variance factor\), S/N (.+):$", text, re.M)
+    knots = header.group(1).split(" / ")
+    assert "+".join(knots).split("+") == ["100", "72.5", "52.5", "38.1", "27.6", "20"]
+    assert re.search(r"^ +b  [\d.]+( / [\d.]+){%d}$" % (len(knots) - 1), text, re.M)
     assert "training-domain statistics: yes (1500 spectra)" in text
     assert re.search(r"TensorFlow \d+\.\d+", text)
     missing = run([command("anna-info"), tmp_path], tmp_path, expect=2)

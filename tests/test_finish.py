@@ -113,10 +113,12 @@ def test_sigint_stopped_mc_model_is_whole_and_calibrated_on_unseen_spectra(stopp
     assert metadata["training_domain"]["n"] == 3000 and len(metadata["training_domain"]["components"]) == 10
     calibration = metadata["variance_calibration"]
     assert calibration["set"] == "cross-validation set at 6 S/N levels"
-    # the 500 cross-validation stars at each of 6 S/N levels from 30 to 60, highest S/N (lowest noise) first
+    # the 500 cross-validation stars at each of 6 S/N levels from 30 to 60, highest S/N (lowest noise) first,
+    # pooled where their noise estimates lie closer than MIN_KNOT_GAP
     levels = calibration["noise_levels"]
-    np.testing.assert_allclose(levels["sn"], np.geomspace(60.0, 30.0, 6))
-    assert np.all(np.diff(levels["log_noise_sq"]) > 0) and np.shape(levels["variance_factor"]) == (6, 3)
+    np.testing.assert_allclose(np.concatenate(levels["sn"]), np.geomspace(60.0, 30.0, 6))
+    assert np.all(np.diff(levels["log_noise_sq"]) >= 0.1)
+    assert np.shape(levels["variance_factor"]) == (len(levels["sn"]), 3)
     assert model.missing_parts(mc_samples=50) == {}
     parts = metadata["model_parts"]
     assert parts["variance_calibration"]["status"] == parts["training_domain"]["status"] == "computed"

@@ -207,7 +207,7 @@ def _computed_line(part, value, record, names):
         names, value["mean_chi2_before"], value["mean_chi2_after"]))
     levels = value.get("noise_levels")
     by_sn = "" if not levels else (
-        "; sigma factor from S/N {:.3g} to {:.3g}: ".format(levels["sn"][-1], levels["sn"][0]) + ", ".join(
+        "; sigma factor from S/N {:.3g} to {:.3g}: ".format(min(levels["sn"][-1]), max(levels["sn"][0])) + ", ".join(
             f"{name} " + "/".join(f"{np.sqrt(row[k]):.2g}" for row in levels["variance_factor"][::-1])
             for k, name in enumerate(names)))
     return (f"variance head calibrated on the {record['set']} ({record['spectra']} spectra, {record['mc_samples']} "

@@ -14,6 +14,9 @@ from anna.model import noise_variance_factor, row_blocks
 # them per level the factors scattered by several points of coverage from level to level.
 CALIBRATION_SN_LEVELS = 6
 CALIBRATION_STARS = 1000
+# Levels whose median ln noise² (as the variance head reads it) lie closer than this are pooled into one knot
+# (pooled_noise_levels): 0.1 is 5 % in noise, against 46 % (0.76) between neighbouring levels over S/N 30-200.
+MIN_KNOT_GAP = 0.1
 
 
 def calibration_sn_levels(sn_range, count=CALIBRATION_SN_LEVELS):
@@ -51,6 +54,31 @@ def crps_variance_factor(z):
     if excess(low) >= 0:  # only when almost every z is 0: the narrowest forecast is best
         return float(np.exp(2 * low))
     return float(np.exp(2 * brentq(excess, low, high, xtol=1e-10)))
+
+
+def pooled_noise_levels(log_noise_sq, level, level_sn, min_gap=MIN_KNOT_GAP):
+    """The knots of the S/N factor: (groups, knots), ``groups`` lists of level indices from the highest S/N
+    down and ``knots`` the median ``log_noise_sq`` (n,) of each group's rows (``level`` (n,) the level of each row,
+    ``level_sn`` the levels' S/N), strictly ascending by at least ``min_gap``.
+
+    Levels start alone, in order of falling S/N; two neighbours whose medians are less than ``min_gap`` apart
+    (or in the wrong order) are pooled, until none are.  Why: where lines rather than noise dominate DER_SNR's
+    second differences (short spectra, high S/N) the noise estimate cannot tell the levels apart, and a factor
+    per level would then jump between nearly equal noise values (seen on 64-pixel spectra at S/N 53-100, whose
+    medians came out in the order 38, 73, 100, 53)."""
+    x = np.asarray(log_noise_sq, dtype=np.float64)
+    level = np.asarray(level)
+    groups = [[number] for number in np.argsort(level_sn)[::-1].tolist()]
+
+    def knot(members):
+        return float(np.median(x[np.isin(level, members)]))
+
+    while True:
+        knots = [knot(members) for members in groups]
+        close = next((i for i in range(len(groups) - 1) if knots[i + 1] - knots[i] < min_gap), None)
+        if close is None:
+            return groups, knots
+        groups[close:close + 2] = [groups[close] + groups[close + 1]]
 
 
 def noise_level_factors(squared_residual, variance, level, count, mask):
@@ -186,8 +214,9 @@ def calibrate_variance_head(network, spec, flux, labels, mask, samples, level=No
 
     When the set was noised at S/N levels (``level`` (n,) the level of each row, ``level_sn`` the levels' S/N;
     :func:`anna.train.describe.calibration_set`), a factor per level and label follows
-    (:func:`noise_level_factors`), stored as ``noise_levels`` with the median ln noise² of each level's spectra:
-    g interpolates it in the ln noise² the variance head reads (:func:`anna.model.noise_variance_factor`).
+    (:func:`noise_level_factors`), stored as ``noise_levels`` with the median ln noise² of each level's spectra
+    (levels that the noise estimate cannot tell apart pooled: :func:`pooled_noise_levels`): g interpolates it in
+    the ln noise² the variance head reads (:func:`anna.model.noise_variance_factor`).
     Without levels g = 1.
 
     One pass over the spectra's trunk serves the dropout passes and the head (:func:`calibration_passes`).  This
@@ -209,11 +238,13 @@ def calibrate_variance_head(network, spec, flux, labels, mask, samples, level=No
     summary = {"n": int(flux.shape[0]), "samples": int(samples), "model_variance_scale": kappa.tolist(),
                "misfit_scale": scales[0].tolist(), "noise_scale": scales[1].tolist()}
     if level is not None and len(level_sn) > 1:
-        factors = noise_level_factors(squared, after, level, len(level_sn), mask)
-        knots = np.array([np.median(log_noise_sq[np.asarray(level) == number]) for number in range(len(level_sn))])
-        order = np.argsort(knots)  # the noise falls as the S/N rises: ascending ln noise² is descending S/N
-        summary["noise_levels"] = {"sn": [float(level_sn[i]) for i in order], "log_noise_sq": knots[order].tolist(),
-                                   "variance_factor": factors[order].tolist()}
+        groups, knots = pooled_noise_levels(log_noise_sq, level, level_sn)
+        group_of_level = np.empty(len(level_sn), dtype=int)
+        for number, members in enumerate(groups):
+            group_of_level[members] = number
+        factors = noise_level_factors(squared, after, group_of_level[np.asarray(level)], len(groups), mask)
+        summary["noise_levels"] = {"sn": [[float(level_sn[i]) for i in members] for members in groups],
+                                   "log_noise_sq": knots, "variance_factor": factors.tolist()}
         after = after * noise_variance_factor(summary["noise_levels"], log_noise_sq)
     summary.update({"median_sigma_dropout": np.median(np.sqrt(var_model), axis=0).tolist(),
                     "median_sigma_total": np.median(np.sqrt(after), axis=0).tolist(),
