@@ -54,17 +54,28 @@ def budget_minutes(ctx):
     return 1.5 if ctx.sizes.quick else 15.0
 
 
+def stage_minutes(param_file):
+    """(MAX_MINUTES1, MAX_MINUTES2) of a parameter file; stage 2's 0 when DO_TRAIN2 is NO."""
+    from anna.params import load_config
+
+    cfg = load_config(param_file, stage="train")
+    return float(cfg.max_minutes1), float(cfg.max_minutes2) if cfg.do_train2 else 0.0
+
+
 def run_anna_train(ctx, data, minutes):
     """anna-train on configs/apogee.param with the paths pointed at ``data`` and the stage limits set so that
     the whole command takes about ``minutes`` of wall clock: SURVEY_SETUP_MINUTES are kept for what runs outside
     the stages (reading the pack for its mean spectrum, the JIT_COMPILE AUTO timing, the training-domain
-    description and freezing; measured ~0.8 min with the 20,000-star pack), the rest split 12.5 : 1.5 between
-    the stages as in the file.  Returns (frozen model path, wall seconds of the command, its output lines)."""
+    description and freezing; measured ~0.8 min with the 20,000-star pack), the rest split between the stages
+    in the ratio of the file's own MAX_MINUTES1 : MAX_MINUTES2.  Returns (frozen model path, wall seconds of the
+    command, its output lines)."""
     run = ctx.ws.fresh_dir("survey-anna")
     stages = max(minutes - SURVEY_SETUP_MINUTES, 0.2)
+    first, second = stage_minutes(APOGEE_CONFIG)
     overrides = {"TRAINING_DATA": os.path.join(data, "train.pack"), "XVAL_DATA": os.path.join(data, "xval.pack"),
                  "SAVE_LOC": os.path.join(run, "model"), "LOG_LOC": os.path.join(run, "logs"),
-                 "MAX_MINUTES1": f"{stages * 12.5 / 14:.4g}", "MAX_MINUTES2": f"{stages * 1.5 / 14:.4g}",
+                 "MAX_MINUTES1": f"{stages * first / (first + second):.4g}",
+                 "MAX_MINUTES2": f"{stages * second / (first + second):.4g}",
                  "RESUME": "NO", "TBOARD_OUTPUT": "YES"}
     if ctx.sizes.quick:
         overrides.update({"SAMPLE_INTERVAL": "20", "XVAL_SIZE": "300"})

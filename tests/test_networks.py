@@ -5,6 +5,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 import zipfile
 
 import keras
@@ -17,6 +18,7 @@ from anna.model import (ConvLayer, NetworkSpec, SpectrumMaxPool1D, build_network
                         load_frozen, save_frozen)
 from anna.params import load_config, network_layers, validate_for_stage
 from anna.train import choose_compiled_form, run_training
+from anna.train.steps import TRIAL_GIVE_UP_FRACTION, TRIAL_ORDER, time_compiled_form
 
 from test_train import QUIET, write_params
 
@@ -228,6 +230,9 @@ def test_auto_times_both_forms_keeps_the_faster_and_remembers(tmp_path):
                                  trial_seconds=0.3)
     assert first["source"] == "timed" and set(first["rates"]) == {"xla", "xla_step", "graph"}
     assert first["form"] == max(first["rates"], key=first["rates"].get)
+    for form in first["cut_short"]:  # only a form under the fraction of one timed before it is cut short
+        before = TRIAL_ORDER[:TRIAL_ORDER.index(form)]
+        assert first["rates"][form] < TRIAL_GIVE_UP_FRACTION * max(first["rates"][other] for other in before)
     assert "JIT_COMPILE AUTO" in lines[0] and "ex/s" in lines[0]
     second = choose_compiled_form("AUTO", spec, None, chunk, 16, 0.9, cache_path=str(cache), report=lines.append,
                                  trial_seconds=0.3)
@@ -240,6 +245,22 @@ def test_auto_times_both_forms_keeps_the_faster_and_remembers(tmp_path):
                                  trial_seconds=0.3)
     assert set(pinned["rates"]) == {"xla", "xla_step"} and pinned["form"] in ("xla", "xla_step")
     assert choose_compiled_form("NO", spec, None, chunk, 16, 0.9, report=lines.append)["form"] == "graph"
+
+
+def test_a_form_clearly_slower_than_one_timed_before_is_cut_after_one_step():
+    """JIT_COMPILE AUTO's trial of a form stops after one timed step when that step is under the rate it is
+    given (TRIAL_GIVE_UP_FRACTION of the fastest form timed before it); otherwise the form is timed in full."""
+    spec = NetworkSpec(npix=64, nout=2, conv_layers=((5, 4),), fc_dims=(16,))
+    chunk = tuple(tf.constant(np.random.default_rng(0).uniform(size=shape).astype(np.float32))
+                  for shape in ((4, 16, 64), (4, 16, 2), (4, 16, 2)))
+    started = time.perf_counter()
+    rate, error, cut = time_compiled_form("graph", spec, None, chunk, 16, 1.0, seconds=30.0, give_up_below=1e12)
+    assert error is None and cut and rate > 0
+    assert time.perf_counter() - started < 30.0  # not the 30-second trial
+    rate, error, cut = time_compiled_form("graph", spec, None, chunk, 16, 1.0, seconds=0.2, give_up_below=0.0)
+    assert error is None and not cut and rate > 0
+    rate, error, cut = time_compiled_form("graph", spec, None, chunk, 16, 1.0, seconds=0.2)
+    assert error is None and not cut and rate > 0
 
 
 @pytest.mark.parametrize("jit", ["YES", "NO", "AUTO"])

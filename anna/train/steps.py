@@ -13,6 +13,15 @@ from anna.runtime import compiled_form_cache_path, machine_description, read_rem
 TRIAL_SECONDS = 2.0
 # ... in calls of at most this many steps, so that a slow form is measured without running whole chunks.
 TRIAL_STEPS_PER_CALL = 3
+# A form whose first timed step runs at under this fraction of the fastest form timed before it is not timed
+# further: it cannot be chosen.  For a StarNet-shaped network at 7214 px the chunk form ran at 45 ex/s against
+# 506 for XLA per step, and its full trial (two calls of TRIAL_STEPS_PER_CALL steps) took 13 s of anna-train's
+# start-up; cut after one step it takes 2 s.
+TRIAL_GIVE_UP_FRACTION = 0.5
+# The order the forms are timed in: the per-step forms first (each compiles one step), so that the chunk form,
+# which ran 7-11x slower than they did on survey networks (make_train_steps), can be cut short against them.
+# Where the chunk form is the fastest (the tutorial network) it is timed in full, as before.
+TRIAL_ORDER = ("xla_step", "graph", "xla")
 
 
 def make_train_steps(network, optimizer, spec, chunk_batches, batch_size, compiled_form, distribution=None):
@@ -265,9 +274,11 @@ def compiled_form_key(spec, batch_size, chunk_batches, keep_prob, candidates=COM
                        "machine": machine_description()}, sort_keys=True)
 
 
-def time_compiled_form(form, spec, centre, chunk, batch_size, keep_prob, seconds=TRIAL_SECONDS):
+def time_compiled_form(form, spec, centre, chunk, batch_size, keep_prob, seconds=TRIAL_SECONDS, give_up_below=None):
     """Examples/s of ``form`` on a throwaway copy of the network (the run's own network, optimiser and random
-    state are not touched), over at least ``seconds`` after one warm-up call that compiles; (rate, error)."""
+    state are not touched), over at least ``seconds`` after one warm-up call that compiles; (rate, error,
+    cut_short).  With ``give_up_below`` (ex/s), the first timed call is one step, and a form slower than that
+    on it is not timed further: its one-step rate is returned with ``cut_short`` True."""
     import keras
     import tensorflow as tf
 
@@ -282,15 +293,21 @@ def time_compiled_form(form, spec, centre, chunk, batch_size, keep_prob, seconds
         steps(chunk, 0, 1)[0].numpy()  # compiles (the step count is a tensor: one compilation serves all)
         per_call = min(chunk_batches, TRIAL_STEPS_PER_CALL)
         done, start = 0, time.perf_counter()
+        if give_up_below is not None:
+            steps(chunk, 0, 1)[0].numpy()
+            done = 1
+            rate = batch_size / (time.perf_counter() - start)
+            if rate < give_up_below:
+                return rate, None, True
         while True:
             costs, _ = steps(chunk, 0, per_call)
             costs.numpy()
             done += per_call
             elapsed = time.perf_counter() - start
             if elapsed >= seconds and done >= 2 * per_call:
-                return done * batch_size / elapsed, None
+                return done * batch_size / elapsed, None, False
     except (tf.errors.OpError, ValueError, RuntimeError, TypeError) as error:
-        return None, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        return None, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}", False
 
 
 def choose_compiled_form(setting, spec, centre, chunk, batch_size, keep_prob, cache_path=None, report=print,
@@ -299,7 +316,8 @@ def choose_compiled_form(setting, spec, centre, chunk, batch_size, keep_prob, ca
 
     JIT_COMPILE NO pins "graph"; YES times the two XLA forms ("xla", "xla_step"), AUTO all three
     (:data:`FORMS_OF_SETTING`), each on a throwaway copy of the network (:func:`time_compiled_form`), and keeps
-    the fastest; a form that fails to compile or run is skipped.  The choice is remembered per network, batch
+    the fastest; a form that fails to compile or run is skipped, and one under TRIAL_GIVE_UP_FRACTION of the
+    fastest form timed before it (in TRIAL_ORDER) is timed over one step only.  The choice is remembered per network, batch
     shape, forms and machine in ``cache_path`` (:func:`compiled_form_cache_path`), so a repeated run uses the
     same form without timing again: forms round differently, and with SEED a run must repeat bit for bit.
     """
@@ -316,13 +334,17 @@ def choose_compiled_form(setting, spec, centre, chunk, batch_size, keep_prob, ca
                f"({_rates_text(entry['rates'])}; remembered in {cache_path})")
         return {"setting": setting, "form": entry["form"], "source": "cache", "rates": entry["rates"],
                 "timed_utc": entry["when"]}
-    rates, errors = {}, {}
-    for form in candidates:
-        rate, error = time_compiled_form(form, spec, centre, chunk, batch_size, keep_prob, trial_seconds)
+    rates, errors, cut_short = {}, {}, []
+    for form in sorted(candidates, key=TRIAL_ORDER.index):
+        give_up_below = TRIAL_GIVE_UP_FRACTION * max(rates.values()) if rates else None
+        rate, error, cut = time_compiled_form(form, spec, centre, chunk, batch_size, keep_prob, trial_seconds,
+                                              give_up_below)
         if rate is not None:
             rates[form] = rate
         else:
             errors[form] = error
+        if cut:
+            cut_short.append(form)
     if not rates:
         raise AnnaInputError("neither compiled form of the training step runs on this machine ("
                              + "; ".join(f"{form}: {error}" for form, error in errors.items()) + ")",
@@ -330,14 +352,16 @@ def choose_compiled_form(setting, spec, centre, chunk, batch_size, keep_prob, ca
     form = max(rates, key=rates.get)
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     skipped = "".join(f"; {form_} failed ({error})" for form_, error in errors.items())
+    cut_text = "".join(f"; {form_} over one step: under {TRIAL_GIVE_UP_FRACTION:g}x the fastest before it"
+                       for form_ in cut_short)
     report(f"JIT_COMPILE {setting}: {FORM_NAMES[form]} ({_rates_text(rates)}, timed over {trial_seconds:g} s each"
-           f"{skipped})")
+           f"{cut_text}{skipped})")
     problem = remember(key, {"form": form, "rates": rates, "when": when}, cache_path)
     if problem:
         report(f"JIT_COMPILE {setting}: could not remember the choice in {cache_path} ({problem}); "
                f"later runs will time again")
     return {"setting": setting, "form": form, "source": "timed", "rates": rates, "timed_utc": when,
-            "failed": errors}
+            "failed": errors, "cut_short": cut_short}
 
 
 def _rates_text(rates):
