@@ -744,6 +744,11 @@ def compile_mc_forward(network, spec, samples):
     dropout-free top on the same trunk activations (zeros without a variance head).  The function's
     ``rows_per_call`` attribute is the number of sample-rows (spectra x passes) whose activations fit in
     :data:`MC_CALL_FLOATS`.
+
+    With a variance head the function also has ``head_parts(flux) -> (mean, var_model, log_fit, log_gain,
+    log_noise_sq)``: the same passes with the head's two log parts (misfit F = e^log_fit, noise gain) and the
+    (n, 1) DER_SNR ln noise² it read kept apart, as the σ calibration at the end of training needs them
+    (:func:`anna.train.variance.calibration_passes`).
     """
     import keras
 
@@ -758,28 +763,30 @@ def compile_mc_forward(network, spec, samples):
     for name in chain[first_dropout:]:
         x = network.get_layer(name)(x)
     top = keras.Model(activations, x)
-    head = None
     if heteroscedastic:
-        # the variance head read from the same trunk activations (dropout layers inactive: training=False)
+        # the variance head's two parts read from the same trunk activations (dropout inactive: training=False)
         x = activations
         for name in chain[first_dropout:-1]:
             x = network.get_layer(name)(x)
-        noise = keras.Input(shape=(1,), dtype="float32")
-        head = keras.Model([activations, noise], network.get_layer("log_variance")(
-            [network.get_layer("log_variance_fit")(x), network.get_layer("log_noise_gain")(x), noise]))
+        head = keras.Model(activations, [network.get_layer("log_variance_fit")(x),
+                                         network.get_layer("log_noise_gain")(x)])
+        variance_sum = network.get_layer("log_variance")
     floats_per_row = max(int(np.prod(layer.output.shape[1:])) for layer in top.layers)
 
-    def moments(flux, log_noise_sq):
+    def passes(flux):
+        """(trunk activations, mean, var_model) of ``samples`` dropout passes."""
         count = tf.shape(flux)[0]
         shared = trunk(flux, training=False)
         tiled = tf.tile(shared, [samples] + [1] * (len(shared.shape) - 1))
         pred = tf.reshape(top(tiled, training=True), [samples, count, nout])
-        mean = tf.reduce_mean(pred, axis=0)
-        var_model = tf.math.reduce_variance(pred, axis=0)
+        return shared, tf.reduce_mean(pred, axis=0), tf.math.reduce_variance(pred, axis=0)
+
+    def moments(flux, log_noise_sq):
+        shared, mean, var_model = passes(flux)
         if heteroscedastic:
             # the variance head is trained without dropout (anna.train), so it is read without dropout, from
             # the trunk's activations already computed (a second pass over the trunk doubled the cost)
-            log_var = head([shared, log_noise_sq()], training=False)
+            log_var = variance_sum([*head(shared, training=False), log_noise_sq()])
             var_pred = tf.exp(tf.clip_by_value(log_var, LOG_VARIANCE_MIN, LOG_VARIANCE_MAX))
         else:
             var_pred = tf.zeros_like(var_model)
@@ -799,6 +806,14 @@ def compile_mc_forward(network, spec, samples):
         return (*moments(flux, lambda: log_noise_sq), sigma)
 
     mc_forward.given_noise = given_noise
+    if heteroscedastic:
+        @tf.function(input_signature=[tf.TensorSpec([None, spec.npix], tf.float32)], reduce_retracing=True,
+                     autograph=False)
+        def head_parts(flux):
+            shared, mean, var_model = passes(flux)
+            return (mean, var_model, *head(shared, training=False), log_noise_variance(flux))
+
+        mc_forward.head_parts = head_parts
     mc_forward.rows_per_call = max(int(samples), MC_CALL_FLOATS // floats_per_row)
     mc_forward.row_bytes = 4 * memory_floats_per_row(top)  # the repeated part, measured as anna.memory measures
     return mc_forward

@@ -160,37 +160,20 @@ def calibration_passes(network, spec, flux, samples):
     dropout-free pass), ``var_pred`` (F + N clipped as a frozen model reads it) and (n,) ``log_noise_sq`` (the
     ln noise² the head read).
 
-    Why one pass: the trunk up to the first dropout layer (the convolutions, most of the cost at survey sizes)
-    is the same for the dropout passes and the head (:func:`anna.train.steps.variance_head_parts`); computed
-    separately, with the head read through an uncompiled probe, the calibration of 6000 spectra of 7214 pixels
-    took 13.4 s instead of 5.5, and it runs where a stopped run's user waits.  Spectra go in groups whose
-    tiled activations fit in :data:`anna.model.MC_CALL_FLOATS`, as in prediction."""
-    import tensorflow as tf
-
+    The passes are prediction's own (:func:`anna.model.compile_mc_forward`, its ``head_parts``), in the groups
+    of spectra prediction uses, so the calibration fits exactly what a frozen model will report.  Why one pass:
+    the trunk up to the first dropout layer (the convolutions, most of the cost at survey sizes) is the same for
+    the dropout passes and the head; computed separately, with the head read through an uncompiled probe, the
+    calibration of 6000 spectra of 7214 pixels took 13.4 s instead of 5.5, and it runs where a stopped run's
+    user waits."""
     from anna.losses import LOG_VARIANCE_MAX, LOG_VARIANCE_MIN
-    from anna.model import MC_CALL_FLOATS, log_noise_variance
-    from anna.train.steps import variance_head_parts
+    from anna.model import compile_mc_forward
 
-    trunk, free_top, dropout_top, _ = variance_head_parts(network, spec)
-    samples, nout = int(samples), spec.nout
-    floats_per_row = max(int(np.prod(layer.output.shape[1:])) for layer in dropout_top.layers)
-    per_call = max(1, MC_CALL_FLOATS // floats_per_row // samples)
-
-    @tf.function(input_signature=[tf.TensorSpec([None, spec.npix], tf.float32)], reduce_retracing=True,
-                 autograph=False)
-    def passes(block):
-        count = tf.shape(block)[0]
-        shared = trunk(block, training=False)
-        _, log_fit, log_gain = free_top(shared, training=False)
-        tiled = tf.tile(shared, [samples] + [1] * (len(shared.shape) - 1))
-        labels = tf.reshape(dropout_top(tiled, training=True), [samples, count, nout])
-        return (tf.reduce_mean(labels, axis=0), tf.math.reduce_variance(labels, axis=0), log_fit, log_gain,
-                log_noise_variance(block))
-
+    forward = compile_mc_forward(network, spec, int(samples))
     names = ("mean", "var_model", "log_fit", "log_gain", "log_noise_sq")
     parts = {name: [] for name in names}
-    for _, block in row_blocks(np.asarray(flux, dtype=np.float32), per_call):
-        for name, value in zip(names, passes(block)):
+    for _, block in row_blocks(np.asarray(flux, dtype=np.float32), max(1, forward.rows_per_call // int(samples))):
+        for name, value in zip(names, forward.head_parts(block)):
             parts[name].append(np.asarray(value, dtype=np.float64))
     mean, var_model, log_fit, log_gain, log_noise_sq = (np.concatenate(parts[name]) for name in names)
     return {"mean": mean, "var_model": var_model, "fit": np.exp(log_fit), "noise": np.exp(log_gain + log_noise_sq),
