@@ -745,9 +745,9 @@ def compile_mc_forward(network, spec, samples):
     ``rows_per_call`` attribute is the number of sample-rows (spectra x passes) whose activations fit in
     :data:`MC_CALL_FLOATS`.
 
-    With a variance head the function also has ``head_parts(flux) -> (mean, var_model, log_fit, log_gain,
-    log_noise_sq)``: the same passes with the head's two log parts (misfit F = e^log_fit, noise gain) and the
-    (n, 1) DER_SNR ln noise² it read kept apart, as the σ calibration at the end of training needs them
+    With a variance head the function also has ``head_parts(flux) -> (mean, var_model, var_pred, log_fit,
+    log_gain, log_noise_sq)``: the same passes and also the head's two log parts (misfit F = e^log_fit, noise
+    gain) and the (n, 1) DER_SNR ln noise² it read, as the σ calibration at the end of training needs them
     (:func:`anna.train.variance.calibration_passes`).
     """
     import keras
@@ -781,16 +781,16 @@ def compile_mc_forward(network, spec, samples):
         pred = tf.reshape(top(tiled, training=True), [samples, count, nout])
         return shared, tf.reduce_mean(pred, axis=0), tf.math.reduce_variance(pred, axis=0)
 
-    def moments(flux, log_noise_sq):
+    def moments(flux, log_noise_sq, with_head_parts=False):
         shared, mean, var_model = passes(flux)
-        if heteroscedastic:
-            # the variance head is trained without dropout (anna.train), so it is read without dropout, from
-            # the trunk's activations already computed (a second pass over the trunk doubled the cost)
-            log_var = variance_sum([*head(shared, training=False), log_noise_sq()])
-            var_pred = tf.exp(tf.clip_by_value(log_var, LOG_VARIANCE_MIN, LOG_VARIANCE_MAX))
-        else:
-            var_pred = tf.zeros_like(var_model)
-        return mean, var_model, var_pred
+        if not heteroscedastic:
+            return mean, var_model, tf.zeros_like(var_model)
+        # the variance head is trained without dropout (anna.train), so it is read without dropout, from the
+        # trunk's activations already computed (a second pass over the trunk doubled the cost)
+        log_fit, log_gain = head(shared, training=False)
+        log_var = variance_sum([log_fit, log_gain, log_noise_sq()])
+        var_pred = tf.exp(tf.clip_by_value(log_var, LOG_VARIANCE_MIN, LOG_VARIANCE_MAX))
+        return (mean, var_model, var_pred, log_fit, log_gain) if with_head_parts else (mean, var_model, var_pred)
 
     @tf.function(input_signature=[tf.TensorSpec([None, spec.npix], tf.float32)], reduce_retracing=True,
                  autograph=False)
@@ -810,8 +810,8 @@ def compile_mc_forward(network, spec, samples):
         @tf.function(input_signature=[tf.TensorSpec([None, spec.npix], tf.float32)], reduce_retracing=True,
                      autograph=False)
         def head_parts(flux):
-            shared, mean, var_model = passes(flux)
-            return (mean, var_model, *head(shared, training=False), log_noise_variance(flux))
+            log_noise_sq = log_noise_variance(flux)
+            return (*moments(flux, lambda: log_noise_sq, with_head_parts=True), log_noise_sq)
 
         mc_forward.head_parts = head_parts
     mc_forward.rows_per_call = max(int(samples), MC_CALL_FLOATS // floats_per_row)

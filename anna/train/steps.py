@@ -274,7 +274,8 @@ def compiled_form_key(spec, batch_size, chunk_batches, keep_prob, candidates=COM
                        "machine": machine_description()}, sort_keys=True)
 
 
-def time_compiled_form(form, spec, centre, chunk, batch_size, keep_prob, seconds=TRIAL_SECONDS, give_up_below=None):
+def time_compiled_form(form, spec, centre, chunk, batch_size, keep_prob, seconds=TRIAL_SECONDS,
+                       give_up_below=None):
     """Examples/s of ``form`` on a throwaway copy of the network (the run's own network, optimiser and random
     state are not touched), over at least ``seconds`` after one warm-up call that compiles; (rate, error,
     cut_short).  With ``give_up_below`` (ex/s), the first timed call is one step, and a form slower than that
@@ -317,9 +318,10 @@ def choose_compiled_form(setting, spec, centre, chunk, batch_size, keep_prob, ca
     JIT_COMPILE NO pins "graph"; YES times the two XLA forms ("xla", "xla_step"), AUTO all three
     (:data:`FORMS_OF_SETTING`), each on a throwaway copy of the network (:func:`time_compiled_form`), and keeps
     the fastest; a form that fails to compile or run is skipped, and one under TRIAL_GIVE_UP_FRACTION of the
-    fastest form timed before it (in TRIAL_ORDER) is timed over one step only.  The choice is remembered per network, batch
-    shape, forms and machine in ``cache_path`` (:func:`compiled_form_cache_path`), so a repeated run uses the
-    same form without timing again: forms round differently, and with SEED a run must repeat bit for bit.
+    fastest form timed before it (in TRIAL_ORDER) is timed over one step only.  The choice is remembered per
+    network, batch shape, forms and machine in ``cache_path`` (:func:`compiled_form_cache_path`), so a repeated
+    run uses the same form without timing again: forms round differently, and with SEED a run must repeat bit
+    for bit.
     """
     candidates = FORMS_OF_SETTING[setting]
     if len(candidates) == 1:
