@@ -825,8 +825,7 @@ def mc_moments(forward, flux, nout, samples, rows_per_call=None, noise=None):
     float64 arrays in normalised units.  With ``noise`` (n,) (σ from a file's errors, NaN where none) the
     variance head reads it instead of DER_SNR where it is finite, and a fourth (n,) array follows: the σ used."""
     flux = np.asarray(flux)
-    rows_per_call = forward.rows_per_call if rows_per_call is None else rows_per_call
-    per_call = max(1, int(rows_per_call) // int(samples))
+    per_call = mc_spectra_per_call(forward.rows_per_call if rows_per_call is None else rows_per_call, samples)
     mean = np.empty((flux.shape[0], nout))
     var_model = np.empty_like(mean)
     var_pred = np.empty_like(mean)
@@ -840,6 +839,12 @@ def mc_moments(forward, flux, nout, samples, rows_per_call=None, noise=None):
             used[start:stop] = sigma.numpy()
         mean[start:stop], var_model[start:stop], var_pred[start:stop] = m.numpy(), vm.numpy(), vp.numpy()
     return (mean, var_model, var_pred) if noise is None else (mean, var_model, var_pred, used)
+
+
+def mc_spectra_per_call(rows_per_call, samples):
+    """Spectra per call of :func:`compile_mc_forward`'s functions: as many as ``rows_per_call`` sample-rows hold
+    with ``samples`` passes each, at least one (the grouping of prediction and of the σ calibration)."""
+    return max(1, int(rows_per_call) // int(samples))
 
 
 def row_blocks(flux, rows):
