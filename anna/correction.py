@@ -13,7 +13,7 @@ import numpy as np
 
 from anna.atomic import file_sha256, write_json
 from anna.errors import AnnaInputError
-from anna.model import resolve_model_path
+from anna.frozen_file import resolve_model_path
 
 CORRECTION_FILE = "correction.json"
 CORRECTION_FORMAT = "anna-tf correction"

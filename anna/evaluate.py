@@ -54,7 +54,8 @@ from anna.atomic import atomic_output, jsonable, write_json
 from anna.errors import AnnaInputError
 from anna.correction import (apply_correction, correction_location, fit_correction, model_fingerprint,
                              save_correction)
-from anna.model import ERROR_COLUMNS, load_frozen, mc_samples_for, resolve_model_path
+from anna.frozen_file import resolve_model_path
+from anna.model import ERROR_COLUMNS, load_frozen, mc_samples_for
 from anna.packs import count_bad_label_stars, open_pack, refuse_bad_labels
 from anna.plots import write_coverage_plot, write_residuals_vs_sn
 from anna.progress import announce_total, count_done

@@ -93,7 +93,8 @@ from anna.atomic import atomic_output
 from anna.errors import AnnaInputError
 from anna.correction import apply_correction, correction_location, correction_slopes, load_correction
 from anna.domain import DomainScorer
-from anna.model import ERROR_COLUMNS, load_frozen, mc_samples_for, resolve_model_path
+from anna.frozen_file import resolve_model_path
+from anna.model import ERROR_COLUMNS, load_frozen, mc_samples_for
 from anna.progress import announce_total, count_done
 from anna.resample import GRID_RELATIVE_TOLERANCE, check_same_grid, cubic_resample_rows
 from anna.spectra import looks_like_fits, spectrum_stem

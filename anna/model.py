@@ -39,8 +39,7 @@ from anna.errors import AnnaInputError
 from anna.losses import LOG_VARIANCE_MAX, LOG_VARIANCE_MIN
 
 # the file's name, format and required metadata, and reading it: anna.frozen_file (no TensorFlow needed there)
-from anna.frozen_file import (FORMAT_NAME, FORMAT_VERSION, FROZEN_MODEL_NAME,  # noqa: F401  (used by importers)
-                              read_frozen_file, resolve_model_path)
+from anna.frozen_file import FORMAT_NAME, FORMAT_VERSION, FROZEN_MODEL_NAME, read_frozen_file
 # Starting values of the variance head (normalised labels, 0..1 scale): sigma_fit = 0.1 (a tenth of MAX - MIN),
 # and a noise part equal to it at S/N 100.  Training refits both biases by maximum likelihood every
 # SAMPLE_INTERVAL (anna.train.variance.refit_variance_biases), so these only matter for the first interval.

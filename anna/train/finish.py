@@ -30,7 +30,8 @@ def finish_model(cfg, report=print):
 
     from anna.atomic import file_sha256
     from anna.augment import PackRows
-    from anna.model import FROZEN_MODEL_NAME, load_frozen, save_frozen
+    from anna.frozen_file import FROZEN_MODEL_NAME
+    from anna.model import load_frozen, save_frozen
     from anna.packs import open_pack
 
     path = os.path.join(cfg.save_loc, FROZEN_MODEL_NAME)
