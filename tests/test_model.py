@@ -1,11 +1,12 @@
-"""The network builder's first convolution: same result and gradients as keras' Conv1D, whatever the shape."""
+"""The network builder's own convolutions (the first, and the training network's later ones under XLA): same
+result and gradients as keras' Conv1D, whatever the shape."""
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from anna.model import NetworkSpec, SpectrumConv1D, build_network
+from anna.model import BandedConv1D, ConvLayer, NetworkSpec, SpectrumConv1D, build_network
 
 
 def _reference_and_tiled(npix, width, kernels, seed):
@@ -56,3 +57,55 @@ def test_built_network_keeps_conv1d_weight_layout():
     assert kernel.shape == (9, 1, 4) and bias.shape == (4,)
     assert network.get_layer("conv2").get_weights()[0].shape == (5, 4, 3)
     assert network.output_shape == (None, 2)
+
+
+@pytest.mark.parametrize("npix, width, channels, kernels", [
+    (7214, 8, 4, 16),   # StarNet2017's second convolution on APOGEE-size spectra
+    (64, 3, 2, 5),      # npix a whole number of tiles
+    (50, 9, 3, 2),      # the widest kernel a tile can borrow for (width - 1 = TILE)
+    (5, 4, 6, 3),       # kernel nearly as wide as the spectrum, even width
+    (17, 1, 2, 1),      # width 1
+])
+@pytest.mark.parametrize("jit", [False, True])
+def test_banded_conv_values_and_gradients_match_keras_conv1d(npix, width, channels, kernels, jit):
+    """BandedConv1D gives Keras' Conv1D values and gradients, for the weights and for the input (which the
+    convolutions before it learn through), with and without XLA."""
+    rng = np.random.default_rng(npix + width)
+    x = tf.constant(rng.normal(size=(3, npix, channels)).astype(np.float32))
+    weights = tf.constant(rng.normal(size=(3, npix, kernels)).astype(np.float32))
+    banded, reference = BandedConv1D(kernels, width), keras.layers.Conv1D(kernels, width, padding="same",
+                                                                          activation="relu")
+    banded.build((None, npix, channels))
+    reference.build((None, npix, channels))
+    values = [rng.normal(scale=0.5, size=(width, channels, kernels)).astype(np.float32),
+              rng.normal(scale=0.1, size=kernels).astype(np.float32)]
+    results = []
+    for layer in (banded, reference):
+        layer.set_weights(values)
+
+        @tf.function(jit_compile=jit, autograph=False)
+        def value_and_grads(x, layer=layer):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                out = layer(x)
+                loss = tf.reduce_sum(out * weights)
+            return [out] + tape.gradient(loss, [x] + layer.trainable_variables)
+
+        results.append([t.numpy() for t in value_and_grads(x)])
+    assert results[0][0].shape == (3, npix, kernels)
+    for got, expected in zip(*results):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_banded_conv_only_in_the_training_network_under_xla():
+    """The training network under XLA computes the later convolutions with BandedConv1D, the frozen model's
+    network (and the training network without XLA, or with a stride) with Keras' Conv1D: same weight layout."""
+    spec = NetworkSpec(npix=120, nout=2, conv_layers=(ConvLayer(4, 9), ConvLayer(6, 5, pool=2),
+                                                      ConvLayer(3, 3, stride=2)), fc_dims=(8,))
+    kinds = {}
+    for form, for_training in (("xla", True), ("xla_step", True), ("graph", True), ("xla", False)):
+        network = build_network(spec, compiled_form=form, for_training=for_training)
+        kinds[form, for_training] = [type(network.get_layer(name)).__name__ for name in ("conv2", "conv3")]
+        assert network.get_layer("conv2").get_weights()[0].shape == (5, 4, 6)
+    assert kinds["xla", True] == kinds["xla_step", True] == ["BandedConv1D", "Conv1D"]
+    assert kinds["graph", True] == kinds["xla", False] == ["Conv1D", "Conv1D"]

@@ -146,7 +146,7 @@ class Trainer:
                 with self.distribution.scope():  # variables made here are mirrored over the replicas
                     network = build_network(self.spec, dropout_rate=1.0 - plan.keep_prob, centre=self.centre,
                                             compiled_form=self.compiled["form"], weight_init=cfg.weight_init,
-                                            dtype_policy=network_policy(cfg))
+                                            dtype_policy=network_policy(cfg), for_training=True)
                     optimizer = wrap_optimizer(make_optimizer(cfg, plan.learn_rate), network_policy(cfg))
                     optimizer.build(network.trainable_variables)
                 resuming_here = arrays is not None and stage_index == self.state["stage_index"]

@@ -287,7 +287,8 @@ def time_compiled_form(form, spec, centre, chunk, batch_size, keep_prob, seconds
 
     chunk_batches = int(chunk[0].shape[0])
     try:
-        network = build_network(spec, dropout_rate=1.0 - keep_prob, centre=centre, compiled_form=form)
+        network = build_network(spec, dropout_rate=1.0 - keep_prob, centre=centre, compiled_form=form,
+                                for_training=True)
         optimizer = keras.optimizers.Adam(learning_rate=1e-12)
         optimizer.build(network.trainable_variables)
         steps = make_train_steps(network, optimizer, spec, chunk_batches, batch_size, form)
