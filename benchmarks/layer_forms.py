@@ -5,17 +5,23 @@
 For every layer with more than one implementation in anna.model, and for the layers that have one, the time
 of a forward and backward pass (gradients with respect to the input and the weights, batch 100) is measured
 at 1001, 3909 (LAMOST-like) and 7214 (APOGEE-like) pixels, without XLA (graph) and with XLA, median of
-several repeats.  The builder's choice for each compiled form is the fastest row here:
+several repeats, and the forward pass alone with XLA (what prediction runs).  The builder's choice for each
+compiled form, for training (forward and backward) and for prediction (forward), is the fastest row here:
 
 * first convolution (one input channel): ``SpectrumConv1D`` (banded matrix products) against Keras' Conv1D on
   (batch, npix, 1), for StarNet's 4 x 8 px and the tutorial's 10 x 45 px;
-* a convolution with several input channels (StarNet's second, 4 -> 16 channels x 8 px): Keras' Conv1D, and
-  the same as one matrix product over gathered windows (im2col), which the builder does not use;
+* a convolution with several input channels (StarNet's second, 4 -> 16 channels x 8 px): Keras' Conv1D,
+  ``BandedConv1D`` (the training network's under XLA: ``SpectrumConv1D``'s banded matrices over several input
+  channels), and one matrix product over gathered windows (im2col), which the builder does not use;
 * max-pooling over 4 pixels of 16 channels: ``SpectrumMaxPool1D``'s "graph" form (TensorFlow's pooling
   kernel) and "xla" form (a max over a reshaped axis);
 * dense layers (the flattened StarNet activations into 256 units) have one implementation, timed for scale.
 
-Nothing is asserted; the printed table is the measurement.
+Then the same choice in a whole network: a StarNet-shaped network's XLA training step (forward, backward and
+Adam, batch 100) with its second convolution as Keras' Conv1D against ``BandedConv1D``, at 3909 and 7214 px,
+in alternating rounds, so a change of machine speed shows in both.
+
+Nothing is asserted; the printed tables are the measurement.
 """
 
 import argparse
@@ -54,7 +60,7 @@ def candidates(npix):
     """(layer, implementation, input shape, factory) rows."""
     import keras
 
-    from anna.model import SpectrumConv1D, SpectrumMaxPool1D
+    from anna.model import BandedConv1D, SpectrumConv1D, SpectrumMaxPool1D
 
     def keras_first_conv(kernels, width):
         def make():
@@ -70,6 +76,7 @@ def candidates(npix):
     rows.append(("conv 4->16 ch x8", "Keras Conv1D", (npix, 4),
                  lambda: keras.layers.Conv1D(16, 8, padding="same", activation="relu")))
     rows.append(("conv 4->16 ch x8", "im2col matmul (not used)", (npix, 4), lambda: _im2col_conv(16, 8)))
+    rows.append(("conv 4->16 ch x8", "BandedConv1D", (npix, 4), lambda: BandedConv1D(16, 8)))
     for form in ("graph", "xla"):
         rows.append(("max-pool 4, 16 ch", f"SpectrumMaxPool1D {form}", (npix, 16),
                      lambda f=form: SpectrumMaxPool1D(4, compiled_form=f)))
@@ -78,7 +85,7 @@ def candidates(npix):
     return rows
 
 
-def time_layer(factory, shape, jit, repeats):
+def time_layer(factory, shape, jit, repeats, backward=True):
     import numpy as np
     import tensorflow as tf
 
@@ -88,6 +95,8 @@ def time_layer(factory, shape, jit, repeats):
 
     @tf.function(jit_compile=jit, autograph=False)
     def step(x):
+        if not backward:
+            return [layer(x)]
         with tf.GradientTape() as tape:
             tape.watch(x)
             loss = tf.reduce_sum(tf.square(layer(x)))
@@ -103,6 +112,42 @@ def time_layer(factory, shape, jit, repeats):
     return statistics.median(times) * 1e3
 
 
+def whole_step_ms(npix, for_training, steps):
+    """Median ms of a StarNet-shaped network's XLA training step; ``for_training`` builds the training network
+    (BandedConv1D for the second convolution), else the prediction network (Keras' Conv1D)."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from anna.model import ConvLayer, NetworkSpec, build_network
+
+    spec = NetworkSpec(npix=npix, nout=5, conv_layers=(ConvLayer(4, 8), ConvLayer(16, 8, pool=4)),
+                       fc_dims=(256, 128))
+    keras.utils.set_random_seed(1)
+    network = build_network(spec, compiled_form="xla", for_training=for_training)
+    optimizer = keras.optimizers.Adam(1e-3)
+    optimizer.build(network.trainable_variables)
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.uniform(0.5, 1.0, size=(BATCH, npix)).astype(np.float32))
+    y = tf.constant(rng.uniform(size=(BATCH, 5)).astype(np.float32))
+
+    @tf.function(jit_compile=True, autograph=False)
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(network(x, training=True) - y))
+        optimizer.apply_gradients(zip(tape.gradient(loss, network.trainable_variables), network.trainable_variables))
+        return loss
+
+    for _ in range(3):
+        step(x, y).numpy()
+    times = []
+    for _ in range(steps):
+        tic = time.perf_counter()
+        step(x, y).numpy()
+        times.append(time.perf_counter() - tic)
+    return statistics.median(times) * 1e3
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
@@ -111,12 +156,23 @@ def main(argv=None):
 
     configure_threads()
     repeats = 3 if args.quick else 9
-    print(f"{'layer':<20} {'implementation':<28} {'npix':>5} {'graph ms':>9} {'XLA ms':>8}")
+    print(f"{'layer':<20} {'implementation':<28} {'npix':>5} {'graph ms':>9} {'XLA ms':>8} {'fwd XLA ms':>11}")
     for npix in LENGTHS:
         for layer, implementation, shape, factory in candidates(npix):
             graph = time_layer(factory, shape, False, repeats)
             xla = time_layer(factory, shape, True, repeats)
-            print(f"{layer:<20} {implementation:<28} {npix:>5} {graph:>9.2f} {xla:>8.2f}", flush=True)
+            forward = time_layer(factory, shape, True, repeats, backward=False)
+            print(f"{layer:<20} {implementation:<28} {npix:>5} {graph:>9.2f} {xla:>8.2f} {forward:>11.2f}",
+                  flush=True)
+    rounds, steps = (2, 10) if args.quick else (5, 40)
+    print(f"\nStarNet-shaped XLA training step, batch {BATCH}, median of {steps} steps per round "
+          f"(second convolution: Keras Conv1D | BandedConv1D)")
+    for npix in LENGTHS[1:]:
+        pairs = [(whole_step_ms(npix, False, steps), whole_step_ms(npix, True, steps)) for _ in range(rounds)]
+        text = ", ".join(f"{keras_ms:.1f} | {banded_ms:.1f}" for keras_ms, banded_ms in pairs)
+        ratios = sorted(banded_ms / keras_ms for keras_ms, banded_ms in pairs)
+        print(f"{npix:>5} px: {text} ms; BandedConv1D / Conv1D median {statistics.median(ratios):.3f} "
+              f"(range {ratios[0]:.3f}-{ratios[-1]:.3f})", flush=True)
     return 0
 
 

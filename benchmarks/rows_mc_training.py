@@ -108,7 +108,8 @@ class StepTimer:
         from anna.train.steps import make_train_steps
 
         keras.utils.set_random_seed(seed)
-        self.network = build_network(spec, dropout_rate=DROPOUT, centre=centre, compiled_form=form)
+        self.network = build_network(spec, dropout_rate=DROPOUT, centre=centre, compiled_form=form,
+                                     for_training=True)
         optimizer = keras.optimizers.Adam(learning_rate=1e-6)
         optimizer.build(self.network.trainable_variables)
         self.steps = make_train_steps(self.network, optimizer, spec, CHUNK_BATCHES, BATCH, form)

@@ -89,9 +89,10 @@ def keras_layers_network(spec, dropout_rate, centre=None):
     return keras.Model(flux, keras.layers.Dense(spec.nout)(x))
 
 
-def make_network(spec, dropout_rate, centre=None, dtype_policy=None, keras_layers=False):
-    """:func:`anna.model.build_network` (``keras_layers``: :func:`keras_layers_network`), optionally under a
-    Keras dtype policy (set for this network only: layers take the global policy when they are made)."""
+def make_network(spec, dropout_rate, centre=None, dtype_policy=None, keras_layers=False, compiled_form="xla"):
+    """:func:`anna.model.build_network`'s training network (``keras_layers``: :func:`keras_layers_network`),
+    optionally under a Keras dtype policy (set for this network only: layers take the global policy when they
+    are made)."""
     import keras
 
     from anna.model import build_network
@@ -99,7 +100,8 @@ def make_network(spec, dropout_rate, centre=None, dtype_policy=None, keras_layer
     def build():
         if keras_layers:
             return keras_layers_network(spec, dropout_rate, centre)
-        return build_network(spec, dropout_rate=dropout_rate, centre=centre)
+        return build_network(spec, dropout_rate=dropout_rate, centre=centre, compiled_form=compiled_form,
+                             for_training=True)
 
     if dtype_policy is None:
         return build()
@@ -129,7 +131,8 @@ class PlainLoop:
         from anna.model import NetworkSpec
 
         spec = spec or NetworkSpec(npix=npix, nout=5)
-        network = make_network(spec, dropout_rate, centre, dtype_policy, keras_layers)
+        network = make_network(spec, dropout_rate, centre, dtype_policy, keras_layers,
+                               compiled_form="xla" if jit else "graph")
         optimizer = keras.optimizers.Adam(learning_rate=learn_rate)
         optimizer.build(network.trainable_variables)
         nout = spec.nout
