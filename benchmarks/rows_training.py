@@ -335,9 +335,12 @@ def stage_rates(history, stamps, batch_size, stage=1):
 
 
 def training_throughput(ctx):
-    """Every :data:`TRAIN_CASES` network: anna-train's examples/s against the faster baseline."""
+    """Every :data:`TRAIN_CASES` network (those of ``--train-cases``): anna-train's examples/s against the faster
+    baseline."""
     rows, details = [], {}
-    for number, case in enumerate(TRAIN_CASES):
+    cases = [case for case in TRAIN_CASES if getattr(ctx, "train_cases", None) is None
+             or case.key in ctx.train_cases]
+    for number, case in enumerate(cases):
         ctx.log(f"  -- {case.title}")
         case_rows, details[case.key] = throughput_case(ctx, case, explain=number == 0)
         rows += case_rows

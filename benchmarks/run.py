@@ -39,6 +39,9 @@ atexit.register(shutil.rmtree, RUN_CACHE, True)
 prepare_tensorflow_environment()
 
 import harness  # noqa: E402  (needs the path set above)
+from rows_training import TRAIN_CASES  # noqa: E402
+
+TRAIN_CASE_KEYS = tuple(case.key for case in TRAIN_CASES)
 
 GROUPS = ("train", "tutorial", "infer_pack", "infer_fits", "mc_dropout", "rss", "scaling", "accuracy", "survey",
           "survey_infer", "mc_training", "uncertainty", "tune", "scale_infer", "scale_train", "bad_pixels")
@@ -70,10 +73,11 @@ class Context:
     """What every benchmark group gets: sizes, workspace, data store, log; ``keep_packs``: sizes (stars) of
     the tiled packs that later groups still need (a group may delete the others as soon as it is done)."""
 
-    def __init__(self, sizes, workspace, data, log, survey_data=None):
+    def __init__(self, sizes, workspace, data, log, survey_data=None, train_cases=None):
         self.sizes, self.ws, self.data, self.log = sizes, workspace, data, log
         self.keep_packs = set()
         self.survey_data = survey_data  # --survey-data: APOGEE-like example data made earlier (row 9)
+        self.train_cases = train_cases  # --train-cases: row 1's networks to run (None: all)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -254,8 +258,16 @@ def parse_args(argv):
     parser.add_argument("--accuracy-iterations", type=int, metavar="N",
                         help="stage-1 iterations of the accuracy training (stage 2 gets 2000/13000 of it); "
                              "default 13000 (the tutorial), 100 with --quick")
+    parser.add_argument("--train-cases", metavar="KEYS",
+                        help=f"row 1: comma-separated networks to run ({', '.join(TRAIN_CASE_KEYS)}); default all")
     parser.add_argument("--verbose", action="store_true", help="show anna's own progress lines")
     args = parser.parse_args(argv)
+    if args.train_cases is not None:
+        args.train_cases = [key.strip() for key in args.train_cases.split(",") if key.strip()]
+        unknown = [key for key in args.train_cases if key not in TRAIN_CASE_KEYS]
+        if unknown or not args.train_cases:
+            parser.error(f"--train-cases: unknown {', '.join(unknown) or 'empty list'}; choose from "
+                         f"{', '.join(TRAIN_CASE_KEYS)}")
     chosen = [name.strip() for name in args.only.split(",") if name.strip()] or list(GROUPS)
     unknown = [name for name in chosen if name not in GROUPS]
     if unknown:
@@ -292,7 +304,8 @@ def main(argv=None):
     rows, details, durations, failures = [], {}, {}, {}
     started = time.perf_counter()
     with harness.Workspace(args.tmpdir) as ws:
-        ctx = Context(sizes, ws, DataStore(ws, sizes, log), log, survey_data=args.survey_data)
+        ctx = Context(sizes, ws, DataStore(ws, sizes, log), log, survey_data=args.survey_data,
+                      train_cases=args.train_cases)
         for index, name in enumerate(args.groups):
             log(f"== {GROUP_TITLES[name]}")
             later = set().union(*[pack_sizes_used(other, sizes) for other in args.groups[index + 1:]])
