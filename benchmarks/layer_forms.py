@@ -18,8 +18,9 @@ compiled form, for training (forward and backward) and for prediction (forward),
 * dense layers (the flattened StarNet activations into 256 units) have one implementation, timed for scale.
 
 Then the same choice in a whole network: a StarNet-shaped network's XLA training step (forward, backward and
-Adam, batch 100) with its second convolution as Keras' Conv1D against ``BandedConv1D``, at 3909 and 7214 px,
-in alternating rounds, so a change of machine speed shows in both.
+Adam, batch 100) and its XLA forward pass (batch 256, as prediction runs it) with the second convolution as
+Keras' Conv1D against ``BandedConv1D``, at 3909 and 7214 px, in alternating rounds, so a change of machine
+speed shows in both.
 
 Nothing is asserted; the printed tables are the measurement.
 """
@@ -113,8 +114,9 @@ def time_layer(factory, shape, jit, repeats, backward=True):
 
 
 def whole_step_ms(npix, for_training, steps):
-    """Median ms of a StarNet-shaped network's XLA training step; ``for_training`` builds the training network
-    (BandedConv1D for the second convolution), else the prediction network (Keras' Conv1D)."""
+    """Median ms of a StarNet-shaped network's XLA training step (batch 100) and XLA forward pass (batch 256);
+    ``for_training`` builds the training network (BandedConv1D for the second convolution), else the
+    prediction network (Keras' Conv1D)."""
     import keras
     import numpy as np
     import tensorflow as tf
@@ -138,14 +140,23 @@ def whole_step_ms(npix, for_training, steps):
         optimizer.apply_gradients(zip(tape.gradient(loss, network.trainable_variables), network.trainable_variables))
         return loss
 
+    @tf.function(jit_compile=True, autograph=False)
+    def forward(x):
+        return network(x, training=False)
+
+    many = tf.constant(rng.uniform(0.5, 1.0, size=(256, npix)).astype(np.float32))
     for _ in range(3):
         step(x, y).numpy()
-    times = []
+        forward(many).numpy()
+    times = {"step": [], "forward": []}
     for _ in range(steps):
         tic = time.perf_counter()
         step(x, y).numpy()
-        times.append(time.perf_counter() - tic)
-    return statistics.median(times) * 1e3
+        toc = time.perf_counter()
+        forward(many).numpy()
+        times["step"].append(toc - tic)
+        times["forward"].append(time.perf_counter() - toc)
+    return statistics.median(times["step"]) * 1e3, statistics.median(times["forward"]) * 1e3
 
 
 def main(argv=None):
@@ -165,14 +176,15 @@ def main(argv=None):
             print(f"{layer:<20} {implementation:<28} {npix:>5} {graph:>9.2f} {xla:>8.2f} {forward:>11.2f}",
                   flush=True)
     rounds, steps = (2, 10) if args.quick else (5, 40)
-    print(f"\nStarNet-shaped XLA training step, batch {BATCH}, median of {steps} steps per round "
-          f"(second convolution: Keras Conv1D | BandedConv1D)")
+    print(f"\nStarNet-shaped network with XLA, median of {steps} calls per round, second convolution Keras "
+          f"Conv1D | BandedConv1D: training step (batch {BATCH}) and forward pass (batch 256)")
     for npix in LENGTHS[1:]:
         pairs = [(whole_step_ms(npix, False, steps), whole_step_ms(npix, True, steps)) for _ in range(rounds)]
-        text = ", ".join(f"{keras_ms:.1f} | {banded_ms:.1f}" for keras_ms, banded_ms in pairs)
-        ratios = sorted(banded_ms / keras_ms for keras_ms, banded_ms in pairs)
-        print(f"{npix:>5} px: {text} ms; BandedConv1D / Conv1D median {statistics.median(ratios):.3f} "
-              f"(range {ratios[0]:.3f}-{ratios[-1]:.3f})", flush=True)
+        for index, what in enumerate(("training step", "forward pass")):
+            text = ", ".join(f"{keras[index]:.1f} | {banded[index]:.1f}" for keras, banded in pairs)
+            ratios = sorted(banded[index] / keras[index] for keras, banded in pairs)
+            print(f"{npix:>5} px {what}: {text} ms; BandedConv1D / Conv1D median "
+                  f"{statistics.median(ratios):.3f} (range {ratios[0]:.3f}-{ratios[-1]:.3f})", flush=True)
     return 0
 
 
