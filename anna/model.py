@@ -339,11 +339,13 @@ class BandedConv1D(keras.layers.Layer):
     read TILE + width - 1 input pixels x channels, each tile's extra pixels being the next tile's first ones,
     taken by a reshape and a slice (so the input's gradient, which the first convolution needs, is a pad and an
     add, not a scatter), times one banded matrix: one dense matrix product with (TILE + width - 1) / TILE
-    times the direct form's multiplications.  Measured alone (benchmarks/layer_forms.py, StarNet's 4 -> 16
-    channels x 8 px, batch 100, forward and backward with XLA) it took 0.5-0.9x Keras' Conv1D's time at 1001,
-    3909 and 7214 px, and a whole StarNet-shaped XLA training step ran 5-10 % faster with it; without XLA it
-    was 1.6x slower, and in a forward pass alone 10-17 % slower, so only the training network under XLA uses
-    it (:func:`build_network`'s ``for_training``).
+    times the direct form's multiplications.  Measured (benchmarks/layer_forms.py, 2 cores; StarNet's 4 -> 16
+    channels x 8 px, batch 100): alone, forward and backward with XLA, 0.46-0.59x Keras' Conv1D's time at 1001
+    and 3909 px and 0.9-1.5x at 7214 px; in a whole StarNet-shaped XLA training step a median 0.86-0.95x at
+    3909 and 7214 px over alternating rounds, and with it XLA's chunk loop became anna-train's fastest form
+    for that network (630 ex/s, against 45-56 with Conv1D).  Without XLA it was 1.6-2.0x slower, and in the
+    whole network's forward pass alone a median 1.04-1.09x, so only the training network under XLA uses it
+    (:func:`build_network`'s ``for_training``).
     """
 
     TILE = 8  # output pixels per tile (at least width - 1: a tile borrows from the next one only)
