@@ -340,10 +340,10 @@ class BandedConv1D(keras.layers.Layer):
     taken by a reshape and a slice (so the input's gradient, which the first convolution needs, is a pad and an
     add, not a scatter), times one banded matrix: one dense matrix product with (TILE + width - 1) / TILE
     times the direct form's multiplications.  Measured (benchmarks/layer_forms.py, 2 cores; StarNet's 4 -> 16
-    channels x 8 px, batch 100): alone, forward and backward with XLA, 0.46-0.59x Keras' Conv1D's time at 1001
+    channels x 8 px, batch 100): alone, forward and backward with XLA, 0.46-0.64x Keras' Conv1D's time at 1001
     and 3909 px and 0.9-1.5x at 7214 px; in a whole StarNet-shaped XLA training step a median 0.86-0.95x at
     3909 and 7214 px over alternating rounds, and with it XLA's chunk loop became anna-train's fastest form
-    for that network (630 ex/s, against 45-56 with Conv1D).  Without XLA it was 1.6-2.0x slower, and in the
+    for that network (630 ex/s, against 45-56 with Conv1D).  Without XLA it was 1.4-2.1x slower, and in the
     whole network's forward pass alone a median 1.04-1.09x, so only the training network under XLA uses it
     (:func:`build_network`'s ``for_training``).
     """
