@@ -271,7 +271,30 @@ class CentreLayer(keras.layers.Layer):
         return flux - self.centre
 
 
-class SpectrumConv1D(keras.layers.Layer):
+class _BandedConvolution(keras.layers.Layer):
+    """What :class:`SpectrumConv1D` and :class:`BandedConv1D` share: Keras Conv1D's arguments (``kernels``
+    filters of ``width`` pixels, the kernel initializer), the output shape and config, and the band's layout."""
+
+    def __init__(self, kernels, width, initializer="he_normal", **kwargs):
+        super().__init__(**kwargs)
+        self.kernels = int(kernels)
+        self.width = int(width)
+        self.initializer = initializer
+
+    def band_layout(self, tile):
+        """(taps, mask) of the banded matrix of ``tile`` output pixels: for tile input pixel j (of tile + width
+        - 1) and output pixel t, the kernel tap j - t, and 1 where 0 <= j - t < width, else 0 (float32)."""
+        offset = np.arange(tile + self.width - 1)[:, None] - np.arange(tile)[None, :]
+        return np.clip(offset, 0, self.width - 1), ((offset >= 0) & (offset < self.width)).astype(np.float32)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[1], self.kernels)
+
+    def get_config(self):
+        return {**super().get_config(), "kernels": self.kernels, "width": self.width, "initializer": self.initializer}
+
+
+class SpectrumConv1D(_BandedConvolution):
     """The first convolution: ``kernels`` filters of ``width`` pixels over a single-channel spectrum, "same"
     padding, ReLU.  (batch, npix) -> (batch, npix, kernels).
 
@@ -289,12 +312,6 @@ class SpectrumConv1D(keras.layers.Layer):
 
     TILE = 16  # output pixels per tile; 8-64 measured, 16 fastest for both training and prediction
 
-    def __init__(self, kernels, width, initializer="he_normal", **kwargs):
-        super().__init__(**kwargs)
-        self.kernels = int(kernels)
-        self.width = int(width)
-        self.initializer = initializer
-
     def build(self, input_shape):
         npix = int(input_shape[-1])
         tile, width = self.TILE, self.width
@@ -309,9 +326,8 @@ class SpectrumConv1D(keras.layers.Layer):
         # input pixel positions of each tile: (tiles, span)
         self.tile_pixels = (np.arange(self.tiles) * tile)[:, None] + np.arange(span)[None, :]
         # band[j, t] = kernel tap (j - t) for output pixel t of a tile reading tile pixel j, where 0 <= j-t < width
-        offset = np.arange(span)[:, None] - np.arange(tile)[None, :]
-        self.band_taps = np.clip(offset, 0, width - 1)
-        self.band_mask = ((offset >= 0) & (offset < width)).astype(np.float32)[:, :, None]
+        self.band_taps, mask = self.band_layout(tile)
+        self.band_mask = mask[:, :, None]
 
     def call(self, flux):
         padded = tf.pad(flux, [[0, 0], [self.left_pad, self.right_pad]])
@@ -323,14 +339,8 @@ class SpectrumConv1D(keras.layers.Layer):
         out = tf.reshape(out, [-1, self.tiles * self.TILE, self.kernels])[:, :self.npix, :]
         return tf.nn.relu(out + self.bias)
 
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0], input_shape[-1], self.kernels)
 
-    def get_config(self):
-        return {**super().get_config(), "kernels": self.kernels, "width": self.width, "initializer": self.initializer}
-
-
-class BandedConv1D(keras.layers.Layer):
+class BandedConv1D(_BandedConvolution):
     """A convolution over several input channels, :class:`SpectrumConv1D`'s arrangement: ``kernels`` filters of
     ``width`` pixels, stride 1, "same" padding, ReLU; (batch, npix, channels) -> (batch, npix, kernels).
 
@@ -355,12 +365,6 @@ class BandedConv1D(keras.layers.Layer):
         """Whether ``conv`` (:class:`ConvLayer`) can be computed this way: stride 1, width - 1 <= TILE."""
         return conv.stride == 1 and conv.width - 1 <= cls.TILE
 
-    def __init__(self, kernels, width, initializer="he_normal", **kwargs):
-        super().__init__(**kwargs)
-        self.kernels = int(kernels)
-        self.width = int(width)
-        self.initializer = initializer
-
     def build(self, input_shape):
         self.npix, self.channels = int(input_shape[1]), int(input_shape[2])
         tile, width = self.TILE, self.width
@@ -372,9 +376,8 @@ class BandedConv1D(keras.layers.Layer):
         self.left_pad = (width - 1) // 2
         self.right_pad = (self.tiles + 1) * tile - self.npix - self.left_pad
         # band[j, c, t, k] = kernel[j - t, c, k] for tile input pixel j and output pixel t, where 0 <= j-t < width
-        offset = np.arange(tile + width - 1)[:, None] - np.arange(tile)[None, :]
-        self.band_taps = np.clip(offset, 0, width - 1)
-        self.band_mask = ((offset >= 0) & (offset < width)).astype(np.float32)[:, :, None, None]
+        self.band_taps, mask = self.band_layout(tile)
+        self.band_mask = mask[:, :, None, None]
 
     def call(self, x):
         tile, width, channels = self.TILE, self.width, self.channels
@@ -391,12 +394,6 @@ class BandedConv1D(keras.layers.Layer):
         out = tf.matmul(tf.reshape(tiles, [-1, band.shape[0]]), band)               # (batch*tiles, TILE*kernels)
         out = tf.reshape(out, [-1, self.tiles * tile, self.kernels])[:, :self.npix, :]
         return tf.nn.relu(out + self.bias)
-
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0], input_shape[1], self.kernels)
-
-    def get_config(self):
-        return {**super().get_config(), "kernels": self.kernels, "width": self.width, "initializer": self.initializer}
 
 
 class SpectrumMaxPool1D(keras.layers.Layer):
