@@ -20,7 +20,11 @@ compiled form, for training (forward and backward) and for prediction (forward),
 Then the same choice in a whole network: a StarNet-shaped network's XLA training step (forward, backward and
 Adam, batch 100) and its XLA forward pass (batch 256, as prediction runs it) with the second convolution as
 Keras' Conv1D against ``BandedConv1D``, at 3909 and 7214 px, in alternating rounds, so a change of machine
-speed shows in both.
+speed shows in both.  Last, anna-train's own training steps (``anna.train.steps.make_train_steps``) for the
+same network at 7214 px, in the two XLA forms JIT_COMPILE AUTO chooses between: one compiled call per chunk
+of 10 steps ("xla", a while loop inside XLA) and one compiled call per step ("xla_step"), again with either
+second convolution in alternating rounds.  Inside XLA's loop Keras' Conv1D ran about 10x slower than alone;
+this is the measurement behind the training network's ``BandedConv1D``.
 
 Nothing is asserted; the printed tables are the measurement.
 """
@@ -159,6 +163,38 @@ def whole_step_ms(npix, for_training, steps):
     return statistics.median(times["step"]) * 1e3, statistics.median(times["forward"]) * 1e3
 
 
+def training_steps_rate(npix, for_training, form, seconds):
+    """Examples/s of anna-train's training steps (make_train_steps, Adam, batch BATCH) for a StarNet-shaped
+    network in ``form`` ("xla": one call per chunk of 10 steps; "xla_step": one call per step), timed for at
+    least ``seconds`` after a compiling call; ``for_training`` builds the training network (BandedConv1D as the
+    second convolution), else Keras' Conv1D."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from anna.model import ConvLayer, NetworkSpec, build_network
+    from anna.train.steps import make_train_steps
+
+    spec = NetworkSpec(npix=npix, nout=5, conv_layers=(ConvLayer(4, 8), ConvLayer(16, 8, pool=4)),
+                       fc_dims=(256, 128))
+    keras.utils.set_random_seed(1)
+    network = build_network(spec, compiled_form=form, for_training=for_training)
+    optimizer = keras.optimizers.Adam(1e-6)
+    optimizer.build(network.trainable_variables)
+    chunk_batches = 10
+    steps = make_train_steps(network, optimizer, spec, chunk_batches, BATCH, form)
+    rng = np.random.default_rng(0)
+    chunk = (tf.constant(rng.uniform(0.5, 1.0, size=(chunk_batches, BATCH, npix)).astype(np.float32)),
+             tf.constant(rng.uniform(size=(chunk_batches, BATCH, 5)).astype(np.float32)),
+             tf.ones((chunk_batches, BATCH, 5)))
+    steps(chunk, 0, chunk_batches)[0].numpy()  # compiles
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or done < 2 * chunk_batches:
+        steps(chunk, 0, chunk_batches)[0].numpy()
+        done += chunk_batches
+    return done * BATCH / (time.perf_counter() - start)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
@@ -185,6 +221,17 @@ def main(argv=None):
             ratios = sorted(banded[index] / keras[index] for keras, banded in pairs)
             print(f"{npix:>5} px {what}: {text} ms; BandedConv1D / Conv1D median "
                   f"{statistics.median(ratios):.3f} (range {ratios[0]:.3f}-{ratios[-1]:.3f})", flush=True)
+    seconds = 2.0 if args.quick else 6.0
+    npix = LENGTHS[-1]
+    print(f"\nanna-train's training steps, StarNet-shaped network, {npix} px, batch {BATCH}, ex/s over {seconds:g} s "
+          f"per form and round ({rounds} rounds, in turns): second convolution Keras Conv1D | BandedConv1D")
+    for form, what in (("xla", "one XLA call per chunk of 10 steps"), ("xla_step", "one XLA call per step")):
+        pairs = [(training_steps_rate(npix, False, form, seconds), training_steps_rate(npix, True, form, seconds))
+                 for _ in range(rounds)]
+        text = ", ".join(f"{keras:.0f} | {banded:.0f}" for keras, banded in pairs)
+        ratios = sorted(banded / keras for keras, banded in pairs)
+        print(f"{form:<9} ({what}): {text} ex/s; BandedConv1D / Conv1D median {statistics.median(ratios):.2f}x "
+              f"(range {ratios[0]:.2f}-{ratios[-1]:.2f}x)", flush=True)
     return 0
 
 

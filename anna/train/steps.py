@@ -14,13 +14,15 @@ TRIAL_SECONDS = 2.0
 # ... in calls of at most this many steps, so that a slow form is measured without running whole chunks.
 TRIAL_STEPS_PER_CALL = 3
 # A form whose first timed step runs at under this fraction of the fastest form timed before it is not timed
-# further: it cannot be chosen.  For a StarNet-shaped network at 7214 px the chunk form ran at 45 ex/s against
-# 506 for XLA per step, and its full trial (two calls of TRIAL_STEPS_PER_CALL steps) took 13 s of anna-train's
-# start-up; cut after one step it takes 2 s.
+# further: it cannot be chosen.  Before the training network's BandedConv1D, the chunk form of a StarNet-shaped
+# network at 7214 px ran at 45 ex/s against 506 for XLA per step (Keras' Conv1D inside XLA's while loop), and
+# its full trial took 13 s of anna-train's start-up; cut after one step it took 2 s.  The graph form is the one
+# cut now for that network (about half the XLA forms' rate).
 TRIAL_GIVE_UP_FRACTION = 0.5
-# The order the forms are timed in: the per-step forms first (each compiles one step), so that the chunk form,
-# which ran 7-11x slower than they did on survey networks (make_train_steps), can be cut short against them.
-# Where the chunk form is the fastest (the tutorial network) it is timed in full, as before.
+# The order the forms are timed in: the per-step forms first (each compiles one step), so that a chunk form
+# much slower than they are (a network layer XLA compiles badly inside a while loop) is cut short against
+# them.  Where the chunk form is the fastest (the tutorial network; the StarNet-shaped network since
+# BandedConv1D) it is timed in full.
 TRIAL_ORDER = ("xla_step", "graph", "xla")
 
 
@@ -29,9 +31,10 @@ def make_train_steps(network, optimizer, spec, chunk_batches, batch_size, compil
     first+count-1 of a producer chunk (flux, labels, mask), each (chunk_batches, batch, ...).
 
     ``compiled_form`` "xla": ONE XLA-compiled call runs all the steps (a while loop), so leaving and entering
-    Python is paid once per chunk; fastest for the tutorial network.  "xla_step": one XLA-compiled call per
-    step: XLA's CPU code for convolutions with several channels inside a while loop ran a StarNet-shaped step
-    about 7x slower than the same step compiled alone.  "graph": one graph call per step, no XLA (without XLA
+    Python is paid once per chunk; fastest for the tutorial network, and for the StarNet-shaped network since
+    its later convolutions are BandedConv1D (Keras' Conv1D with several input channels inside XLA's while loop
+    ran the step about 10x slower than the same step compiled alone: benchmarks/layer_forms.py).  "xla_step":
+    one XLA-compiled call per step.  "graph": one graph call per step, no XLA (without XLA
     a graph while loop ran 1.4x slower on the tutorial network).  Which is fastest depends on the network and
     the machine: JIT_COMPILE AUTO times them (:func:`choose_compiled_form`).  ``costs`` is (chunk_batches,)
     with each step's squared-error cost (the reported cost, comparable with the xval cost); with a variance
