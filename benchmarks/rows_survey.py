@@ -195,9 +195,12 @@ def noise_realizations(flux, rel_sn, sn, count):
 def scatter_parts(predictions, truth):
     """(total, noise part, systematic part) per label of ``predictions`` (realizations, stars, labels): the
     scatter of the first realization; the RMS over stars of each star's spread over the realizations; the
-    scatter of each star's mean over the realizations, with the noise that mean still holds taken out."""
+    scatter of each star's mean over the realizations, with the noise that mean still holds taken out.  With
+    one realization only the total is known: the parts are None."""
     count = predictions.shape[0]
     total = np.std(predictions[0] - truth, axis=0)
+    if count < 2:
+        return total, None, None
     noise = np.sqrt(np.mean(np.var(predictions, axis=0, ddof=1), axis=0))
     mean_scatter = np.std(predictions.mean(axis=0) - truth, axis=0)
     systematic = np.sqrt(np.maximum(mean_scatter**2 - noise**2 / count, 0.0))
@@ -281,11 +284,12 @@ def survey_budget(ctx):
         (ours_total, ours_noise, ours_sys), (plain_total, plain_noise, plain_sys) = parts[sn]
         for k, name in enumerate(frozen.output_names):
             figure, baseline = float(ours_total[k]), float(plain_total[k])
-            details["scatter"][f"{name}@{sn:g}"] = {
-                "anna": figure, "plain": baseline, "anna_noise": float(ours_noise[k]),
-                "plain_noise": float(plain_noise[k]), "anna_systematic": float(ours_sys[k]),
-                "plain_systematic": float(plain_sys[k]),
-                "cramer_rao": None if bounds is None else float(bounds[sn][k])}
+            details["scatter"][f"{name}@{sn:g}"] = {"anna": figure, "plain": baseline,
+                                                  "cramer_rao": None if bounds is None else float(bounds[sn][k])}
+            if count > 1:
+                details["scatter"][f"{name}@{sn:g}"].update(
+                    anna_noise=float(ours_noise[k]), plain_noise=float(plain_noise[k]),
+                    anna_systematic=float(ours_sys[k]), plain_systematic=float(plain_sys[k]))
             note = ""
             if not rows:
                 form = frozen.metadata["compiled_form"]["form"]
