@@ -16,8 +16,8 @@ TRIAL_STEPS_PER_CALL = 3
 # A form whose first timed step runs at under this fraction of the fastest form timed before it is not timed
 # further: it cannot be chosen.  Before the training network's BandedConv1D, the chunk form of a StarNet-shaped
 # network at 7214 px ran at 45 ex/s against 506 for XLA per step (Keras' Conv1D inside XLA's while loop), and
-# its full trial took 13 s of anna-train's start-up; cut after one step it took 2 s.  The graph form is the one
-# cut now for that network (about half the XLA forms' rate).
+# its full trial took 13 s of anna-train's start-up; cut after one step it took 2 s.  Since then the graph form
+# is that network's slowest (0.48-0.79x the XLA forms in four trials on 2026-12-02), cut when under the fraction.
 TRIAL_GIVE_UP_FRACTION = 0.5
 # The order the forms are timed in: the per-step forms first (each compiles one step), so that a chunk form
 # much slower than they are (a network layer XLA compiles badly inside a while loop) is cut short against
