@@ -117,6 +117,13 @@ def time_layer(factory, shape, jit, repeats, backward=True):
     return statistics.median(times) * 1e3
 
 
+def starnet_spec(npix):
+    """The StarNet2017-shaped network the whole-network rows time: conv 4x8, conv 16x8, max-pool 4, dense 256/128."""
+    from anna.model import ConvLayer, NetworkSpec
+
+    return NetworkSpec(npix=npix, nout=5, conv_layers=(ConvLayer(4, 8), ConvLayer(16, 8, pool=4)), fc_dims=(256, 128))
+
+
 def whole_step_ms(npix, for_training, steps):
     """Median ms of a StarNet-shaped network's XLA training step (batch 100) and XLA forward pass (batch 256);
     ``for_training`` builds the training network (BandedConv1D for the second convolution), else the
@@ -125,10 +132,9 @@ def whole_step_ms(npix, for_training, steps):
     import numpy as np
     import tensorflow as tf
 
-    from anna.model import ConvLayer, NetworkSpec, build_network
+    from anna.model import build_network
 
-    spec = NetworkSpec(npix=npix, nout=5, conv_layers=(ConvLayer(4, 8), ConvLayer(16, 8, pool=4)),
-                       fc_dims=(256, 128))
+    spec = starnet_spec(npix)
     keras.utils.set_random_seed(1)
     network = build_network(spec, compiled_form="xla", for_training=for_training)
     optimizer = keras.optimizers.Adam(1e-3)
@@ -172,11 +178,10 @@ def training_steps_rate(npix, for_training, form, seconds):
     import numpy as np
     import tensorflow as tf
 
-    from anna.model import ConvLayer, NetworkSpec, build_network
+    from anna.model import build_network
     from anna.train.steps import make_train_steps
 
-    spec = NetworkSpec(npix=npix, nout=5, conv_layers=(ConvLayer(4, 8), ConvLayer(16, 8, pool=4)),
-                       fc_dims=(256, 128))
+    spec = starnet_spec(npix)
     keras.utils.set_random_seed(1)
     network = build_network(spec, compiled_form=form, for_training=for_training)
     optimizer = keras.optimizers.Adam(1e-6)
