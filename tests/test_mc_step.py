@@ -37,10 +37,12 @@ def two_pass_step(network, optimizer, nout, jit):
             loss = (robust_heteroscedastic(labels, out, tf.stop_gradient(log_variance), mask)
                     + robust_heteroscedastic(labels, reported, log_variance, mask))
         grads = tape.gradient(loss, network.trainable_variables)
-        optimizer.apply_gradients(zip(grads, network.trainable_variables))
         parts = tf.stack([tf.square(labels - reported) * mask, tf.exp(log_var_fit),
                           tf.exp(log_gain + log_noise_sq), mask])
-        return cost, parts, tf.reduce_mean(tf.abs(out - reported))
+        dropout_effect = tf.reduce_mean(tf.abs(out - reported))
+        with tf.control_dependencies([parts, dropout_effect]):  # both from the weights before the update
+            optimizer.apply_gradients(zip(grads, network.trainable_variables))
+        return cost, parts, dropout_effect
 
     return step
 

@@ -212,12 +212,16 @@ def _train_step_function(network, optimizer, spec, loss_scale=None):
             if scales_loss:  # MIXED_PRECISION: the LossScaleOptimizer unscales the gradients in its update
                 loss = optimizer.scale_loss(loss)
         grads = tape.gradient(loss, network.trainable_variables)
-        optimizer.apply_gradients(zip(grads, network.trainable_variables))
+        parts = None
         if heteroscedastic:
             parts = tf.stack([tf.square(labels - reported) * mask, tf.exp(log_var_fit),
                               tf.exp(log_gain + log_noise_sq), mask])
-            return cost, parts
-        return cost, None
+        # The update waits for the dropout-free pass's outputs, not only for its reads of the weights: no
+        # gradient needs the reported labels (stop_gradient), so nothing else orders the labels layer of that
+        # pass before the update, and once (graph form, a CI machine) the parts came out of the updated weights.
+        with tf.control_dependencies([] if parts is None else [parts]):
+            optimizer.apply_gradients(zip(grads, network.trainable_variables))
+        return cost, parts
 
     return train_step
 
