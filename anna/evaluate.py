@@ -143,8 +143,10 @@ def coverage_statistics(residuals, sigmas):
     """How well σ describes residuals d (n,) (both physical units); pairs with a NaN d or σ are left out.
 
     Returns ``n``, ``coverage`` (fraction with |d| < kσ for k in COVERAGE_SIGMAS), ``ideal`` (the Gaussian
-    values), ``z_std`` (standard deviation of d/σ, 1 when calibrated), ``median_sigma`` and ``scatter`` (std
-    of d) and ``mad_scatter`` (1.4826 × MAD of d).
+    values), ``z_rms`` (root mean square of d/σ: 1 when σ describes the whole error, a common offset of the
+    values included), ``z_std`` (standard deviation of d/σ: below 1 for a calibrated σ of values with an
+    offset, which it leaves out), ``median_sigma`` and ``scatter`` (std of d) and ``mad_scatter`` (1.4826 × MAD
+    of d).
     """
     d = np.asarray(residuals, dtype=np.float64)
     sigma = np.asarray(sigmas, dtype=np.float64)
@@ -152,11 +154,12 @@ def coverage_statistics(residuals, sigmas):
     d, sigma = d[keep], sigma[keep]
     nan = float("nan")
     if d.size == 0:
-        return {"n": 0, "coverage": [nan] * len(COVERAGE_SIGMAS), "ideal": list(COVERAGE_IDEAL), "z_std": nan,
-                "median_sigma": nan, "scatter": nan, "mad_scatter": nan}
+        return {"n": 0, "coverage": [nan] * len(COVERAGE_SIGMAS), "ideal": list(COVERAGE_IDEAL), "z_rms": nan,
+                "z_std": nan, "median_sigma": nan, "scatter": nan, "mad_scatter": nan}
     z = d / sigma
     return {"n": int(d.size), "coverage": [float(np.mean(np.abs(z) < k)) for k in COVERAGE_SIGMAS],
-            "ideal": list(COVERAGE_IDEAL), "z_std": float(np.std(z)), "median_sigma": float(np.median(sigma)),
+            "ideal": list(COVERAGE_IDEAL), "z_rms": float(np.sqrt(np.mean(z ** 2))), "z_std": float(np.std(z)),
+            "median_sigma": float(np.median(sigma)),
             "scatter": float(np.std(d)),
             "mad_scatter": MAD_TO_SIGMA * float(np.median(np.abs(d - np.median(d))))}
 
@@ -220,11 +223,12 @@ def format_uncertainty_report(report):
     width = max([len(name) for name in names] + [5])
     ideal = " / ".join(f"{100 * value:.1f}" for value in report["ideal"])
     lines = [f"uncertainty calibration: % of stars with |d| < 1 / 2 / 3 sigma_total (ideal {ideal})",
-             f"{'label':<{width}} {'n':>7} {'<1s %':>7} {'<2s %':>7} {'<3s %':>7} {'std(d/s)':>9} "
+             f"{'label':<{width}} {'n':>7} {'<1s %':>7} {'<2s %':>7} {'<3s %':>7} {'rms(d/s)':>9} {'std(d/s)':>9} "
              f"{'med sig':>10} {'med mod':>10} {'med pred':>10} {'scatter':>10}"]
     for name, entry in report["labels"].items():
         cover = " ".join(f"{100 * value:7.1f}" for value in entry["coverage"])
-        lines.append(f"{name:<{width}} {entry['n']:7d} {cover} {entry['z_std']:9.3g} {entry['median_sigma']:10.4g} "
+        lines.append(f"{name:<{width}} {entry['n']:7d} {cover} {entry['z_rms']:9.3g} {entry['z_std']:9.3g} "
+                     f"{entry['median_sigma']:10.4g} "
                      f"{entry['median_sigma_model']:10.4g} {entry['median_sigma_pred']:10.4g} "
                      f"{entry['scatter']:10.4g}")
     for name, entry in report["labels"].items():

@@ -95,6 +95,7 @@ def test_coverage_statistics_of_gaussian_residuals_with_known_sigma():
     std(d / sigma) is 1 within 4 / sqrt(2n); with every sigma reported half as large they are
     erf(k / (2 sqrt 2)) = 38.29, 68.27, 86.64 % and std(d / sigma) is 2.  For one common sigma, the scatter
     (std) and 1.4826 MAD estimate it within 4 standard errors (sigma / sqrt(2n), 1.166 sigma / sqrt(n)).
+    rms(d / sigma) equals std(d / sigma) without an offset and stays 1 with one that sigma includes.
     Pairs with NaN d, NaN sigma or sigma <= 0 are left out."""
     import math
 
@@ -109,6 +110,13 @@ def test_coverage_statistics_of_gaussian_residuals_with_known_sigma():
             expected = math.erf(k / (scale * math.sqrt(2.0)))
             assert abs(fraction - expected) <= 4.0 * math.sqrt(expected * (1 - expected) / n), (k, scale, fraction)
         assert abs(stats["z_std"] - scale) <= 4.0 * scale / math.sqrt(2 * n), (scale, stats["z_std"])
+        assert abs(stats["z_rms"] - scale) <= 4.0 * scale / math.sqrt(2 * n), (scale, stats["z_rms"])
+    # a common offset of 0.6 sigma_noise, with sigma reporting the whole error sqrt(1 + 0.6^2) sigma_noise:
+    # rms(d / sigma) is 1, std(d / sigma) 1 / sqrt(1.36) = 0.857 (the offset left out)
+    offset = d + 0.6 * sigma
+    with_offset = coverage_statistics(offset, np.sqrt(1.36) * sigma)
+    assert abs(with_offset["z_rms"] - 1.0) <= 4.0 / math.sqrt(2 * n), with_offset["z_rms"]
+    assert abs(with_offset["z_std"] - 1.0 / math.sqrt(1.36)) <= 4.0 / math.sqrt(2 * n), with_offset["z_std"]
     # log-uniform sigma: median 1, density 1 / (ln 100) at 1, so the sample median's standard error is
     # ln(100) / (2 sqrt n)
     assert abs(stats["median_sigma"] / 0.5 - 1.0) <= 4.0 * math.log(100.0) / (2.0 * math.sqrt(n))

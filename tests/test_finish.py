@@ -98,7 +98,11 @@ def assert_calibrated_on_the_test_pack(path):
         entry = summary["uncertainty"]["labels"][name]
         assert entry["n"] == TEST_STARS
         assert 0.63 <= entry["coverage"][0] <= 0.73, (name, entry)
-        assert 0.85 <= entry["z_std"] <= 1.15, (name, entry)
+        # rms, not std, of d/sigma: sigma must describe the whole error.  The MC mean of this small network can
+        # sit off the truth by a common offset (on one CPU type: logg -0.12 dex against a scatter of 0.12, the
+        # dropout-free pass -0.05), which the calibration on the cross-validation stars takes into sigma;
+        # std(d/sigma) leaves the offset out and read 0.71 there, with 66 % within 1 sigma.
+        assert 0.85 <= entry["z_rms"] <= 1.15, (name, entry)
 
 
 def test_sigint_stopped_mc_model_is_whole_and_calibrated_on_unseen_spectra(stopped):
