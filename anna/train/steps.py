@@ -218,7 +218,8 @@ def _train_step_function(network, optimizer, spec, loss_scale=None):
                               tf.exp(log_gain + log_noise_sq), mask])
         # The update waits for the dropout-free pass's outputs, not only for its reads of the weights: no
         # gradient needs the reported labels (stop_gradient), so nothing else orders the labels layer of that
-        # pass before the update, and once (graph form, a CI machine) the parts came out of the updated weights.
+        # pass before the update.  Once (graph form, a CI machine) this step's parts and its two-pass oracle's
+        # (tests/test_mc_step.py) differed in the reported labels only, as if one side had read updated weights.
         with tf.control_dependencies([] if parts is None else [parts]):
             optimizer.apply_gradients(zip(grads, network.trainable_variables))
         return cost, parts
