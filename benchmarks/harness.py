@@ -148,6 +148,15 @@ class Sizes:
         return self.survey_train_iterations, self.survey_train_interval, self.survey_warmup_intervals
 
 
+def starnet_spec(npix, nout=5, heteroscedastic=False):
+    """The StarNet2017-shaped network the survey rows run (configs/apogee.param: CONV_LAYERS 4x8, 16x8p4,
+    FC_DIMS 256, 128), as an :class:`anna.model.NetworkSpec` for ``npix`` pixels."""
+    from anna.model import ConvLayer, NetworkSpec
+
+    return NetworkSpec(npix=npix, nout=nout, conv_layers=(ConvLayer(4, 8), ConvLayer(16, 8, pool=4)),
+                       fc_dims=(256, 128), heteroscedastic=heteroscedastic)
+
+
 def _stars(gigabytes, npix=1001, nout=5):
     """Stars of a pack of ``gigabytes`` GB (float64 id, labels, dummy and flux per star)."""
     return int(gigabytes * 1e9 // ((npix + nout + 2) * 8))

@@ -35,7 +35,10 @@ import statistics
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from harness import starnet_spec  # noqa: E402
 
 LENGTHS = (1001, 3909, 7214)
 BATCH = 100
@@ -115,13 +118,6 @@ def time_layer(factory, shape, jit, repeats, backward=True):
         grads[0].numpy()
         times.append(time.perf_counter() - tic)
     return statistics.median(times) * 1e3
-
-
-def starnet_spec(npix):
-    """The StarNet2017-shaped network the whole-network rows time: conv 4x8, conv 16x8, max-pool 4, dense 256/128."""
-    from anna.model import ConvLayer, NetworkSpec
-
-    return NetworkSpec(npix=npix, nout=5, conv_layers=(ConvLayer(4, 8), ConvLayer(16, 8, pool=4)), fc_dims=(256, 128))
 
 
 def whole_step_ms(npix, for_training, steps):

@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from harness import Row, Target, median  # noqa: E402
+from harness import Row, Target, median, starnet_spec  # noqa: E402
 
 BATCH = 100
 CHUNK_BATCHES = 10      # NUM_FETCH 1000 / BATCH_SIZE 100, as both configs
@@ -49,12 +49,11 @@ FULL_ROUNDS, QUICK_ROUNDS = 8, 4
 
 def network_spec(name, heteroscedastic):
     """The :class:`anna.model.NetworkSpec` of ``name`` ("tutorial" or "starnet"), 5 labels."""
-    from anna.model import ConvLayer, NetworkSpec
+    from anna.model import NetworkSpec
 
     if name == "tutorial":
         return NetworkSpec(npix=1001, nout=5, heteroscedastic=heteroscedastic)
-    return NetworkSpec(npix=7214, nout=5, conv_layers=(ConvLayer(4, 8), ConvLayer(16, 8, pool=4)),
-                       fc_dims=(256, 128), heteroscedastic=heteroscedastic)
+    return starnet_spec(7214, heteroscedastic=heteroscedastic)
 
 
 def noisy_rows(flux, n, seed, sn=100.0):

@@ -32,11 +32,9 @@ import sys
 import numpy as np
 
 from data import DOMAIN_SPECTRA, LABEL_NAMES, write_param_file, write_tiled_pack
-from harness import Row, Target, at_most
+from harness import Row, Target, at_most, starnet_spec
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-STARNET_LAYERS = "4x8, 16x8p4"
-STARNET_FC = (256, 128)
 BASELINE_BATCHES = "128,256,512,1024,2048"
 MC_SAMPLES = 100
 GB = 1e9
@@ -103,13 +101,6 @@ def network_model(ctx, name, pack_path, conv_layers, fc_dims, dropout_rate=0.0, 
     return folder
 
 
-def starnet_layers():
-    """CONV_LAYERS 4x8, 16x8p4 (configs/apogee.param)."""
-    from anna.model import ConvLayer
-
-    return (ConvLayer(kernels=4, width=8), ConvLayer(kernels=16, width=8, pool=4))
-
-
 def infer_row(ctx, label, model_dir, pack_path, n_stars, extra=None, baseline=None):
     """anna-infer on the pack (child process) against the plain predict baseline (child process; ``baseline``:
     one already measured).  Returns (runs, baseline, best rate); each run's ``startup`` is the seconds from
@@ -135,6 +126,11 @@ def infer_row(ctx, label, model_dir, pack_path, n_stars, extra=None, baseline=No
     return runs, baseline, best
 
 
+def rates_text(rates):
+    """Each run's rate, as the rows' notes list them."""
+    return ", ".join(format(rate, ",.0f") for rate in rates) + "/s"
+
+
 def startup_text(runs, n_stars):
     """The best run's seconds to its forward-pass line (model load, plan, form choice)."""
     run = max(runs, key=lambda run: n_stars / run["seconds"])
@@ -147,19 +143,17 @@ def survey_inference(ctx):
     sizes = ctx.sizes
     n = sizes.survey_infer_stars
     rows, details = [], {}
-    networks = [
-        ("tutorial network, 1001 px", 1001, None, None),
-        ("StarNet2017-shaped, LAMOST-size 3909 px", 3909, starnet_layers(), STARNET_FC),
-        ("StarNet2017-shaped, APOGEE-size 7214 px", 7214, starnet_layers(), STARNET_FC),
-    ]
-    for label, npix, conv, fc in networks:
-        pack = survey_pack(ctx, npix, n)
-        if conv is None:
-            from anna.model import NetworkSpec
+    from anna.model import NetworkSpec
 
-            default = NetworkSpec(npix=npix, nout=5)
-            conv, fc = default.conv_layers, default.fc_dims
-        model_dir = network_model(ctx, f"net_{npix}", pack, conv, fc)
+    networks = [
+        ("tutorial network, 1001 px", NetworkSpec(npix=1001, nout=5)),
+        ("StarNet2017-shaped, LAMOST-size 3909 px", starnet_spec(3909)),
+        ("StarNet2017-shaped, APOGEE-size 7214 px", starnet_spec(7214)),
+    ]
+    for label, spec in networks:
+        npix = spec.npix
+        pack = survey_pack(ctx, npix, n)
+        model_dir = network_model(ctx, f"net_{npix}", pack, spec.conv_layers, spec.fc_dims)
         runs, baseline, best = infer_row(ctx, label, model_dir, pack, n)
         rates = [n / run["seconds"] for run in runs]
         peak = max(run["peak_rss"] for run in runs)
@@ -168,7 +162,7 @@ def survey_inference(ctx):
         rows.append(Row("survey_infer", f"anna-infer DEBUG, {label} ({n} stars)", best, "spectra/s",
                         baseline["rate"], Target("ratio", ">=", 0.8, ">= 0.8x"),
                         f"best of {len(runs)} runs incl. model load, plan, form choice, reading, flags, domain "
-                        f"statistics, CSV ({', '.join(format(rate, ',.0f') for rate in rates)}/s"
+                        f"statistics, CSV ({rates_text(rates)}"
                         f"{startup_text(runs, n)}); "
                         f"{plan.split(' (')[0]}; {form.split(' (')[0]}; baseline = model.predict on the pack in "
                         f"memory, best of {len(baseline['rates'])} settings ({baseline['best']})"))
@@ -201,7 +195,7 @@ def large_pack_rows(ctx, label, model_dir, npix, n, baseline, details):
     rates = [n / run["seconds"] for run in runs]
     details[f"{label}, {n} stars"] = {"runs": runs}
     rows = [Row("survey_infer", name, best, "spectra/s", baseline["rate"], Target("ratio", ">=", 0.8, ">= 0.8x"),
-                f"best of {len(runs)} runs, everything included as above ({', '.join(format(rate, ',.0f') for rate in rates)}/s"
+                f"best of {len(runs)} runs, everything included as above ({rates_text(rates)}"
                 f"{startup_text(runs, n)}); "
                 f"baseline = the 20,000-star row's plain predict ({baseline['best']})"),
             Row("survey_infer", f"  peak RSS of that anna-infer ({n:,} stars)", peak / GB, "GB",
@@ -235,7 +229,7 @@ def test_rows(ctx, model_dir, pack, n, baseline, details):
         rows.append(Row("survey_infer", f"{label} ({n} stars)", max(rates), "spectra/s", baseline["rate"],
                         Target("ratio", ">=", 0.8, ">= 0.8x") if not noised else None,
                         f"best of {len(runs)} runs of run_test up to the plots and summary (residual CSV, statistics, "
-                        f"PNG plots included; {', '.join(format(rate, ',.0f') for rate in rates)}/s); baseline = the "
+                        f"PNG plots included; {rates_text(rates)}); baseline = the "
                         "same plain predict as the anna-infer row"))
         rows.append(Row("survey_infer", "  peak RSS of that anna-test", max(run["peak_rss"] for run in runs) / GB,
                         "GB", baseline["peak_rss"] / GB, at_most(2.0, "2 GB"),
@@ -248,7 +242,8 @@ def mc_rows(ctx, details):
     """MC dropout (N = MC_SAMPLES) end to end on the APOGEE-size network with a variance head."""
     n = ctx.sizes.survey_mc_stars
     pack = survey_pack(ctx, 7214, n)
-    model_dir = network_model(ctx, "net_7214_mc", pack, starnet_layers(), STARNET_FC, dropout_rate=0.1,
+    starnet = starnet_spec(7214)
+    model_dir = network_model(ctx, "net_7214_mc", pack, starnet.conv_layers, starnet.fc_dims, dropout_rate=0.1,
                               heteroscedastic=True)
     label = "MC dropout N=100, APOGEE-size"
     out = ctx.ws.fresh_dir("survey_infer", "out", "mc")
@@ -276,8 +271,9 @@ def rss_against_pack_size(ctx, details):
     """Peak RSS of anna-infer DEBUG (APOGEE-size network) on packs of each ``survey_rss_stars`` size; baseline
     = the smallest pack's peak (ratio 1 = flat)."""
     rows = []
+    starnet = starnet_spec(7214)
     model_dir = network_model(ctx, "net_7214", survey_pack(ctx, 7214, ctx.sizes.survey_infer_stars),
-                              starnet_layers(), STARNET_FC)
+                              starnet.conv_layers, starnet.fc_dims)
     reference = None
     for n in ctx.sizes.survey_rss_stars:
         need = n * (7214 + 7) * 8 + 4e9
